@@ -1,0 +1,7 @@
+"""``python -m sockexec_py``: the same as the ``sockexec-py`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

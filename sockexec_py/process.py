@@ -1,0 +1,262 @@
+"""Spawning, terminating and reaping programs.
+
+Programs are started with ``posix_spawnp`` (vfork-style: no page-table copy, no
+Python code in the child) in a new process group, with default signal dispositions,
+an empty signal mask and only fds 0/1/2: every fd the server opens is close-on-exec.
+
+The :class:`Supervisor` owns every program from spawn to reap: its watcher task reaps
+the program however its connection ended, and termination (TERM to the group, KILL
+``kill_timeout`` seconds later if anything is still alive) runs there too, so a
+connection can close at once while the escalation goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+import time
+from collections.abc import Sequence
+
+import trio
+
+from . import _io
+from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_REFUSED
+
+# Signals the child starts with at their default disposition: all that can be set.
+_DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+_NOT_FOUND_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP))
+# Failures of the server itself (no memory, no fds, no processes): the request was
+# refused, the program was not at fault.
+_RESOURCE_ERRNOS = frozenset((errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE))
+# How often to check whether a terminated group still has members.
+_GROUP_POLL_INTERVAL = 0.05
+_HAS_PIDFD = hasattr(os, "pidfd_open")
+# Larger pipes mean fewer wake-ups when a program streams output (Linux only).
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 256 * 1024
+
+
+class SpawnError(Exception):
+    """The program could not be started; ``exitcode`` is 125, 126 or 127."""
+
+    def __init__(self, reason: str, exitcode: int) -> None:
+        super().__init__(reason)
+        self.exitcode = exitcode
+
+
+class Program:
+    """A running program: its pid (also its process group id) and its pipe ends.
+
+    ``stdin_fd``/``stdout_fd``/``stderr_fd`` are the server's non-blocking ends; the
+    connection closes them with :meth:`close_stdin` and :meth:`close_fds`. The status
+    is set by the supervisor once the program has been reaped.
+    """
+
+    def __init__(self, pid: int, argv: Sequence[bytes], fds: tuple[int, int, int]) -> None:
+        self.pid = pid
+        self.argv = tuple(argv)
+        self.stdin_fd: int | None = fds[0]
+        self.stdout_fd: int | None = fds[1]
+        self.stderr_fd: int | None = fds[2]
+        self.started = time.monotonic()
+        self.exited = trio.Event()
+        #: Raw wait status once reaped.
+        self.status: int | None = None
+        self.terminating = False
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status for a normal exit (None otherwise or while running)."""
+        if self.status is None or not os.WIFEXITED(self.status):
+            return None
+        return os.WEXITSTATUS(self.status)
+
+    @property
+    def termsig(self) -> int | None:
+        """The signal number that killed the program (None otherwise or while running)."""
+        if self.status is None or not os.WIFSIGNALED(self.status):
+            return None
+        return os.WTERMSIG(self.status)
+
+    def signal_group(self, signum: int) -> bool:
+        """Send ``signum`` to the program's process group; False if the group is gone."""
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def write_stdin(self, data: bytes) -> bool:
+        """Write to the program's stdin; False (data dropped) once it stopped reading."""
+        if self.stdin_fd is None:
+            return False
+        try:
+            await _io.write_fd_all(self.stdin_fd, data)
+        except BrokenPipeError:
+            self.close_stdin()
+            return False
+        return True
+
+    def close_stdin(self) -> None:
+        """Close the program's stdin (it reads EOF)."""
+        self._close("stdin_fd")
+
+    def close_fds(self) -> None:
+        """Close every pipe end the server still holds."""
+        for name in ("stdin_fd", "stdout_fd", "stderr_fd"):
+            self._close(name)
+
+    def _close(self, name: str) -> None:
+        fd = getattr(self, name)
+        if fd is not None:
+            setattr(self, name, None)
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+
+def spawn(argv: Sequence[bytes], env: dict[str, str] | None = None) -> Program:
+    """Start ``argv`` (``argv[0]`` looked up in PATH, no shell) with fresh pipes.
+
+    Raises :class:`SpawnError` with the exit code to report: 127 when the program is
+    not found, 126 when it cannot be executed, 125 when the server lacks resources.
+    """
+    parent_ends: list[int] = []
+    child_ends: list[int] = []
+    try:
+        for child_is_reader in (True, False, False):
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            if child_is_reader:
+                parent_ends.append(write_end)
+                child_ends.append(read_end)
+            else:
+                parent_ends.append(read_end)
+                child_ends.append(write_end)
+    except OSError as exc:
+        for fd in parent_ends + child_ends:
+            os.close(fd)
+        raise SpawnError(f"cannot create pipes: {exc.strerror}", EXIT_REFUSED) from None
+    name = argv[0].decode("utf-8", "backslashreplace")
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
+            list(argv),
+            os.environ if env is None else env,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)
+            ],
+            setpgroup=0,
+            setsigmask=(),
+            setsigdef=_DEFAULT_SIGNALS,
+        )
+    except OSError as exc:
+        for fd in parent_ends:
+            os.close(fd)
+        if exc.errno in _NOT_FOUND_ERRNOS:
+            raise SpawnError(f"{name}: program not found", EXIT_NOT_FOUND) from None
+        if exc.errno in _RESOURCE_ERRNOS:
+            raise SpawnError(f"{name}: cannot spawn: {exc.strerror}", EXIT_REFUSED) from None
+        raise SpawnError(f"{name}: cannot execute: {exc.strerror}", EXIT_CANNOT_EXECUTE) from None
+    finally:
+        for fd in child_ends:
+            os.close(fd)
+    for fd in parent_ends:
+        os.set_blocking(fd, False)
+    try:
+        import fcntl
+
+        fcntl.fcntl(parent_ends[1], _F_SETPIPE_SZ, _PIPE_SIZE)
+    except (OSError, ImportError):
+        pass  # a tuning only; the default pipe size works
+    return Program(pid, argv, (parent_ends[0], parent_ends[1], parent_ends[2]))
+
+
+class Supervisor:
+    """Owns programs from spawn to reap, and bounds how many run at once.
+
+    Resource handling: each program gets a watcher task in the supervisor's nursery
+    that reaps it and frees its slot; :meth:`terminate` starts the TERM→KILL
+    escalation in the same nursery. The nursery's owner waits for both, so no program
+    outlives the server unreaped.
+    """
+
+    def __init__(self, nursery: trio.Nursery, max_running: int, kill_timeout: float) -> None:
+        self._nursery = nursery
+        self._slots = trio.Semaphore(max_running)
+        self.kill_timeout = kill_timeout
+        self.running: set[Program] = set()
+
+    async def acquire_slot(self) -> None:
+        """Wait (FIFO) until fewer than ``max_running`` programs run."""
+        await self._slots.acquire()
+
+    def release_slot(self) -> None:
+        """Give back a slot taken with :meth:`acquire_slot` that did not spawn."""
+        self._slots.release()
+
+    def spawn(self, argv: Sequence[bytes]) -> Program:
+        """Spawn ``argv`` in an acquired slot; the slot is freed when it is reaped.
+
+        On :class:`SpawnError` the slot is released before the error propagates.
+        """
+        try:
+            program = spawn(argv)
+        except SpawnError:
+            self._slots.release()
+            raise
+        self.running.add(program)
+        self._nursery.start_soon(self._reap, program)
+        return program
+
+    def terminate(self, program: Program) -> None:
+        """Terminate the program's group: TERM now, KILL after ``kill_timeout``.
+
+        Idempotent, returns at once; the escalation runs in the supervisor's nursery.
+        """
+        if program.terminating:
+            return
+        program.terminating = True
+        self._nursery.start_soon(self._escalate, program)
+
+    async def _escalate(self, program: Program) -> None:
+        program.signal_group(signal.SIGTERM)
+        program.signal_group(signal.SIGCONT)  # a stopped program must see its TERM
+        with trio.move_on_after(self.kill_timeout):
+            await program.exited.wait()
+            # The leader is gone; wait for the rest of its group, if any, to follow.
+            while program.signal_group(0):
+                await trio.sleep(_GROUP_POLL_INTERVAL)
+            return
+        program.signal_group(signal.SIGKILL)
+
+    async def _reap(self, program: Program) -> None:
+        # Shielded: even when the server is cancelled, every child gets reaped.
+        with trio.CancelScope(shield=True):
+            try:
+                program.status = await _wait_for_exit(program.pid)
+            finally:
+                self.running.discard(program)
+                self._slots.release()
+                program.exited.set()
+
+
+async def _wait_for_exit(pid: int) -> int:
+    """Wait for ``pid`` to exit and reap it; returns the raw wait status."""
+    if _HAS_PIDFD:
+        pidfd = os.pidfd_open(pid)
+        try:
+            while True:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    return status
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+    _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0, abandon_on_cancel=False)
+    return status
+
+
+def deadline_after(seconds: float) -> float:
+    """A trio deadline ``seconds`` from now; 0 or less means none."""
+    return trio.current_time() + seconds if seconds > 0 else math.inf

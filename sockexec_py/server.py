@@ -1,0 +1,547 @@
+"""The broker: accepts clients on a Unix socket and runs one program per connection.
+
+A connection goes through four phases, each bounded by the ``-t`` deadline counted
+from accept: *request* (read argc and argv), *queued* (wait, FIFO, for one of the
+``-m`` program slots), *running* (three pumps and a watcher under one nursery) and
+*closing* (send the exit pair and close in the same step). Errors before the program
+starts are answered in-band (``stderr`` line + ``exitcode`` 125/126/127).
+
+Memory per connection is a constant plus the argv: the stdin pump reads the socket
+only after the previous chunk reached the program, and the output pumps read a pipe
+only after the previous pair left on the socket.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import itertools
+import logging
+import math
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import TextIO
+
+import trio
+
+from . import _io
+from .config import ServerConfig
+from .errors import EXIT_REFUSED, RemoteProtocolError
+from .events import ArgvReady, InputEnded, OutputKind, StdinClosed, StdinData
+from .hangup import HangupMonitor
+from .process import Program, SpawnError, Supervisor
+from .protocol import (
+    MAX_OUTPUT_CHUNK,
+    NEED_DATA,
+    ServerSession,
+    encode_error_reply,
+    encode_exit_pair,
+    encode_output_pair,
+    termsig_text,
+)
+
+log = logging.getLogger("sockexec_py")
+
+# Read the client socket in chunks as large as an output pair: big enough for
+# throughput, small enough to bound memory per connection.
+_RECV_CHUNK = 64 * 1024
+# accept() errors that mean "overloaded": log, wait a little, try again.
+_ACCEPT_RETRY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_ACCEPT_RETRY_DELAY = 0.1
+# Let other tasks run after this many accepts in one burst.
+_ACCEPT_BURST = 64
+_UCRED = struct.Struct("3i")
+
+
+class Phase(enum.Enum):
+    REQUEST = "request"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DRAINING = "draining"
+    CLOSING = "closing"
+
+
+class Connection:
+    """One client connection: its socket, its peer, its program, its counters."""
+
+    def __init__(
+        self, number: int, sock: socket.socket, deadline: float, hangups: HangupMonitor
+    ) -> None:
+        self.number = number
+        self._hangups = hangups
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.deadline = deadline
+        self.accepted = time.monotonic()
+        self.peer_pid, self.peer_uid, self.peer_gid = _peer_credentials(sock)
+        self.phase = Phase.REQUEST
+        self.program: Program | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.hung_up = False
+        self.closed = False
+        #: Cancelled when the client hangs up during the request or queued phase.
+        self.phase_scope: trio.CancelScope | None = None
+        self._send_lock = trio.Lock()
+
+    @property
+    def write_broken(self) -> bool:
+        return self.hung_up or self.closed
+
+    async def send_output(self, kind: OutputKind, data: bytes) -> None:
+        """Send one output pair with one ``sendmsg``; dropped once the client is gone."""
+        if self.write_broken:
+            return
+        async with self._send_lock:
+            if self.write_broken:
+                return
+            try:
+                await _io.sendmsg_all(self.sock, encode_output_pair(kind, data))
+            except _io.BROKEN_ERRORS:
+                self.hung_up = True
+                return
+            self.bytes_out += len(data)
+
+    async def send_final(self, data: bytes) -> None:
+        """Send the last bytes of the session and close the socket in the same step.
+
+        lua-resty-exec waits about 1 ms for the close after the exit pair, so there is
+        no scheduling point between the last ``sendmsg`` and ``close``.
+        """
+        if not self.write_broken:
+            async with self._send_lock:
+                try:
+                    await _io.sendmsg_all(self.sock, [data], final=True)
+                except _io.BROKEN_ERRORS:
+                    self.hung_up = True
+                else:
+                    self.bytes_out += len(data)
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket (idempotent); tasks blocked on it get ClosedResourceError."""
+        if not self.closed:
+            self.closed = True
+            self._hangups.unwatch(self.fd)  # before close: fd numbers are reused
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+    def describe(self) -> str:
+        """One line for the SIGUSR1 dump."""
+        program = self.program
+        pid = program.pid if program else "-"
+        argv0 = program.argv[0].decode("utf-8", "backslashreplace") if program else "-"
+        return (
+            f"conn={self.number} peer_pid={self.peer_pid} peer_uid={self.peer_uid} "
+            f"pid={pid} argv0={argv0} age={time.monotonic() - self.accepted:.1f}s "
+            f"in={self.bytes_in} out={self.bytes_out} state={self.phase.value}"
+        )
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer from SO_PEERCRED; -1s where unavailable."""
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if so_peercred is None:
+        return -1, -1, -1
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, so_peercred, _UCRED.size))
+    except OSError:
+        return -1, -1, -1
+    return pid, uid, gid
+
+
+class _OutputPump:
+    """Copies one of the program's output pipes to the client as pairs."""
+
+    def __init__(self, conn: Connection, program: Program, kind: OutputKind) -> None:
+        self.conn = conn
+        self.fd = program.stdout_fd if kind == "stdout" else program.stderr_fd
+        self.kind: OutputKind = kind
+        self.done = trio.Event()
+        self._stopped = False
+        self._read_scope: trio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """Stop reading (a pair being sent is finished first)."""
+        self._stopped = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            assert self.fd is not None
+            while not self._stopped:
+                with trio.CancelScope() as self._read_scope:
+                    data = await _io.read_fd(self.fd, MAX_OUTPUT_CHUNK)
+                if self._read_scope.cancelled_caught or not data:
+                    return
+                await self.conn.send_output(self.kind, data)
+        finally:
+            self.done.set()
+
+
+class Server:
+    """The broker serving one listening socket.
+
+    Args:
+        config: the server's settings.
+        listener: a bound, listening, non-blocking Unix stream socket. The server
+            closes it when it stops accepting.
+        unlink_path: the socket path to remove when stopping (None when the socket
+            was handed over by systemd and is not ours to remove).
+
+    Run with ``await server.serve()`` (or ``nursery.start(server.serve)``, which
+    returns once the server accepts); :meth:`request_shutdown` stops it.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        listener: socket.socket,
+        *,
+        unlink_path: str | None = None,
+        dump_stream: TextIO | None = None,
+    ) -> None:
+        self.config = config
+        self.listener = listener
+        self.unlink_path = unlink_path
+        self._unlink_identity = _identity(unlink_path) if unlink_path else None
+        self._limits = config.limits()
+        self._dump_stream = dump_stream
+        self.hangups = HangupMonitor()
+        self.connections: dict[int, Connection] = {}
+        self._numbers = itertools.count(1)
+        self._admission = trio.Semaphore(config.max_connections + config.max_queued)
+        self._shutdown = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._supervisor: Supervisor | None = None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        assert self._supervisor is not None, "serve() is not running"
+        return self._supervisor
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def serve(
+        self,
+        *,
+        handle_signals: bool = False,
+        task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and serve clients until :meth:`request_shutdown` (or SIGTERM/SIGINT).
+
+        On shutdown: stop accepting, remove the socket, terminate every program and
+        return once all are reaped (within ``-k`` + 1 s).
+        """
+        async with trio.open_nursery() as supervisor_nursery:
+            self._supervisor = Supervisor(
+                supervisor_nursery, self.config.max_connections, self.config.kill_timeout
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.hangups.run)
+                    if handle_signals:
+                        await nursery.start(self._handle_signals)
+                    accept_scope = trio.CancelScope()
+                    nursery.start_soon(self._accept_loop, nursery, accept_scope)
+                    task_status.started(self)
+                    await self._shutdown.wait()
+                    accept_scope.cancel()
+                    self._close_listener()
+                    self._stop_connections()
+                    with trio.move_on_after(self.config.kill_timeout + 1):
+                        await self._idle.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._close_listener()
+                self.hangups.close()
+                for program in list(self.supervisor.running):
+                    self.supervisor.terminate(program)
+        log.debug("stopped")
+
+    def request_shutdown(self) -> None:
+        """Ask :meth:`serve` to stop (safe to call more than once)."""
+        self._shutdown.set()
+
+    def dump(self, stream: TextIO | None = None) -> None:
+        """Write one line per active connection (the SIGUSR1 report)."""
+        out = stream or self._dump_stream or sys.stderr
+        lines = [f"sockexec-py: {c.describe()}\n" for c in list(self.connections.values())]
+        lines.append(f"sockexec-py: {len(lines)} active connection(s)\n")
+        out.write("".join(lines))
+        out.flush()
+
+    async def _handle_signals(self, task_status: trio.TaskStatus[None]) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGUSR1:
+                    self.dump()
+                else:
+                    log.debug("signal %s: shutting down", signal.Signals(signum).name)
+                    self.request_shutdown()
+
+    def _close_listener(self) -> None:
+        if self.listener.fileno() < 0:
+            return
+        trio.lowlevel.notify_closing(self.listener)
+        self.listener.close()
+        path = self.unlink_path
+        if path and _identity(path) == self._unlink_identity:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", path, exc.strerror)
+
+    def _stop_connections(self) -> None:
+        for conn in list(self.connections.values()):
+            if conn.program is not None:
+                self._terminate(conn, "shutdown")
+            elif conn.phase_scope is not None:
+                conn.phase_scope.cancel()
+
+    # -- accepting ----------------------------------------------------------------------
+
+    async def _accept_loop(self, nursery: trio.Nursery, scope: trio.CancelScope) -> None:
+        with scope:
+            burst = 0
+            while True:
+                try:
+                    self._admission.acquire_nowait()
+                except trio.WouldBlock:
+                    # -m programs run and --max-queued wait: leave the rest in the backlog.
+                    await self._admission.acquire()
+                try:
+                    sock = await self._accept_one()
+                except BaseException:
+                    self._admission.release()
+                    raise
+                nursery.start_soon(self._handle, sock)
+                burst += 1
+                if burst >= _ACCEPT_BURST:
+                    burst = 0
+                    await trio.lowlevel.checkpoint()
+
+    async def _accept_one(self) -> socket.socket:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.listener)
+                continue
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    log.warning("accept: %s (retrying)", exc.strerror)
+                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                    continue
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                raise
+            sock.setblocking(False)
+            return sock
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _handle(self, sock: socket.socket) -> None:
+        deadline = (
+            trio.current_time() + self.config.timeout if self.config.timeout > 0 else math.inf
+        )
+        conn = Connection(next(self._numbers), sock, deadline, self.hangups)
+        self.connections[conn.number] = conn
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self.hangups.watch(conn.fd, functools.partial(self._on_hangup, conn))
+        log.debug(
+            "accept conn=%d peer_pid=%d peer_uid=%d peer_gid=%d",
+            conn.number,
+            conn.peer_pid,
+            conn.peer_uid,
+            conn.peer_gid,
+        )
+        # A hard bound: past it the connection is cut even if the client never reads.
+        hard_deadline = deadline + self.config.kill_timeout + self.config.drain_timeout + 1
+        try:
+            with trio.move_on_at(hard_deadline):
+                await self._serve_connection(conn)
+        except Exception:
+            log.exception("internal error on conn=%d", conn.number)
+        finally:
+            conn.close()
+            if conn.program is not None:
+                conn.program.close_fds()
+                if conn.program.status is None:
+                    self._terminate(conn, "connection ended")
+            del self.connections[conn.number]
+            self._admission.release()
+            if not self.connections:
+                self._idle.set()
+            log.debug("close conn=%d in=%d out=%d", conn.number, conn.bytes_in, conn.bytes_out)
+
+    def _on_hangup(self, conn: Connection) -> None:
+        conn.hung_up = True
+        log.debug("hangup conn=%d", conn.number)
+        if conn.phase_scope is not None:
+            conn.phase_scope.cancel()
+        if conn.program is not None and conn.program.status is None:
+            self._terminate(conn, "client hung up")
+
+    def _terminate(self, conn: Connection, reason: str) -> None:
+        program = conn.program
+        assert program is not None
+        if not program.terminating:
+            log.debug("terminate conn=%d pid=%d reason=%s", conn.number, program.pid, reason)
+            self.supervisor.terminate(program)
+
+    async def _refuse(self, conn: Connection, reason: str, exitcode: int = EXIT_REFUSED) -> None:
+        log.debug("refuse conn=%d exitcode=%d reason=%s", conn.number, exitcode, reason)
+        await conn.send_final(encode_error_reply(reason, exitcode))
+
+    async def _serve_connection(self, conn: Connection) -> None:
+        session = ServerSession(self._limits)
+        with trio.move_on_at(conn.deadline) as conn.phase_scope:
+            try:
+                argv = await self._read_argv(conn, session)
+            except RemoteProtocolError as exc:
+                await self._refuse(conn, str(exc))
+                return
+        if conn.phase_scope.cancelled_caught:
+            if not conn.hung_up and not self._shutdown.is_set():
+                await self._refuse(conn, "timed out waiting for the request")
+            return
+        conn.phase_scope = None
+        if argv is None:
+            return
+
+        conn.phase = Phase.QUEUED
+        with trio.move_on_at(conn.deadline) as conn.phase_scope:
+            await self.supervisor.acquire_slot()
+        if conn.phase_scope.cancelled_caught:
+            if not conn.hung_up and not self._shutdown.is_set():
+                await self._refuse(
+                    conn,
+                    f"timed out waiting for a free slot "
+                    f"({self.config.max_connections} programs running)",
+                )
+            return
+        conn.phase_scope = None
+        if conn.hung_up or self._shutdown.is_set():
+            self.supervisor.release_slot()
+            return
+        try:
+            program = self.supervisor.spawn(argv)
+        except SpawnError as exc:
+            await self._refuse(conn, str(exc), exc.exitcode)
+            return
+        conn.program = program
+        log.debug(
+            "spawn conn=%d pid=%d argv=%s",
+            conn.number,
+            program.pid,
+            [a.decode("utf-8", "backslashreplace") for a in argv],
+        )
+        await self._run(conn, session, program)
+
+    async def _read_argv(
+        self, conn: Connection, session: ServerSession
+    ) -> tuple[bytes, ...] | None:
+        """Read until the argv is complete; None if the client left before asking."""
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA:
+                data = await self._recv(conn)
+                session.receive_data(data)
+            elif isinstance(event, ArgvReady):
+                return event.argv
+            elif isinstance(event, InputEnded):
+                return None
+            else:  # pragma: no cover - the session never emits stdin events first
+                raise AssertionError(event)
+
+    async def _recv(self, conn: Connection) -> bytes:
+        try:
+            data = await _io.recv(conn.sock, _RECV_CHUNK)
+        except ConnectionResetError:
+            data = b""
+        conn.bytes_in += len(data)
+        return data
+
+    async def _run(self, conn: Connection, session: ServerSession, program: Program) -> None:
+        conn.phase = Phase.RUNNING
+        pumps = [_OutputPump(conn, program, "stdout"), _OutputPump(conn, program, "stderr")]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump_stdin, conn, session, program)
+            for pump in pumps:
+                nursery.start_soon(pump.run)
+            if conn.deadline < math.inf:
+                nursery.start_soon(self._watch_deadline, conn)
+            await program.exited.wait()
+            conn.phase = Phase.DRAINING
+            # Output still in the pipes belongs before the exit pair; a background
+            # descendant holding them open gets --drain-timeout seconds, no more.
+            with trio.move_on_after(self.config.drain_timeout):
+                for pump in pumps:
+                    await pump.done.wait()
+            for pump in pumps:
+                pump.stop()
+            for pump in pumps:
+                await pump.done.wait()
+            conn.phase = Phase.CLOSING
+            self._log_exit(conn, program)
+            await conn.send_final(self._exit_pair(program))
+            nursery.cancel_scope.cancel()
+
+    def _exit_pair(self, program: Program) -> bytes:
+        signum = program.termsig
+        if signum is not None:
+            return encode_exit_pair(termsig=termsig_text(signum, self.config.termsig_format))
+        code = program.returncode
+        assert code is not None
+        return encode_exit_pair(exitcode=code)
+
+    def _log_exit(self, conn: Connection, program: Program) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            signum = program.termsig
+            how = (
+                f"termsig={termsig_text(signum).decode()}"
+                if signum
+                else f"exitcode={program.returncode}"
+            )
+            log.debug("exit conn=%d pid=%d %s", conn.number, program.pid, how)
+
+    async def _pump_stdin(self, conn: Connection, session: ServerSession, program: Program) -> None:
+        try:
+            while True:
+                event = session.next_event()
+                if event is NEED_DATA:
+                    session.receive_data(await self._recv(conn))
+                elif isinstance(event, StdinData):
+                    await program.write_stdin(event.data)
+                elif isinstance(event, StdinClosed):
+                    program.close_stdin()
+                elif isinstance(event, InputEnded):
+                    return
+        except trio.ClosedResourceError:
+            return  # the session is over: the exit pair was sent and the socket closed
+        except RemoteProtocolError as exc:
+            log.debug("protocol error conn=%d: %s", conn.number, exc)
+            program.close_stdin()
+            self._terminate(conn, "protocol error")
+
+    async def _watch_deadline(self, conn: Connection) -> None:
+        await trio.sleep_until(conn.deadline)
+        if conn.program is not None and conn.program.status is None:
+            self._terminate(conn, "timeout")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
