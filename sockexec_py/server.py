@@ -53,8 +53,6 @@ _RECV_CHUNK = 64 * 1024
 # accept() errors that mean "overloaded": log, wait a little, try again.
 _ACCEPT_RETRY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _ACCEPT_RETRY_DELAY = 0.1
-# Let other tasks run after this many accepts in one burst.
-_ACCEPT_BURST = 64
 _UCRED = struct.Struct("3i")
 
 
@@ -221,6 +219,8 @@ class Server:
         self._idle = trio.Event()
         self._idle.set()
         self._supervisor: Supervisor | None = None
+        self._accept_backoff = False
+        self._nursery: trio.Nursery | None = None
 
     @property
     def supervisor(self) -> Supervisor:
@@ -310,46 +310,70 @@ class Server:
     # -- accepting ----------------------------------------------------------------------
 
     async def _accept_loop(self, nursery: trio.Nursery, scope: trio.CancelScope) -> None:
+        """Accept connections until cancelled.
+
+        Clients such as nginx connect without blocking, and a full backlog is an
+        immediate error for them, so the backlog is drained eagerly: here, and again
+        at the start of every handler (see :meth:`_drain_backlog`). Admission
+        (``-m`` + ``--max-queued``) is the only limit that leaves connections in the
+        kernel backlog.
+        """
+        self._nursery = nursery
         with scope:
-            burst = 0
             while True:
-                try:
-                    self._admission.acquire_nowait()
-                except trio.WouldBlock:
+                self._drain_backlog()
+                if self._admission.value == 0:
                     # -m programs run and --max-queued wait: leave the rest in the backlog.
                     await self._admission.acquire()
-                try:
-                    sock = await self._accept_one()
-                except BaseException:
                     self._admission.release()
-                    raise
-                nursery.start_soon(self._handle, sock)
-                burst += 1
-                if burst >= _ACCEPT_BURST:
-                    burst = 0
-                    await trio.lowlevel.checkpoint()
+                elif self._accept_backoff:
+                    self._accept_backoff = False
+                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                else:
+                    await trio.lowlevel.wait_readable(self.listener)
 
-    async def _accept_one(self) -> socket.socket:
+    def _drain_backlog(self) -> None:
+        """Accept every pending connection now, then start their handlers.
+
+        Accepting is one cheap syscall per connection; handlers start only after the
+        backlog is empty, so a burst of connects never waits behind task start-up.
+        """
+        if self._nursery is None or self._shutdown.is_set():
+            return
+        accepted = []
+        while self._admission.value > 0:
+            fd = self._accept_fd()
+            if fd is None:
+                break
+            self._admission.acquire_nowait()
+            accepted.append(fd)
+        for fd in accepted:
+            self._nursery.start_soon(self._handle, fd)
+
+    def _accept_fd(self) -> int | None:
+        """One non-blocking accept(); None when nothing is pending."""
         while True:
             try:
-                sock, _ = self.listener.accept()
+                # The bare fd, without building a socket object: the cheapest accept.
+                fd, _ = self.listener._accept()  # type: ignore[attr-defined]
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.listener)
-                continue
+                return None
             except OSError as exc:
-                if exc.errno in _ACCEPT_RETRY_ERRNOS:
-                    log.warning("accept: %s (retrying)", exc.strerror)
-                    await trio.sleep(_ACCEPT_RETRY_DELAY)
-                    continue
                 if exc.errno == errno.ECONNABORTED:
                     continue
+                if exc.errno in _ACCEPT_RETRY_ERRNOS:
+                    log.warning("accept: %s (retrying)", exc.strerror)
+                    self._accept_backoff = True
+                    return None
                 raise
-            sock.setblocking(False)
-            return sock
+            return int(fd)
 
     # -- one connection -------------------------------------------------------------------
 
-    async def _handle(self, sock: socket.socket) -> None:
+    async def _handle(self, fd: int) -> None:
+        self._drain_backlog()  # between two handler starts, the backlog comes first
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
+        sock.setblocking(False)
         deadline = (
             trio.current_time() + self.config.timeout if self.config.timeout > 0 else math.inf
         )
