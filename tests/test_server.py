@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+from sockexec_py.events import Exited, Output
+from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
+
 from conftest import (
     MISC,
     Broker,
@@ -25,9 +29,6 @@ from conftest import (
     run_raw,
     wait_until,
 )
-
-from sockexec_py.events import Exited, Output
-from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
 
 def test_uname_example_from_the_spec(broker: Broker) -> None:

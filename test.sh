@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): installs what the tests need, then checks
+# formatting, lint and types, then runs the whole test suite. Extra arguments go to
+# pytest (e.g. `bash test.sh -k netstring`).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+# Debian packages the interoperability tests drive (real socat, real nginx + Lua).
+missing=()
+command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+for pkg in libnginx-mod-http-lua lua-resty-core; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "test.sh: installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    else
+        echo "test.sh: missing ${missing[*]} (install them, or the tests that need them skip;" \
+             "under CI=true they fail)" >&2
+    fi
+fi
+
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
+
+"$PYTHON" -m ruff format --check sockexec_py tests bench
+"$PYTHON" -m ruff check sockexec_py tests bench
+"$PYTHON" -m mypy sockexec_py
+exec "$PYTHON" -m pytest "$@"

@@ -1,0 +1,144 @@
+"""Every output pair leaves in one send (SPEC §3): lua-resty-exec reads the data
+after a type with a 1 ms timeout and fails the nginx request when a pair is split."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from sockexec_py.config import ServerConfig
+from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
+from sockexec_py.server import Server
+
+from conftest import MISC, Broker
+
+
+async def test_each_pair_is_handed_to_the_socket_in_a_single_send(tmp_path: Path) -> None:
+    path = str(tmp_path / "rec.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(10)
+    listener.setblocking(False)
+    sent_by_fd: dict[int, list[bytes]] = {}
+
+    # A spy around the real sendmsg: what each call carried, per socket.
+    original_sendmsg = socket.socket.sendmsg
+
+    def recording_sendmsg(self: socket.socket, buffers: Any, *args: Any) -> int:
+        sent = original_sendmsg(self, buffers, *args)
+        sent_by_fd.setdefault(self.fileno(), []).append(b"".join(bytes(b) for b in buffers)[:sent])
+        return sent
+
+    server = Server(ServerConfig(socket_path=path), listener)
+    socket.socket.sendmsg = recording_sendmsg  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await client.connect(path)
+            argv = [str(MISC / "print-bytes"), "1000000", "300000"]
+            await client.send(encode_request(argv) + b"0:,")
+            reply = bytearray()
+            while data := await client.recv(1 << 20):
+                reply += data
+            client.close()
+            server.request_shutdown()
+    finally:
+        socket.socket.sendmsg = original_sendmsg  # type: ignore[method-assign]
+
+    (sends,) = sent_by_fd.values()
+    assert len(sends) > 10
+    for sent in sends:
+        # Each send carries exactly one whole pair: parse it on its own.
+        session = ClientSession()
+        session.receive_data(sent)
+        events = []
+        while (event := session.next_event()) is not NEED_DATA:
+            events.append(event)
+        assert len(events) == 1, sent[:40]  # and ClientSession would have raised on a
+        # partial frame only at EOF, so check the pair's bytes add up exactly:
+        assert len(sent) == _pair_length(sent), sent[:40]
+    assert b"".join(sends) == bytes(reply)
+
+
+def _pair_length(data: bytes) -> int:
+    """Length of the type netstring plus the data netstring at the start of ``data``."""
+    total = 0
+    for _ in range(2):
+        colon = data.index(b":", total)
+        total = colon + 1 + int(data[total:colon]) + 1
+    return total
+
+
+def _lua_like_session(path: Path, argv: list[str]) -> str | None:
+    """Read as lua-resty-exec does: after each type, the data must follow within 1 ms,
+    and the close must follow the exit pair within 1 ms. Returns an error or None."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        sock.sendall(encode_request(argv) + b"0:,")
+        buffer = b""
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
+
+        def read_more(timeout: float) -> bytes | None:
+            if not selector.select(timeout):
+                return None
+            return sock.recv(1 << 20)
+
+        def frame(timeout: float) -> bytes | None:
+            nonlocal buffer
+            while True:
+                colon = buffer.find(b":")
+                if colon > 0 and len(buffer) > colon + 1 + int(buffer[:colon]):
+                    length = int(buffer[:colon])
+                    payload = buffer[colon + 1 : colon + 1 + length]
+                    buffer = buffer[colon + 2 + length :]
+                    return payload
+                data = read_more(timeout)
+                if not data:
+                    return None
+                buffer += data
+
+        while True:
+            kind = frame(30)
+            if kind is None:
+                return "closed before the exit pair"
+            data = frame(0.001)
+            if data is None:
+                return f"timeout: {kind!r} data did not follow within 1 ms"
+            if kind in (b"exitcode", b"termsig"):
+                if buffer:
+                    return "bytes after the exit pair"
+                closed = read_more(0.001)
+                if closed != b"":
+                    return "timeout: no close within 1 ms of the exit pair"
+                return None if data == b"0" else f"exit {data!r}"
+
+
+def test_two_hundred_parallel_lua_like_clients_all_succeed(broker: Broker) -> None:
+    argv = ["sh", "-c", "echo start; echo warn >&2; head -c 300000 /dev/zero; echo end"]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        error = _lua_like_session(broker.path, argv)
+        if error:
+            with lock:
+                errors.append(error)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert errors == [], f"{len(errors)} failures, e.g. {errors[:3]}"
+    assert time.monotonic() - started < 60
