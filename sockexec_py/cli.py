@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenerError as exc:
         sys.stderr.write(f"{PROG}: fatal: {exc}\n")
         return EXIT_SYSTEM
-    server = Server(config, listener, unlink_path=unlink_path)
+    server = Server(config, listener, unlink_path=unlink_path, reap_orphans=True)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

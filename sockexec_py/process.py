@@ -12,6 +12,7 @@ connection can close at once while the escalation goes on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -260,3 +261,58 @@ async def _wait_for_exit(pid: int) -> int:
 def deadline_after(seconds: float) -> float:
     """A trio deadline ``seconds`` from now; 0 or less means none."""
     return trio.current_time() + seconds if seconds > 0 else math.inf
+
+
+class OrphanReaper:
+    """Adopts and reaps the orphans of our programs (Linux child subreaper).
+
+    A program's background children outlive it; reparented to init they may linger
+    as zombies (containers often have no reaping init) and keep a terminated group
+    "alive" for the whole ``-k`` delay. As a subreaper the broker adopts them and
+    reaps them itself. Only for the daemon process: in a process that has other
+    children (a test runner) it would reap those too.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    @staticmethod
+    def enable() -> bool:
+        """Become a child subreaper; False where the platform cannot."""
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_child_subreaper = 36
+            return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+        except (OSError, AttributeError):
+            return False
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            task_status.started()
+            self.reap_orphans()
+            async for _ in signals:
+                self.reap_orphans()
+
+    def reap_orphans(self) -> None:
+        """Reap every exited child that is not a program the supervisor tracks."""
+        tracked = {program.pid for program in self._supervisor.running}
+        for pid in _children() - tracked:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+
+
+def _children() -> set[int]:
+    pids: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return pids

@@ -56,9 +56,20 @@ _EXITCODE = encode(b"exitcode")
 _TERMSIG = encode(b"termsig")
 
 
+#: Longer decimal fields are refused before int() sees them: past 4300 digits int()
+#: raises ValueError (not a protocol error), and it is quadratic well before that.
+_MAX_DECIMAL_DIGITS = 19
+
+
 def _parse_decimal(text: bytes) -> int | None:
-    """Parse canonical non-negative decimal ASCII (no sign, space or leading zero)."""
-    if not text or not text.isdigit() or (len(text) > 1 and text[:1] == b"0"):
+    """Parse canonical non-negative decimal ASCII (no sign, space or leading zero) of at
+    most 19 digits."""
+    if (
+        not text
+        or len(text) > _MAX_DECIMAL_DIGITS
+        or not text.isdigit()
+        or (len(text) > 1 and text[:1] == b"0")
+    ):
         return None
     return int(text)
 
@@ -109,6 +120,7 @@ class ServerSession:
         self._argv: list[bytes] = []
         self._argv_bytes = 0
         self._input_ended_pending = False
+        self._error: RemoteProtocolError | None = None
 
     @property
     def state(self) -> str:
@@ -119,6 +131,16 @@ class ServerSession:
         self._decoder.feed(data)
 
     def next_event(self) -> ServerEvent | _Sentinel:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except RemoteProtocolError as error:
+            # Poisoned: the request cannot be resynchronised, so never read on.
+            self._error = error
+            raise
+
+    def _next_event(self) -> ServerEvent | _Sentinel:
         state = self._state
         if state is _ServerState.STDIN:
             return self._next_stdin_event()
@@ -272,6 +294,7 @@ class ClientSession:
         self._decoder = Decoder(max_frame)
         self._state = _ClientState.TYPE
         self._type = b""
+        self._error: RemoteProtocolError | None = None
 
     @property
     def done(self) -> bool:
@@ -283,6 +306,15 @@ class ClientSession:
         self._decoder.feed(data)
 
     def next_event(self) -> ClientEvent | _Sentinel:
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except RemoteProtocolError as error:
+            self._error = error
+            raise
+
+    def _next_event(self) -> ClientEvent | _Sentinel:
         while True:
             if self._state is _ClientState.DONE:
                 if self._decoder.buffered:

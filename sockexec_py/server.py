@@ -34,7 +34,7 @@ from .config import ServerConfig
 from .errors import EXIT_REFUSED, RemoteProtocolError
 from .events import ArgvReady, InputEnded, OutputKind, StdinClosed, StdinData
 from .hangup import HangupMonitor
-from .process import Program, SpawnError, Supervisor
+from .process import OrphanReaper, Program, SpawnError, Supervisor
 from .protocol import (
     MAX_OUTPUT_CHUNK,
     NEED_DATA,
@@ -192,6 +192,8 @@ class Server:
             closes it when it stops accepting.
         unlink_path: the socket path to remove when stopping (None when the socket
             was handed over by systemd and is not ours to remove).
+        reap_orphans: adopt and reap the programs' orphans (child subreaper); for
+            the daemon process only, as it reaps every child of the process.
 
     Run with ``await server.serve()`` (or ``nursery.start(server.serve)``, which
     returns once the server accepts); :meth:`request_shutdown` stops it.
@@ -204,10 +206,12 @@ class Server:
         *,
         unlink_path: str | None = None,
         dump_stream: TextIO | None = None,
+        reap_orphans: bool = False,
     ) -> None:
         self.config = config
         self.listener = listener
         self.unlink_path = unlink_path
+        self._reap_orphans = reap_orphans
         self._unlink_identity = _identity(unlink_path) if unlink_path else None
         self._limits = config.limits()
         self._dump_stream = dump_stream
@@ -247,6 +251,8 @@ class Server:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.hangups.run)
+                    if self._reap_orphans and OrphanReaper.enable():
+                        await nursery.start(OrphanReaper(self.supervisor).run)
                     if handle_signals:
                         await nursery.start(self._handle_signals)
                     accept_scope = trio.CancelScope()
@@ -457,6 +463,7 @@ class Server:
         if conn.hung_up or self._shutdown.is_set():
             self.supervisor.release_slot()
             return
+        self._drain_backlog()  # spawning is the costly step: let waiting clients in first
         try:
             program = self.supervisor.spawn(argv)
         except SpawnError as exc:

@@ -72,9 +72,10 @@ def parse_reply(data: bytes) -> Result:
 
 
 def connect(path: str | Path, timeout: float = 30.0) -> socket.socket:
+    """A blocking connect (it waits while the backlog is full), then a timeout."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     sock.connect(str(path))
+    sock.settimeout(timeout)
     return sock
 
 
@@ -186,6 +187,25 @@ class Broker:
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def dump_until(self, needle: str, timeout: float = 10) -> str:
+        """Ask for the SIGUSR1 report until it contains ``needle``; returns it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            offset = len(self.log())
+            os.kill(self.pid, signal.SIGUSR1)
+            wait_until(
+                lambda start=offset: "active connection(s)" in self.log()[start:], 5, "the dump"
+            )
+            report = self.log()[offset:]
+            if needle in report:
+                return report
+            if time.monotonic() > deadline:
+                pytest.fail(f"{needle!r} never appeared in the dump {report!r}")
+
+    def wait_idle(self) -> None:
+        """Wait until the broker has finished with every connection."""
+        self.dump_until("sockexec-py: 0 active connection(s)")
 
     def children(self) -> list[int]:
         """Direct children of the broker (zombies included)."""

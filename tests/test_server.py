@@ -288,21 +288,6 @@ def test_socket_mode_is_applied(start_broker) -> None:  # type: ignore[no-untype
     assert stat.S_IMODE(os.stat(broker2.path).st_mode) == 0o660
 
 
-def _dump_until(broker: Broker, needle: str, timeout: float = 10) -> str:
-    """Ask for the SIGUSR1 report until it contains ``needle``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        offset = len(broker.log())
-        os.kill(broker.pid, signal.SIGUSR1)
-        wait_until(
-            lambda start=offset: "active connection(s)" in broker.log()[start:], 5, "the dump"
-        )
-        report = broker.log()[offset:]
-        if needle in report:
-            return report
-        assert time.monotonic() < deadline, f"{needle!r} never appeared in {report!r}"
-
-
 def test_connections_beyond_m_are_queued_not_dropped(start_broker) -> None:  # type: ignore[no-untyped-def]
     broker = start_broker("-m", "2")
     first, second, third = (connect(broker.path, timeout=20) for _ in range(3))
@@ -310,7 +295,7 @@ def test_connections_beyond_m_are_queued_not_dropped(start_broker) -> None:  # t
         sock.sendall(encode_request(["cat"], [text]))
         assert sock.recv(100) == b"6:stdout,1:%b," % text
     third.sendall(encode_request(["cat"], [b"c"]))
-    report = _dump_until(broker, "state=queued")
+    report = broker.dump_until("state=queued")
     assert report.count("state=running") == 2
     assert len(broker.children()) == 2
     first.sendall(b"0:,")
