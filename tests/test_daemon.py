@@ -98,6 +98,15 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     assert path.exists()  # systemd owns the path: not ours to remove
 
 
+def test_systemd_readiness_notification(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(20)
+        broker = start_broker(env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert notify.recv(100) == b"READY=1"
+    assert run(broker.path, ["true"]).exitcode == 0
+
+
 def test_sigterm_terminates_programs_unlinks_and_exits_zero(start_broker) -> None:  # type: ignore[no-untyped-def]
     broker = start_broker("-k", "1")
     sessions = []
