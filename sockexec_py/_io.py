@@ -34,9 +34,10 @@ async def read_fd(fd: int, size: int) -> bytes:
 async def write_fd_all(fd: int, data: bytes) -> None:
     """Write all of ``data`` to a non-blocking fd, waiting while the pipe is full.
 
+    Not a checkpoint when the pipe takes everything at once: the caller's read loop
+    yields already, and one scheduling round per chunk is what throughput costs.
     Raises BrokenPipeError when the reader has gone away.
     """
-    await trio.lowlevel.checkpoint_if_cancelled()
     view = memoryview(data)
     while view:
         try:
@@ -45,7 +46,6 @@ async def write_fd_all(fd: int, data: bytes) -> None:
             await trio.lowlevel.wait_writable(fd)
             continue
         view = view[written:]
-    await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 async def recv(sock: socket.socket, size: int) -> bytes:
@@ -61,22 +61,18 @@ async def recv(sock: socket.socket, size: int) -> bytes:
         return data
 
 
-async def sendmsg_all(
-    sock: socket.socket, buffers: Sequence[bytes], *, final: bool = False
-) -> None:
-    """Send ``buffers`` as one message with ``sendmsg``, finishing a partial send.
+def sendmsg_nowait(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> list[memoryview]:
+    """Send as much of ``buffers`` as the socket takes now, as one message.
 
-    With ``final=True`` there is no scheduling point after the last syscall, so the
-    caller can close the socket in the same step.
+    Returns what is left (empty when all went out). Raises what ``sendmsg`` raises
+    besides EAGAIN (BrokenPipeError, ConnectionResetError when the peer is gone).
     """
-    await trio.lowlevel.checkpoint_if_cancelled()
     pending = [memoryview(b) for b in buffers if b]
     while pending:
         try:
             sent = sock.sendmsg(pending)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
+            break
         while sent:
             head = pending[0]
             if sent >= len(head):
@@ -85,5 +81,16 @@ async def sendmsg_all(
             else:
                 pending[0] = head[sent:]
                 sent = 0
-    if not final:
-        await trio.lowlevel.cancel_shielded_checkpoint()
+    return pending
+
+
+async def sendmsg_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
+    """Send all of ``buffers`` with ``sendmsg``, waiting while the socket is full.
+
+    Not a checkpoint when the socket takes everything at once, so a caller can close
+    the socket right after the last byte left, with no scheduling point between.
+    """
+    pending = sendmsg_nowait(sock, buffers)
+    while pending:
+        await trio.lowlevel.wait_writable(sock)
+        pending = sendmsg_nowait(sock, pending)

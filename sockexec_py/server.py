@@ -92,18 +92,35 @@ class Connection:
         return self.hung_up or self.closed
 
     async def send_output(self, kind: OutputKind, data: bytes) -> None:
-        """Send one output pair with one ``sendmsg``; dropped once the client is gone."""
+        """Send one output pair with one ``sendmsg``; dropped once the client is gone.
+
+        The common case costs no scheduling round: the pair fits the socket buffer
+        and goes out at once. Only a pair the socket cannot take whole holds the
+        send lock while it waits, so pairs of the two pumps never interleave.
+        """
         if self.write_broken:
             return
-        async with self._send_lock:
-            if self.write_broken:
-                return
-            try:
-                await _io.sendmsg_all(self.sock, encode_output_pair(kind, data))
-            except _io.BROKEN_ERRORS:
-                self.hung_up = True
-                return
-            self.bytes_out += len(data)
+        buffers = encode_output_pair(kind, data)
+        try:
+            if self._send_lock.locked():
+                async with self._send_lock:  # the other pump is finishing a pair
+                    if self.write_broken:
+                        return
+                    await _io.sendmsg_all(self.sock, buffers)
+            else:
+                pending = _io.sendmsg_nowait(self.sock, buffers)
+                if pending:
+                    # Taken before any scheduling point: the other pump must not
+                    # slip a pair in after our partial one.
+                    self._send_lock.acquire_nowait()
+                    try:
+                        await _io.sendmsg_all(self.sock, pending)
+                    finally:
+                        self._send_lock.release()
+        except _io.BROKEN_ERRORS:
+            self.hung_up = True
+            return
+        self.bytes_out += len(data)
 
     async def send_final(self, data: bytes) -> None:
         """Send the last bytes of the session and close the socket in the same step.
@@ -114,7 +131,7 @@ class Connection:
         if not self.write_broken:
             async with self._send_lock:
                 try:
-                    await _io.sendmsg_all(self.sock, [data], final=True)
+                    await _io.sendmsg_all(self.sock, [data])
                 except _io.BROKEN_ERRORS:
                     self.hung_up = True
                 else:
