@@ -160,10 +160,11 @@ def test_sigusr1_dumps_active_connections(start_broker) -> None:  # type: ignore
 
 
 def test_debug_log_has_one_line_per_event_and_no_tracebacks(start_broker) -> None:  # type: ignore[no-untyped-def]
-    broker = start_broker("-d")
+    broker = start_broker("-d", "-t", "2")
     assert run(broker.path, ["sh", "-c", "exit 4"]).exitcode == 4
     assert parse_reply(run_raw(broker.path, b"1:0,")).exitcode == 125
     assert run(broker.path, ["no-such-program"]).exitcode == 127
+    assert run(broker.path, ["sleep", "30"]).termsig == "TERM"
     log = broker.log()
     for needle in (
         f"accept conn=1 peer_pid={os.getpid()} peer_uid={os.getuid()}",
@@ -174,6 +175,9 @@ def test_debug_log_has_one_line_per_event_and_no_tracebacks(start_broker) -> Non
         "close conn=1 ",
         "refuse conn=2 exitcode=125 reason=argc must be at least 1",
         "refuse conn=3 exitcode=127 reason=no-such-program: program not found",
+        "terminate conn=4 pid=",
+        "reason=timeout",
+        "termsig=TERM",
     ):
         assert needle in log, (needle, log)
     assert all(line.startswith("sockexec-py: ") for line in log.splitlines())
