@@ -33,3 +33,25 @@ class RemoteProtocolError(ProtocolError):
 
 class LocalProtocolError(ProtocolError):
     """Our own code drove a state machine wrongly (a bug, not the peer's doing)."""
+
+
+class BrokerUnavailable(SockexecError):
+    """The broker cannot be reached; the message says why (missing, refused, denied)."""
+
+
+class Timeout(SockexecError):
+    """The session did not finish within the caller's timeout (the program was left to
+    the broker, which terminates it when the connection closes)."""
+
+
+def describe_connect_error(path: str, exc: OSError) -> str:
+    """One plain line for a failed connect to the broker's socket."""
+    if isinstance(exc, FileNotFoundError):
+        return f"broker socket {path} does not exist (is sockexec-py running?)"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"nobody is listening on {path} (stale socket: is sockexec-py running?)"
+    if isinstance(exc, PermissionError):
+        return f"permission denied on {path} (check the socket's mode and group, -M)"
+    if isinstance(exc, BlockingIOError):
+        return f"the broker's backlog on {path} is full"
+    return f"cannot connect to {path}: {exc.strerror or exc}"

@@ -36,7 +36,7 @@ END: Final = _Sentinel.END
 _COMPACT_AT = 64 * 1024
 
 
-def encode_parts(payload: bytes) -> tuple[bytes, bytes, bytes]:
+def encode_parts(payload: bytes | memoryview) -> tuple[bytes, bytes | memoryview, bytes]:
     """Return ``(header, payload, b",")`` so a caller can ``sendmsg`` without a copy."""
     return b"%d:" % len(payload), payload, b","
 
@@ -113,15 +113,19 @@ class Decoder:
 
     # -- output -----------------------------------------------------------------
 
-    def next_frame(self) -> bytes | _Sentinel:
+    def next_frame(
+        self, limit: int | None = None, too_long: str = "frame too long"
+    ) -> bytes | _Sentinel:
         """Return the next whole payload, :data:`NEED_DATA` or :data:`END`.
 
-        The frame is buffered until complete, which ``max_length`` bounds.
+        The frame is buffered until complete, which ``max_length`` bounds, and the
+        caller's ``limit`` too: a longer frame is refused on its length digits, with
+        the ``too_long`` message.
         """
         self._check_usable()
         if self._frame_length is not None:
             raise LocalProtocolError("next_frame() in the middle of a streamed frame")
-        header = self._parse_header()
+        header = self._parse_header(limit, too_long)
         if header is NEED_DATA or header is END:
             return header
         length, start = header
@@ -130,7 +134,8 @@ class Decoder:
             return self._need_more()
         if self._buf[end] != 0x2C:  # ","
             self._fail("netstring not terminated by ','")
-        payload = bytes(self._buf[start:end])
+        with memoryview(self._buf) as view:  # one copy, not a bytearray slice + bytes()
+            payload = bytes(view[start:end])
         self._pos = end + 1
         return payload
 
@@ -178,7 +183,9 @@ class Decoder:
             self._fail("input ended in the middle of a netstring")
         return NEED_DATA
 
-    def _parse_header(self) -> tuple[int, int] | _Sentinel:
+    def _parse_header(
+        self, limit: int | None = None, too_long: str = ""
+    ) -> tuple[int, int] | _Sentinel:
         """Parse ``<digits>:`` at the read offset without consuming it.
 
         Returns ``(length, payload_start)``; scans at most ``max_digits + 1`` bytes,
@@ -187,15 +194,18 @@ class Decoder:
         buf, pos = self._buf, self._pos
         if pos == len(buf):
             return END if self._eof else NEED_DATA
-        limit = min(len(buf), pos + self._max_digits + 1)
-        colon = buf.find(b":", pos, limit)
-        digits = buf[pos : colon if colon >= 0 else limit]
+        scan_end = min(len(buf), pos + self._max_digits + 1)
+        colon = buf.find(b":", pos, scan_end)
+        digits = buf[pos : colon if colon >= 0 else scan_end]
         if digits and not digits.isdigit():  # bytes.isdigit() is ASCII-only
             self._fail("invalid character in netstring length")
         if len(digits) > 1 and digits[0] == 0x30:
             self._fail("netstring length has a leading zero")
-        if len(digits) > self._max_digits or (digits and int(digits) > self.max_length):
+        length = int(digits) if digits and len(digits) <= self._max_digits else None
+        if digits and (length is None or length > self.max_length):
             self._fail(f"netstring longer than the limit of {self.max_length} bytes")
+        if limit is not None and length is not None and length > limit:
+            self._fail(too_long)
         if colon < 0:
             return self._need_more()
         if not digits:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import math
 import os
 import signal
@@ -34,9 +35,12 @@ _RESOURCE_ERRNOS = frozenset((errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.EN
 # How often to check whether a terminated group still has members.
 _GROUP_POLL_INTERVAL = 0.05
 _HAS_PIDFD = hasattr(os, "pidfd_open")
-# Larger pipes mean fewer wake-ups when a program streams output (Linux only).
+# Larger stdin/stdout pipes mean fewer wake-ups when data streams (Linux only). Only
+# for root: an unprivileged user's pipes share a 64 MiB budget (pipe-user-pages-soft),
+# past which Linux gives every new pipe a single page, and big pipes reach it sooner.
 _F_SETPIPE_SZ = 1031
 _PIPE_SIZE = 256 * 1024
+_ENLARGE_PIPES = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 class SpawnError(Exception):
@@ -117,6 +121,17 @@ class Program:
             os.close(fd)
 
 
+_ENV_SNAPSHOT: dict[bytes, bytes] | None = None
+
+
+def _environ() -> dict[bytes, bytes]:
+    """The server's environment as a plain dict, converted once (not per spawn)."""
+    global _ENV_SNAPSHOT
+    if _ENV_SNAPSHOT is None:
+        _ENV_SNAPSHOT = dict(os.environb)
+    return _ENV_SNAPSHOT
+
+
 def spawn(argv: Sequence[bytes], env: dict[str, str] | None = None) -> Program:
     """Start ``argv`` (``argv[0]`` looked up in PATH, no shell) with fresh pipes.
 
@@ -143,7 +158,7 @@ def spawn(argv: Sequence[bytes], env: dict[str, str] | None = None) -> Program:
         pid = os.posix_spawnp(
             argv[0],
             list(argv),
-            os.environ if env is None else env,
+            _environ() if env is None else env,
             file_actions=[
                 (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)
             ],
@@ -164,12 +179,12 @@ def spawn(argv: Sequence[bytes], env: dict[str, str] | None = None) -> Program:
             os.close(fd)
     for fd in parent_ends:
         os.set_blocking(fd, False)
-    try:
-        import fcntl
-
-        fcntl.fcntl(parent_ends[1], _F_SETPIPE_SZ, _PIPE_SIZE)
-    except (OSError, ImportError):
-        pass  # a tuning only; the default pipe size works
+    if _ENLARGE_PIPES:
+        try:
+            fcntl.fcntl(parent_ends[0], _F_SETPIPE_SZ, _PIPE_SIZE)
+            fcntl.fcntl(parent_ends[1], _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # a tuning only; the default pipe size works
     return Program(pid, argv, (parent_ends[0], parent_ends[1], parent_ends[2]))
 
 
@@ -190,7 +205,10 @@ class Supervisor:
 
     async def acquire_slot(self) -> None:
         """Wait (FIFO) until fewer than ``max_running`` programs run."""
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # the common case: no scheduling round
+        except trio.WouldBlock:
+            await self._slots.acquire()
 
     def release_slot(self) -> None:
         """Give back a slot taken with :meth:`acquire_slot` that did not spawn."""

@@ -59,6 +59,8 @@ _TERMSIG = encode(b"termsig")
 #: Longer decimal fields are refused before int() sees them: past 4300 digits int()
 #: raises ValueError (not a protocol error), and it is quadratic well before that.
 _MAX_DECIMAL_DIGITS = 19
+# The argc frame is a short decimal; anything longer is refused on its length digits.
+_MAX_ARGC_FRAME = 64
 
 
 def _parse_decimal(text: bytes) -> int | None:
@@ -153,7 +155,15 @@ class ServerSession:
     def _next_request_event(self) -> ServerEvent | _Sentinel:
         limits = self.limits
         while True:
-            frame = self._decoder.next_frame()
+            # Refuse an oversized argc or argument on its length digits: what is
+            # buffered before the argv is complete stays within the argv budget.
+            if self._state is _ServerState.ARGC:
+                frame = self._decoder.next_frame(_MAX_ARGC_FRAME, "argc is not a decimal number")
+            else:
+                frame = self._decoder.next_frame(
+                    max(limits.max_argv_bytes - self._argv_bytes - 1, 0),
+                    f"argv exceeds the limit of {limits.max_argv_bytes} bytes",
+                )
             if frame is NEED_DATA:
                 return NEED_DATA
             if frame is END:
@@ -231,7 +241,9 @@ def termsig_text(signum: int, fmt: Literal["name", "number"] = "name") -> bytes:
     return name.removeprefix("SIG").encode("ascii")
 
 
-def encode_output_pair(kind: OutputKind, data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+def encode_output_pair(
+    kind: OutputKind, data: bytes | memoryview
+) -> tuple[bytes, bytes, bytes | memoryview, bytes]:
     """The buffers of one output pair, to hand to a single ``sendmsg`` (no copy)."""
     if len(data) > MAX_OUTPUT_CHUNK:
         raise LocalProtocolError(f"output chunk of {len(data)} bytes exceeds {MAX_OUTPUT_CHUNK}")

@@ -20,6 +20,7 @@ import itertools
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import struct
@@ -49,7 +50,7 @@ log = logging.getLogger("sockexec_py")
 
 # Read the client socket in chunks as large as an output pair: big enough for
 # throughput, small enough to bound memory per connection.
-_RECV_CHUNK = 64 * 1024
+_RECV_CHUNK = 256 * 1024
 # accept() errors that mean "overloaded": log, wait a little, try again.
 _ACCEPT_RETRY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _ACCEPT_RETRY_DELAY = 0.1
@@ -86,12 +87,15 @@ class Connection:
         #: Cancelled when the client hangs up during the request or queued phase.
         self.phase_scope: trio.CancelScope | None = None
         self._send_lock = trio.Lock()
+        #: Polls the socket for room (POLLOUT) without a scheduling round.
+        self._room = select.poll()
+        self._room.register(self.fd, select.POLLOUT)
 
     @property
     def write_broken(self) -> bool:
         return self.hung_up or self.closed
 
-    async def send_output(self, kind: OutputKind, data: bytes) -> None:
+    async def send_output(self, kind: OutputKind, data: bytes | memoryview) -> None:
         """Send one output pair with one ``sendmsg``; dropped once the client is gone.
 
         The common case costs no scheduling round: the pair fits the socket buffer
@@ -106,6 +110,15 @@ class Connection:
                 async with self._send_lock:  # the other pump is finishing a pair
                     if self.write_broken:
                         return
+                    await _io.sendmsg_all(self.sock, buffers)
+            elif not self._room.poll(0):
+                # POLLOUT on a Unix stream socket means at least 3/4 of SO_SNDBUF is
+                # free, which a pair of at most 64 KiB always fits: wait for that rather
+                # than send part of the pair now and the rest later.
+                async with self._send_lock:
+                    if self.write_broken:
+                        return
+                    await trio.lowlevel.wait_writable(self.sock)
                     await _io.sendmsg_all(self.sock, buffers)
             else:
                 pending = _io.sendmsg_nowait(self.sock, buffers)
@@ -192,10 +205,15 @@ class _OutputPump:
             assert self.fd is not None
             while not self._stopped:
                 with trio.CancelScope() as self._read_scope:
-                    data = await _io.read_fd(self.fd, MAX_OUTPUT_CHUNK)
+                    data = await _io.read_fd(self.fd, 4 * MAX_OUTPUT_CHUNK)
                 if self._read_scope.cancelled_caught or not data:
                     return
-                await self.conn.send_output(self.kind, data)
+                if len(data) <= MAX_OUTPUT_CHUNK:
+                    await self.conn.send_output(self.kind, data)
+                else:
+                    view = memoryview(data)
+                    for off in range(0, len(data), MAX_OUTPUT_CHUNK):
+                        await self.conn.send_output(self.kind, view[off : off + MAX_OUTPUT_CHUNK])
         finally:
             self.done.set()
 
@@ -242,6 +260,7 @@ class Server:
         self._supervisor: Supervisor | None = None
         self._accept_backoff = False
         self._nursery: trio.Nursery | None = None
+        self._backlog = -1
 
     @property
     def supervisor(self) -> Supervisor:
@@ -268,6 +287,7 @@ class Server:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.hangups.run)
+                    self._update_backlog()
                     if self._reap_orphans and OrphanReaper.enable():
                         await nursery.start(OrphanReaper(self.supervisor).run)
                     if handle_signals:
@@ -372,6 +392,23 @@ class Server:
             accepted.append(fd)
         for fd in accepted:
             self._nursery.start_soon(self._handle, fd)
+        if accepted:
+            self._update_backlog()
+
+    def _update_backlog(self) -> None:
+        """Size the kernel's listen queue: ``-q`` plus the connections we would admit.
+
+        Admitted connections (up to ``-m`` + ``--max-queued``) belong in our FIFO, but
+        while the loop is busy (a spawn holds it for milliseconds under load) they can
+        only wait in the kernel's queue; a queue of just ``-q`` would then overflow, and
+        nginx gets EAGAIN for a server that is merely busy. Once admission is full the
+        queue is ``-q`` exactly, the reference's meaning. Linux resizes a listening
+        socket's queue on a second ``listen``.
+        """
+        backlog = self.config.backlog + self._admission.value
+        if backlog != self._backlog and self.listener.fileno() >= 0:
+            self.listener.listen(backlog)
+            self._backlog = backlog
 
     def _accept_fd(self) -> int | None:
         """One non-blocking accept(); None when nothing is pending."""
@@ -426,6 +463,7 @@ class Server:
                     self._terminate(conn, "connection ended")
             del self.connections[conn.number]
             self._admission.release()
+            self._update_backlog()
             if not self.connections:
                 self._idle.set()
             log.debug("close conn=%d in=%d out=%d", conn.number, conn.bytes_in, conn.bytes_out)
@@ -526,19 +564,22 @@ class Server:
             nursery.start_soon(self._pump_stdin, conn, session, program)
             for pump in pumps:
                 nursery.start_soon(pump.run)
-            if conn.deadline < math.inf:
-                nursery.start_soon(self._watch_deadline, conn)
-            await program.exited.wait()
+            with trio.move_on_at(conn.deadline):
+                await program.exited.wait()
+            if program.status is None:
+                self._terminate(conn, "timeout")
+                await program.exited.wait()
             conn.phase = Phase.DRAINING
             # Output still in the pipes belongs before the exit pair; a background
             # descendant holding them open gets --drain-timeout seconds, no more.
-            with trio.move_on_after(self.config.drain_timeout):
+            if not all(pump.done.is_set() for pump in pumps):
+                with trio.move_on_after(self.config.drain_timeout):
+                    for pump in pumps:
+                        await pump.done.wait()
+                for pump in pumps:
+                    pump.stop()
                 for pump in pumps:
                     await pump.done.wait()
-            for pump in pumps:
-                pump.stop()
-            for pump in pumps:
-                await pump.done.wait()
             conn.phase = Phase.CLOSING
             self._log_exit(conn, program)
             await conn.send_final(self._exit_pair(program))
@@ -580,11 +621,6 @@ class Server:
             log.debug("protocol error conn=%d: %s", conn.number, exc)
             program.close_stdin()
             self._terminate(conn, "protocol error")
-
-    async def _watch_deadline(self, conn: Connection) -> None:
-        await trio.sleep_until(conn.deadline)
-        if conn.program is not None and conn.program.status is None:
-            self._terminate(conn, "timeout")
 
 
 def _identity(path: str) -> tuple[int, int] | None:
