@@ -1,0 +1,419 @@
+"""The gateway's ASGI application (Starlette): the broker's modes over HTTP.
+
+It spawns nothing: every request opens one broker session over the Unix socket, so
+the broker's limits and policy apply unchanged. Errors are JSON ``{error, detail}``
+with a 4xx/5xx status and never a stack trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout
+from sockexec_py.events import Exited, Output
+
+from . import broker
+from .auth import TokenStore
+from .metrics import GatewayMetrics
+from .openapi import OPENAPI
+from .settings import GatewaySettings
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+
+
+class HTTPError(Exception):
+    """A request we refuse: becomes ``{"error": ..., "detail": ...}`` with ``status``."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def error_response(exc: HTTPError) -> JSONResponse:
+    return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
+
+
+class ExecRequest:
+    """A validated ``POST /v1/exec`` (or first WebSocket message) body."""
+
+    def __init__(self, body: Any, settings: GatewaySettings, *, allow_stdin: bool = True) -> None:
+        if not isinstance(body, dict):
+            raise HTTPError(400, "bad_request", "the body must be a JSON object")
+        unknown = set(body) - {"argv", "stdin", "stdin_b64", "timeout"}
+        if unknown:
+            raise HTTPError(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
+        argv = body.get("argv")
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(a, str) and "\0" not in a for a in argv)
+        ):
+            raise HTTPError(
+                400, "bad_request", "argv must be a non-empty list of strings without NUL"
+            )
+        if len(argv) > settings.max_argv:
+            raise HTTPError(400, "bad_request", f"argv has more than {settings.max_argv} items")
+        self.argv: list[str] = argv
+        self.stdin = b""
+        if "stdin" in body and "stdin_b64" in body:
+            raise HTTPError(400, "bad_request", "give stdin or stdin_b64, not both")
+        if not allow_stdin and ("stdin" in body or "stdin_b64" in body):
+            raise HTTPError(400, "bad_request", "send stdin as WebSocket messages")
+        if "stdin" in body:
+            if not isinstance(body["stdin"], str):
+                raise HTTPError(400, "bad_request", "stdin must be a string")
+            self.stdin = body["stdin"].encode()
+        if "stdin_b64" in body:
+            if not isinstance(body["stdin_b64"], str):
+                raise HTTPError(400, "bad_request", "stdin_b64 must be a base64 string")
+            try:
+                self.stdin = base64.b64decode(body["stdin_b64"], validate=True)
+            except binascii.Error:
+                raise HTTPError(400, "bad_request", "stdin_b64 is not valid base64") from None
+        timeout = body.get("timeout", settings.default_timeout)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= settings.max_timeout
+        ):
+            raise HTTPError(
+                400, "bad_request", f"timeout must be a number in (0, {settings.max_timeout}]"
+            )
+        self.timeout = float(timeout)
+
+
+def frame_json(event: Output | Exited, b64: bool) -> dict[str, Any]:
+    """One streamed frame as JSON: output data as text (or base64), or the exit."""
+    if isinstance(event, Output):
+        if b64:
+            return {"type": event.kind, "data_b64": base64.b64encode(event.data).decode()}
+        return {"type": event.kind, "data": event.data.decode("utf-8", "replace")}
+    return {"type": "exit", "exitcode": event.exitcode, "termsig": event.termsig}
+
+
+class Gateway:
+    """Holds the settings, tokens and metrics; its ``app`` is the ASGI application."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.tokens = TokenStore(settings.token_file) if settings.token_file else None
+        self.metrics = GatewayMetrics()
+        self.app = Starlette(
+            routes=[
+                Route("/v1/exec", self._guard("oneshot", self.exec_http), methods=["POST"]),
+                WebSocketRoute("/v1/exec/ws", self.exec_ws),
+                Route("/healthz", self._guard("other", self.healthz, auth=False)),
+                Route("/metrics", self._guard("other", self.metrics_endpoint)),
+                Route("/openapi.json", self._guard("other", self.openapi, auth=False)),
+            ],
+            exception_handlers={404: self._not_found, 405: self._not_allowed},
+        )
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _authorized(self, headers: Any) -> bool:
+        return self.tokens is None or self.tokens.check(headers.get("authorization"))
+
+    def _guard(
+        self,
+        mode: str,
+        handler: Callable[[Request], Awaitable[Response]],
+        *,
+        auth: bool = True,
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """Auth, JSON errors and the request counter around a handler."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                if auth and not self._authorized(request.headers):
+                    raise HTTPError(401, "unauthorized", "a valid bearer token is required")
+                response = await handler(request)
+            except HTTPError as exc:
+                response = error_response(exc)
+            counted = getattr(response, "mode", mode)
+            self.metrics.requests.labels(counted, str(response.status_code)).inc()
+            return response
+
+        return endpoint
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return error_response(HTTPError(404, "not_found", f"no such endpoint: {request.url.path}"))
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return error_response(
+            HTTPError(405, "method_not_allowed", f"{request.method} is not allowed here")
+        )
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.settings.max_body
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError):
+            raise HTTPError(400, "bad_request", "the body is not valid JSON") from None
+
+    # -- endpoints -------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await broker.check(self.settings.socket_path)
+        except BrokerUnavailable as exc:
+            raise HTTPError(503, "broker_unavailable", str(exc)) from None
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
+    async def exec_http(self, request: Request) -> Response:
+        body = await self._read_json(request)
+        exec_request = ExecRequest(body, self.settings)
+        b64 = request.query_params.get("encoding") == "base64"
+        if request.query_params.get("encoding") not in (None, "base64", "text"):
+            raise HTTPError(400, "bad_request", "encoding must be text or base64")
+        accept = request.headers.get("accept", "")
+        if NDJSON in accept or SSE in accept:
+            media_type = NDJSON if NDJSON in accept else SSE
+            try:  # a stream starts with 200: say "broker down" while a status can
+                await broker.check(self.settings.socket_path)
+            except BrokerUnavailable as exc:
+                raise HTTPError(503, "broker_unavailable", str(exc)) from None
+            return _Stream(self, exec_request, media_type, b64)
+        return await self._oneshot(exec_request, b64)
+
+    async def _oneshot(self, exec_request: ExecRequest, b64: bool) -> Response:
+        started = time.monotonic()
+        output: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        exits: list[Exited] = []
+
+        async def collect(event: Output | Exited) -> None:
+            if isinstance(event, Output):
+                output[event.kind].append(event.data)
+            else:
+                exits.append(event)
+
+        await self._run_session(exec_request, collect)
+        (exited,) = exits
+        result: dict[str, Any] = {}
+        for kind, chunks in output.items():
+            data = b"".join(chunks)
+            if b64:
+                result[f"{kind}_b64"] = base64.b64encode(data).decode()
+            else:
+                result[kind] = data.decode("utf-8", "replace")
+        result.update(
+            exitcode=exited.exitcode,
+            termsig=exited.termsig,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+        )
+        return JSONResponse(result)
+
+    async def _run_session(
+        self,
+        exec_request: ExecRequest,
+        on_event: Callable[[Output | Exited], Awaitable[None]],
+        stdin_source: Callable[[broker.Session], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run one broker session, handing each event to ``on_event`` as it arrives.
+
+        ``stdin_source`` (WebSocket) feeds stdin concurrently; otherwise the request's
+        stdin is sent and stdin closed. Failures become :class:`HTTPError` (503 broker
+        down, 504 timeout, 502 protocol error). Leaving early (cancellation, an error
+        in ``on_event``) closes the connection: the broker terminates the program.
+        """
+        started = time.monotonic()
+        self.metrics.running.inc()
+        try:
+            with trio.fail_after(exec_request.timeout):
+                async with (
+                    broker.open_session(self.settings.socket_path, exec_request.argv) as session,
+                    trio.open_nursery() as nursery,
+                ):
+                    if stdin_source is None:
+                        nursery.start_soon(self._send_stdin, session, exec_request.stdin)
+                    else:
+                        nursery.start_soon(stdin_source, session)
+                    async for event in session:
+                        self._count(event)
+                        await on_event(event)
+                    nursery.cancel_scope.cancel()
+        except trio.TooSlowError:
+            raise HTTPError(
+                504, "timeout", f"the program did not finish within {exec_request.timeout} s"
+            ) from None
+        except Timeout as exc:
+            raise HTTPError(504, "timeout", str(exc)) from None
+        except BrokerUnavailable as exc:
+            raise HTTPError(503, "broker_unavailable", str(exc)) from None
+        except ProtocolError as exc:
+            raise HTTPError(502, "broker_protocol_error", str(exc)) from None
+        finally:
+            self.metrics.running.dec()
+            self.metrics.duration.observe(time.monotonic() - started)
+
+    def _count(self, event: Output | Exited) -> None:
+        if isinstance(event, Output):
+            self.metrics.bytes_out.inc(len(event.data))
+        elif event.termsig is None:
+            self.metrics.exits.labels(f"exitcode {event.exitcode}").inc()
+        else:
+            self.metrics.exits.labels(f"termsig {event.termsig}").inc()
+
+    async def _send_stdin(self, session: broker.Session, stdin: bytes) -> None:
+        chunk = 64 * 1024
+        for start in range(0, len(stdin), chunk):
+            await session.send(stdin[start : start + chunk])
+        self.metrics.bytes_in.inc(len(stdin))
+        await session.close_stdin()
+
+    async def exec_ws(self, websocket: WebSocket) -> None:
+        """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
+        mode = "websocket"
+        if not self._authorized(websocket.headers):
+            await websocket.close(code=4401, reason="a valid bearer token is required")
+            self.metrics.requests.labels(mode, "401").inc()
+            return
+        await websocket.accept()
+        status = "200"
+        try:
+            first = await websocket.receive_text()
+            try:
+                exec_request = ExecRequest(json.loads(first), self.settings, allow_stdin=False)
+            except ValueError:
+                raise HTTPError(400, "bad_request", "the first message is not JSON") from None
+            b64 = websocket.query_params.get("encoding") == "base64"
+
+            async def forward(event: Output | Exited) -> None:
+                await websocket.send_text(json.dumps(frame_json(event, b64)))
+
+            await self._run_session(
+                exec_request, forward, lambda session: self._ws_stdin(websocket, session)
+            )
+            await websocket.close()
+        except HTTPError as exc:
+            status = str(exc.status)
+            await websocket.send_text(
+                json.dumps(
+                    {
+                        "type": "error",
+                        "error": exc.error,
+                        "detail": exc.detail,
+                        "status": exc.status,
+                    }
+                )
+            )
+            await websocket.close(code=1011 if exc.status >= 500 else 1008)
+        except WebSocketDisconnect:
+            status = "499"  # the client left: the session was closed, the program terminated
+        finally:
+            self.metrics.requests.labels(mode, status).inc()
+
+    async def _ws_stdin(self, websocket: WebSocket, session: broker.Session) -> None:
+        total = 0
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            data: bytes
+            if message.get("bytes") is not None:
+                data = message["bytes"]
+            else:
+                text = message.get("text") or ""
+                if text.startswith("{"):
+                    try:
+                        control = json.loads(text)
+                    except ValueError:
+                        control = None
+                    if isinstance(control, dict) and control.get("type") == "close_stdin":
+                        await session.close_stdin()
+                        return
+                data = text.encode()
+            total += len(data)
+            if total > self.settings.max_ws_stdin:
+                raise HTTPError(
+                    413, "too_large", f"stdin exceeds {self.settings.max_ws_stdin} bytes"
+                )
+            self.metrics.bytes_in.inc(len(data))
+            await session.send(data)
+
+
+class _Stream(Response):
+    """NDJSON or SSE frames as they happen; the program is terminated if the HTTP
+    client goes away (a disconnect is watched for even while nothing is sent)."""
+
+    def __init__(
+        self, gateway: Gateway, exec_request: ExecRequest, media_type: str, b64: bool
+    ) -> None:
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        # No content-length: the body is streamed. No caching or proxy buffering
+        # (X-Accel-Buffering is nginx's): each frame must reach the client at once.
+        self.raw_headers = [
+            (b"content-type", media_type.encode("latin-1")),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self.gateway, self.exec_request, self.b64 = gateway, exec_request, b64
+        self.mode = "ndjson" if media_type == NDJSON else "sse"
+
+    def _encode(self, obj: dict[str, Any]) -> bytes:
+        line = json.dumps(obj)
+        if self.media_type == SSE:
+            return f"event: {obj['type']}\ndata: {line}\n\n".encode()
+        return (line + "\n").encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()  # closes the broker session: program ends
+
+            nursery.start_soon(watch_disconnect)
+
+            async def forward(event: Output | Exited) -> None:
+                body = self._encode(frame_json(event, self.b64))
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+
+            try:
+                await self.gateway._run_session(self.exec_request, forward)
+            except HTTPError as exc:
+                error = {
+                    "type": "error",
+                    "error": exc.error,
+                    "detail": exc.detail,
+                    "status": exc.status,
+                }
+                await send(
+                    {"type": "http.response.body", "body": self._encode(error), "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            nursery.cancel_scope.cancel()

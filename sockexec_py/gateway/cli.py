@@ -1,0 +1,114 @@
+"""``sockexec-gateway``: serve the HTTP/WebSocket gateway with Hypercorn's trio worker.
+
+Exit statuses as the broker's: 100 for a usage or configuration error (including a
+non-loopback address without tokens), 111 when the address cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from .app import Gateway
+from .auth import TokenFileError
+from .settings import GatewaySettings
+
+PROG = "sockexec-gateway"
+EXIT_USAGE = 100
+EXIT_SYSTEM = 111
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: usage error: {message}; see {PROG} --help\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"--listen takes HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="HTTP/WebSocket gateway to a sockexec_py broker.")
+    add = parser.add_argument
+    add("--socket", required=True, help="the broker's Unix socket")
+    add("--listen", type=_listen, default=("127.0.0.1", 8080), help="HOST:PORT (127.0.0.1:8080)")
+    add("--token-file", help="bearer tokens, one per line (required off loopback)")
+    add("--max-body", type=int, default=8 << 20, help="largest request body in bytes (8 MiB)")
+    add("--max-timeout", type=float, default=3600.0, help="largest timeout a request may ask")
+    add("--default-timeout", type=float, default=60.0, help="timeout of a request without one")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"{PROG}: %(message)s")
+    host, port = args.listen
+    settings = GatewaySettings(
+        socket_path=args.socket,
+        host=host,
+        port=port,
+        token_file=args.token_file,
+        max_body=args.max_body,
+        max_timeout=args.max_timeout,
+        default_timeout=min(args.default_timeout, args.max_timeout),
+    )
+    if not settings.loopback and settings.token_file is None:
+        sys.stderr.write(
+            f"{PROG}: refusing to listen on {host} without --token-file "
+            "(anyone who can reach it could run programs)\n"
+        )
+        return EXIT_USAGE
+    try:
+        gateway = Gateway(settings)
+    except TokenFileError as exc:
+        sys.stderr.write(f"{PROG}: {exc}\n")
+        return EXIT_USAGE
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = "-"
+    config.graceful_timeout = 5
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            stop = trio.Event()
+
+            async def on_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        stop.set()
+                        return
+
+            nursery.start_soon(on_signals)
+            binds = await nursery.start(
+                lambda task_status: serve(
+                    gateway.app,  # type: ignore[arg-type]
+                    config,
+                    shutdown_trigger=stop.wait,
+                    task_status=task_status,
+                )
+            )
+            for bind in binds:
+                sys.stderr.write(f"{PROG}: listening on {bind}\n")
+            sys.stderr.flush()
+            await stop.wait()
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        sys.stderr.write(f"{PROG}: fatal: cannot listen on {host}:{port}: {exc.strerror}\n")
+        return EXIT_SYSTEM
+    return 0

@@ -1,0 +1,43 @@
+"""Prometheus metrics of the gateway, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class GatewayMetrics:
+    """Requests by mode and status, running sessions, exit codes, durations, bytes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sockexec_gateway_requests",
+            "HTTP requests by mode (oneshot, ndjson, sse, websocket, other) and status.",
+            ["mode", "status"],
+            registry=self.registry,
+        )
+        self.running = Gauge(
+            "sockexec_gateway_running_sessions",
+            "Broker sessions currently open.",
+            registry=self.registry,
+        )
+        self.exits = Counter(
+            "sockexec_gateway_exits",
+            "Program outcomes: exitcode N or termsig NAME.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "sockexec_gateway_session_seconds",
+            "Duration of broker sessions.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.bytes_in = Counter(
+            "sockexec_gateway_stdin_bytes", "Bytes sent to programs' stdin.", registry=self.registry
+        )
+        self.bytes_out = Counter(
+            "sockexec_gateway_output_bytes",
+            "Bytes programs wrote to stdout and stderr.",
+            registry=self.registry,
+        )

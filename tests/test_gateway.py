@@ -1,0 +1,377 @@
+"""The HTTP/WebSocket gateway against a real broker and a real gateway process."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import random
+import re
+import select
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from conftest import MISC, Broker, pid_alive
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GatewayProcess:
+    """A running ``sockexec-gateway`` on a free loopback port."""
+
+    def __init__(self, socket_path: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sockexec_py.gateway",
+                "--socket",
+                str(socket_path),
+                "--listen",
+                "127.0.0.1:0",
+                *args,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        self.lines: list[str] = []
+        ready, _, _ = select.select([self.proc.stderr], [], [], 30)
+        assert ready, "the gateway did not start"
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        else:
+            raise RuntimeError(f"gateway exited: {''.join(self.lines)}")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        payload = (
+            raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        )
+        conn.request(method, path, body=payload, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, dict(response.getheaders()), data
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def gateway(broker: Broker) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(broker.path)
+    yield process
+    process.stop()
+
+
+def _exec(gateway: GatewayProcess, body: Any, query: str = "") -> tuple[int, dict[str, Any]]:
+    status, _, data = gateway.request("POST", "/v1/exec" + query, body)
+    return status, json.loads(data)
+
+
+def test_one_shot_json(gateway: GatewayProcess) -> None:
+    status, result = _exec(gateway, {"argv": ["sh", "-c", "echo out; echo err >&2; exit 3"]})
+    assert status == 200
+    assert (result["stdout"], result["stderr"], result["exitcode"]) == ("out\n", "err\n", 3)
+    assert result["termsig"] is None and result["duration_ms"] > 0
+    status, result = _exec(gateway, {"argv": ["cat"], "stdin": "héllo"})
+    assert (status, result["stdout"]) == (200, "héllo")
+    status, result = _exec(gateway, {"argv": ["sh", "-c", "kill -TERM $$"]})
+    assert (result["exitcode"], result["termsig"]) == (None, "TERM")
+
+
+def test_five_megabytes_binary_round_trip_in_base64(gateway: GatewayProcess) -> None:
+    payload = random.Random(5).randbytes(5_000_000)
+    body = {"argv": ["cat"], "stdin_b64": base64.b64encode(payload).decode()}
+    status, result = _exec(gateway, body, "?encoding=base64")
+    assert status == 200
+    assert base64.b64decode(result["stdout_b64"]) == payload
+    assert result["stderr_b64"] == "" and result["exitcode"] == 0
+
+
+def _stream(
+    gateway: GatewayProcess, body: Any, accept: str
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    conn.request("POST", "/v1/exec", body=json.dumps(body).encode(), headers={"Accept": accept})
+    return conn, conn.getresponse()
+
+
+@pytest.mark.parametrize("accept", ["application/x-ndjson", "text/event-stream"])
+def test_streaming_delivers_frames_while_the_program_runs(
+    gateway: GatewayProcess, accept: str
+) -> None:
+    script = "echo $$; read line; echo never"  # waits on stdin, which the gateway closed
+    body = {"argv": ["sh", "-c", f"echo $$; exec {MISC / 'slow-print'} 2 1500 tick"]}
+    conn, response = _stream(gateway, body, accept)
+    assert response.status == 200
+    assert response.getheader("content-type", "").startswith(accept)
+    first = response.readline()
+    if accept == "text/event-stream":
+        assert first == b"event: stdout\n"
+        first = response.readline().removeprefix(b"data: ")
+    frame = json.loads(first)
+    assert frame["type"] == "stdout"
+    pid = int(frame["data"].split()[0])
+    assert pid_alive(pid), "the first frame came only after the program ended"
+    rest = response.read().decode()
+    conn.close()
+    assert "tick 1" in rest and "tick 2" in rest
+    assert '"type": "exit", "exitcode": 0' in rest
+    del script
+
+
+def _wait_exit(pid: int, timeout: float) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([pidfd], [], [], timeout)[0], f"pid {pid} still alive"
+    finally:
+        os.close(pidfd)
+
+
+def test_http_client_going_away_terminates_the_program(gateway: GatewayProcess) -> None:
+    body = {"argv": ["sh", "-c", "echo $$; exec sleep 60"]}
+    conn, response = _stream(gateway, body, "application/x-ndjson")
+    pid = int(json.loads(response.readline())["data"])
+    assert pid_alive(pid)
+    conn.close()  # the program prints nothing more: the gateway must notice anyway
+    response.close()
+    _wait_exit(pid, 10)
+
+
+# trio-websocket leaves its TCP socket to the garbage collector when the server closes
+# the connection first (as the gateway does after the exit frame): a client-library
+# ResourceWarning, not a leak of ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_websocket_duplex_echo_through_cat(gateway: GatewayProcess) -> None:
+    with trio.fail_after(30):
+        async with open_websocket_url(f"ws://127.0.0.1:{gateway.port}/v1/exec/ws") as ws:
+            await ws.send_message(json.dumps({"argv": ["cat"]}))
+            await ws.send_message("hello ")
+            assert json.loads(await ws.get_message()) == {"type": "stdout", "data": "hello "}
+            await ws.send_message(b"\x00\x01binary")
+            assert json.loads(await ws.get_message()) == {
+                "type": "stdout",
+                "data": "\x00\x01binary",
+            }
+            await ws.send_message(json.dumps({"type": "close_stdin"}))
+            assert json.loads(await ws.get_message()) == {
+                "type": "exit",
+                "exitcode": 0,
+                "termsig": None,
+            }
+            with pytest.raises(ConnectionClosed):
+                await ws.get_message()
+            assert ws.closed is not None and ws.closed.code == 1000
+
+
+async def test_websocket_going_away_terminates_the_program(gateway: GatewayProcess) -> None:
+    with trio.fail_after(30):
+        async with open_websocket_url(f"ws://127.0.0.1:{gateway.port}/v1/exec/ws") as ws:
+            await ws.send_message(json.dumps({"argv": ["sh", "-c", "echo $$; exec sleep 60"]}))
+            pid = int(json.loads(await ws.get_message())["data"])
+            assert pid_alive(pid)
+        await trio.to_thread.run_sync(_wait_exit, pid, 10)
+
+
+def test_auth_with_token_file_and_reload(broker: Broker, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# operators\nfirst-token\n")
+    gateway = GatewayProcess(broker.path, "--token-file", str(tokens))
+    try:
+        body = {"argv": ["true"]}
+        status, _, data = gateway.request("POST", "/v1/exec", body)
+        assert status == 401 and json.loads(data)["error"] == "unauthorized"
+        wrong = {"Authorization": "Bearer nope"}
+        assert gateway.request("POST", "/v1/exec", body, wrong)[0] == 401
+        right = {"Authorization": "Bearer first-token"}
+        assert gateway.request("POST", "/v1/exec", body, right)[0] == 200
+        assert gateway.request("GET", "/metrics")[0] == 401
+        tokens.write_text("second-token-longer\n")  # rotated without a restart
+        assert gateway.request("POST", "/v1/exec", body, right)[0] == 401
+        new = {"Authorization": "Bearer second-token-longer"}
+        assert gateway.request("POST", "/v1/exec", body, new)[0] == 200
+        assert gateway.request("GET", "/healthz")[0] == 200  # probes need no token
+    finally:
+        gateway.stop()
+
+
+def test_non_loopback_without_token_is_refused_at_startup(broker: Broker) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sockexec_py.gateway",
+            "--socket",
+            str(broker.path),
+            "--listen",
+            "0.0.0.0:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 100
+    assert "refusing to listen on 0.0.0.0 without --token-file" in proc.stderr
+
+
+def test_broker_down_is_503_and_recovery_needs_no_restart(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    gateway = GatewayProcess(tmp_path / "broker0.sock")  # nothing there yet
+    try:
+        status, _, data = gateway.request("GET", "/healthz")
+        assert status == 503
+        assert "does not exist" in json.loads(data)["detail"]
+        status, result = _exec(gateway, {"argv": ["true"]})
+        assert status == 503 and result["error"] == "broker_unavailable"
+        status, _, _ = gateway.request(
+            "POST", "/v1/exec", {"argv": ["true"]}, {"Accept": "application/x-ndjson"}
+        )
+        assert status == 503
+        broker = start_broker()
+        assert broker.path == tmp_path / "broker0.sock"
+        assert gateway.request("GET", "/healthz")[0] == 200
+        status, result = _exec(gateway, {"argv": ["true"]})
+        assert (status, result["exitcode"]) == (200, 0)
+    finally:
+        gateway.stop()
+
+
+def test_errors_are_json_with_proper_codes(gateway: GatewayProcess) -> None:
+    cases = [
+        ("POST", "/v1/exec", b"{not json", 400),
+        ("POST", "/v1/exec", json.dumps({"argv": "ls"}).encode(), 400),
+        ("POST", "/v1/exec", json.dumps({"argv": ["a"], "bogus": 1}).encode(), 400),
+        ("POST", "/v1/exec", json.dumps({"argv": ["a"], "timeout": -1}).encode(), 400),
+        ("GET", "/v1/exec", None, 405),
+        ("GET", "/nowhere", None, 404),
+    ]
+    for method, path, raw, expected in cases:
+        status, _headers, data = gateway.request(method, path, raw=raw)
+        assert status == expected, (path, raw and raw[:30], data)
+        body = json.loads(data)
+        assert set(body) == {"error", "detail"} and "Traceback" not in body["detail"]
+
+
+def test_oversized_body_is_refused_before_it_is_read(gateway: GatewayProcess) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n{" % (64 << 20)
+        )
+        reply = b""
+        while b"}" not in reply and (chunk := sock.recv(65536)):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413")
+    assert b'"error":"too_large"' in reply
+
+
+def test_timeout_is_504(gateway: GatewayProcess) -> None:
+    status, result = _exec(gateway, {"argv": ["sleep", "30"], "timeout": 0.5})
+    assert status == 504 and result["error"] == "timeout"
+
+
+def test_metrics_and_openapi(gateway: GatewayProcess) -> None:
+    _exec(gateway, {"argv": ["true"]})
+    status, _headers, data = gateway.request("GET", "/metrics")
+    text = data.decode()
+    assert status == 200
+    assert 'sockexec_gateway_requests_total{mode="oneshot",status="200"} 1.0' in text
+    assert 'sockexec_gateway_exits_total{outcome="exitcode 0"} 1.0' in text
+    assert "sockexec_gateway_session_seconds_bucket" in text
+    status, _, data = gateway.request("GET", "/openapi.json")
+    document = json.loads(data)
+    assert status == 200 and document["openapi"].startswith("3.")
+    assert {"/v1/exec", "/healthz", "/metrics", "/openapi.json"} <= set(document["paths"])
+
+
+# -- property test against the OpenAPI document ------------------------------------
+
+_SAFE_PROGRAMS = ["true", "false", "echo", "printf", "cat", "no-such-program"]
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=10,
+)
+_exec_bodies = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "argv": st.lists(st.sampled_from(_SAFE_PROGRAMS), min_size=1, max_size=1).flatmap(
+                lambda head: st.lists(st.text(max_size=30), max_size=3).map(
+                    lambda tail: head + tail
+                )
+            )
+        },
+        optional={
+            "stdin": st.text(max_size=100),
+            "timeout": st.one_of(st.floats(min_value=-5, max_value=100), st.integers(-5, 100)),
+            "stdin_b64": st.text(alphabet="QUJDRA==+/", max_size=20),
+        },
+    ),
+    _json_values,
+)
+
+
+def _check_against_schema(status: int, body: dict[str, Any]) -> None:
+    """The response matches what /openapi.json documents for that status."""
+    if status == 200:
+        assert isinstance(body.get("exitcode"), int | None)
+        assert isinstance(body.get("termsig"), str | None)
+        assert (body["exitcode"] is None) != (body["termsig"] is None)
+        assert isinstance(body["duration_ms"], int | float)
+        assert isinstance(body["stdout"], str) and isinstance(body["stderr"], str)
+    else:
+        assert status in (400, 413), (status, body)
+        assert set(body) == {"error", "detail"}
+        assert all(isinstance(v, str) for v in body.values())
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(body=_exec_bodies)
+def test_any_request_body_gets_a_documented_answer(gateway: GatewayProcess, body: Any) -> None:
+    status, _, data = gateway.request("POST", "/v1/exec", raw=json.dumps(body).encode())
+    assert status < 500, (body, data)
+    _check_against_schema(status, json.loads(data))
