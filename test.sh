@@ -9,6 +9,7 @@ PYTHON=${PYTHON:-python3}
 # Debian packages the interoperability tests drive (real socat, real nginx + Lua).
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 for pkg in libnginx-mod-http-lua lua-resty-core; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

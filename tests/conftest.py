@@ -6,7 +6,10 @@ it; readiness comes from ``--notify-fd`` (a newline once it accepts), never a sl
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -18,6 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -254,3 +258,75 @@ def broker(start_broker: object) -> Broker:
     result = start_broker()
     assert isinstance(result, Broker)
     return result
+
+
+class GatewayProcess:
+    """A running ``sockexec-gateway`` on a free loopback port."""
+
+    def __init__(self, socket_path: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sockexec_py.gateway",
+                "--socket",
+                str(socket_path),
+                "--listen",
+                "127.0.0.1:0",
+                *args,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        self.lines: list[str] = []
+        ready, _, _ = select.select([self.proc.stderr], [], [], 30)
+        assert ready, "the gateway did not start"
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                break
+        else:
+            raise RuntimeError(f"gateway exited: {''.join(self.lines)}")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        payload = (
+            raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        )
+        conn.request(method, path, body=payload, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, dict(response.getheaders()), data
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            assert self.proc.stderr is not None
+            self.proc.stderr.close()
+
+
+@pytest.fixture
+def gateway(broker: Broker) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(broker.path)
+    yield process
+    process.stop()

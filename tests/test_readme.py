@@ -1,0 +1,62 @@
+"""The README's examples are run, so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import ROOT, GatewayProcess, require_tool
+
+README = (ROOT / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README, re.S | re.M)
+    assert match, f"README has no section {title!r}"
+    return match.group(1)
+
+
+def _shell_blocks(section: str) -> list[str]:
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+def test_gateway_curl_examples_work(gateway: GatewayProcess, tmp_path: Path) -> None:
+    require_tool("curl")
+    lines = [
+        line
+        for block in _shell_blocks(_section("HTTP gateway"))
+        for line in block.splitlines()
+        if line.startswith("curl ")
+    ]
+    assert len(lines) == 5
+    outputs = []
+    for line in lines:
+        command = line.replace("http://127.0.0.1:8080", gateway.base)
+        proc = subprocess.run(["bash", "-c", command], capture_output=True, timeout=60)
+        assert proc.returncode == 0, (line, proc.stderr)
+        outputs.append(proc.stdout.decode())
+    uname = subprocess.run(["uname", "-s"], capture_output=True, text=True, check=True).stdout
+    assert json.loads(outputs[0])["stdout"] == uname
+    assert json.loads(outputs[1])["stdout"] == "HELLO"
+    assert json.loads(outputs[2])["stdout_b64"] == "AQ=="
+    frames = [json.loads(line) for line in outputs[3].splitlines()]
+    assert {"type": "stdout", "data": "one\n"} in frames
+    assert {"type": "stderr", "data": "two\n"} in frames
+    assert frames[-1] == {"type": "exit", "exitcode": 0, "termsig": None}
+    assert json.loads(outputs[4]) == {"status": "ok"}
+
+
+def test_socat_example_works(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    require_tool("socat")
+    (block, *_) = _shell_blocks(_section("Trying it"))
+    line = next(line for line in block.splitlines() if "socat" in line)
+    proc = subprocess.run(
+        ["bash", "-c", line.replace("/tmp/sockexec.sock", str(broker.path))],
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    uname = subprocess.run(["uname", "-a"], capture_output=True, check=True).stdout
+    assert proc.stdout == b"6:stdout,%d:%b,8:exitcode,1:0," % (len(uname), uname)
