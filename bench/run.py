@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import http.client
 import json
 import os
 import platform
@@ -246,6 +247,57 @@ class Broker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Gateway:
+    """A ``python -m sockexec_py.gateway`` process on a free loopback port."""
+
+    def __init__(self, socket_path: str, pythonpath: Path = ROOT) -> None:
+        self._socket_path = socket_path
+        self._pythonpath = pythonpath
+        self._proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def __enter__(self) -> Gateway:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(self._pythonpath), env.get("PYTHONPATH")])
+        )
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sockexec_py.gateway",
+                "--socket",
+                self._socket_path,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self._proc.stderr is not None
+        for line in self._proc.stderr:  # ends at EOF if the gateway dies
+            if "listening on http://" in line:
+                self.port = int(line.rsplit(":", 1)[1])
+                break
+        else:
+            raise BrokerError("the gateway did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self._proc
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
 
 
 def _read_with_timeout(fd: int, timeout: float) -> bytes:
@@ -799,15 +851,15 @@ class Bench:
                 self.log(f"broker (-m 1000) pid {broker.pid}")
                 self._run_measure("6", self.sessions, broker)
         if "7" in self.only:
-            self.rows["7"] = Row(
-                "7",
-                "HTTP gateway one-shot `true`: requests/s, p50",
-                ours="n/a (no gateway yet)",
-                limit="n/a",
-                ratio="n/a",
-                result="n/a",
-                data={"skipped": "no gateway yet"},
+            broker = Broker(
+                self.workdir,
+                "broker-gw",
+                ["-m", "100", "-t", "600", *self.broker_args],
+                self.broker_pythonpath,
             )
+            with broker, Gateway(broker.socket_path, self.broker_pythonpath) as gateway:
+                self.log(f"gateway on port {gateway.port}")
+                self._run_measure("7", lambda b: self.gateway_one_shot(b, gateway), broker)
         return [self.rows.get(k) or Row(k, "(not selected)", result="skipped") for k in MEASURES]
 
     def _run_measure(self, key: str, measure: Callable[[Broker], Row], broker: Broker) -> None:
@@ -821,6 +873,56 @@ class Bench:
             row = Row(key, f"measure {key}", ours=f"FAILED: {exc}", result="FAILED", ok=False)
         self.rows[key] = row
         self.log(f"measure {key}: {row.ours} ({time.perf_counter() - start:.1f} s)")
+
+    # -- 7 ---------------------------------------------------------------------------
+
+    def gateway_one_shot(self, broker: Broker, gateway: Gateway) -> Row:
+        """Sequential ``POST /v1/exec`` of ``true`` on one keep-alive connection,
+        against the broker's own sequential figure (row 1) measured just before."""
+        body = json.dumps({"argv": ["true"]}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
+        headers = {"Content-Type": "application/json"}
+
+        def post() -> None:
+            conn.request("POST", "/v1/exec", body=body, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status != 200 or json.loads(data).get("exitcode") != 0:
+                raise BenchError(f"gateway answered {response.status}: {data[:200]!r}")
+
+        try:
+            for _ in range(20):
+                post()
+            latencies: list[float] = []
+            cpu = CpuMeter(broker)
+            cpu.resume()
+            start = time.perf_counter()
+            deadline = start + self.config.seq_seconds
+            while True:
+                t0 = time.perf_counter()
+                post()
+                t1 = time.perf_counter()
+                latencies.append(t1 - t0)
+                if t1 >= deadline:
+                    break
+            elapsed = time.perf_counter() - start
+            cpu.pause()
+        finally:
+            conn.close()
+        rate = len(latencies) / elapsed
+        latencies.sort()
+        reference = self.seq_rate
+        return Row(
+            "7",
+            "HTTP gateway one-shot `true` (keep-alive)",
+            ours=f"{rate:.0f} requests/s (p50 {ms(quantile(latencies, 0.5))})",
+            limit=f"{reference:.0f} runs/s (broker direct, row 1)" if reference else "n/a",
+            ratio=f"{rate / reference:.2f}x" if reference else "n/a",
+            target="-",
+            result="measured",
+            cpu=cpu_text(cpu.shares()),
+            data={"rate": rate, "p50": quantile(latencies, 0.5), "runs": len(latencies)},
+        )
 
     # -- 1 ---------------------------------------------------------------------------
 
