@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import ROOT, GatewayProcess, require_tool
@@ -60,3 +61,25 @@ def test_socat_example_works(broker, tmp_path: Path) -> None:  # type: ignore[no
     assert proc.returncode == 0, proc.stderr
     uname = subprocess.run(["uname", "-a"], capture_output=True, check=True).stdout
     assert proc.stdout == b"6:stdout,%d:%b,8:exitcode,1:0," % (len(uname), uname)
+
+
+def test_python_client_examples_run(broker) -> None:  # type: ignore[no-untyped-def]
+    blocks = re.findall(r"```python\n(.*?)```", _section("Python client"), re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        proc = subprocess.run(
+            [sys.executable, "-c", f"SOCKET = {str(broker.path)!r}\n{block}"],
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+    assert (
+        b"Exited(exitcode=0" in proc.stdout and b"Output(kind='stdout', data=b'hi')" in proc.stdout
+    )
+
+
+def test_command_line_client_example(broker) -> None:  # type: ignore[no-untyped-def]
+    (block,) = _shell_blocks(_section("Command-line clients"))
+    line = block.split("#")[0].replace("/tmp/sockexec.sock", str(broker.path))
+    proc = subprocess.run(["bash", "-c", line], capture_output=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, b"HELLO")

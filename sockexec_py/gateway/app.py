@@ -23,10 +23,10 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from sockexec_py.client import AsyncSession, check_broker, open_async_session
 from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout
 from sockexec_py.events import Exited, Output
 
-from . import broker
 from .auth import TokenStore
 from .metrics import GatewayMetrics
 from .openapi import OPENAPI
@@ -179,7 +179,7 @@ class Gateway:
 
     async def healthz(self, request: Request) -> Response:
         try:
-            await broker.check(self.settings.socket_path)
+            await check_broker(self.settings.socket_path)
         except BrokerUnavailable as exc:
             raise HTTPError(503, "broker_unavailable", str(exc)) from None
         return JSONResponse({"status": "ok"})
@@ -200,7 +200,7 @@ class Gateway:
         if NDJSON in accept or SSE in accept:
             media_type = NDJSON if NDJSON in accept else SSE
             try:  # a stream starts with 200: say "broker down" while a status can
-                await broker.check(self.settings.socket_path)
+                await check_broker(self.settings.socket_path)
             except BrokerUnavailable as exc:
                 raise HTTPError(503, "broker_unavailable", str(exc)) from None
             return _Stream(self, exec_request, media_type, b64)
@@ -237,7 +237,7 @@ class Gateway:
         self,
         exec_request: ExecRequest,
         on_event: Callable[[Output | Exited], Awaitable[None]],
-        stdin_source: Callable[[broker.Session], Awaitable[None]] | None = None,
+        stdin_source: Callable[[AsyncSession], Awaitable[None]] | None = None,
     ) -> None:
         """Run one broker session, handing each event to ``on_event`` as it arrives.
 
@@ -251,7 +251,7 @@ class Gateway:
         try:
             with trio.fail_after(exec_request.timeout):
                 async with (
-                    broker.open_session(self.settings.socket_path, exec_request.argv) as session,
+                    open_async_session(self.settings.socket_path, exec_request.argv) as session,
                     trio.open_nursery() as nursery,
                 ):
                     if stdin_source is None:
@@ -284,7 +284,7 @@ class Gateway:
         else:
             self.metrics.exits.labels(f"termsig {event.termsig}").inc()
 
-    async def _send_stdin(self, session: broker.Session, stdin: bytes) -> None:
+    async def _send_stdin(self, session: AsyncSession, stdin: bytes) -> None:
         chunk = 64 * 1024
         for start in range(0, len(stdin), chunk):
             await session.send(stdin[start : start + chunk])
@@ -333,7 +333,7 @@ class Gateway:
         finally:
             self.metrics.requests.labels(mode, status).inc()
 
-    async def _ws_stdin(self, websocket: WebSocket, session: broker.Session) -> None:
+    async def _ws_stdin(self, websocket: WebSocket, session: AsyncSession) -> None:
         total = 0
         while True:
             message = await websocket.receive()
