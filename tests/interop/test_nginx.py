@@ -4,6 +4,7 @@ prefix, free loopback port), the Lua client of clients/lua and a real broker."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import random
 import signal
@@ -15,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+from trio_websocket import open_websocket_url
 
-from conftest import ROOT, Broker, require_tool
+from conftest import ROOT, Broker, GatewayProcess, pid_alive, require_tool
 
 MODULES = Path("/usr/share/nginx/modules")
 
@@ -28,8 +31,19 @@ def _free_port() -> int:
 
 
 class Nginx:
-    def __init__(self, prefix: Path, broker: Broker) -> None:
+    def __init__(self, prefix: Path, broker: Broker, gateway_port: int | None = None) -> None:
         self.port = _free_port()
+        self.proxy_port = _free_port()
+        proxy = (
+            f"""
+    upstream sockexec_gateway {{ server 127.0.0.1:{gateway_port}; keepalive 4; }}
+    server {{
+        listen 127.0.0.1:{self.proxy_port};
+        include {ROOT}/nginx/gateway-proxy.conf;
+    }}"""
+            if gateway_port
+            else ""
+        )
         self.prefix = prefix
         for sub in ("logs", "tmp"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
@@ -58,7 +72,7 @@ http {{
         client_max_body_size 16m;
         client_body_buffer_size 16m;
         include {ROOT}/nginx/exec-locations.conf;
-    }}
+    }}{proxy}
 }}
 """)
         self.proc = subprocess.Popen(
@@ -95,17 +109,30 @@ http {{
 
 @pytest.fixture
 def nginx(broker: Broker, tmp_path: Path) -> Iterator[Nginx]:
+    _require_nginx_lua()
+    server = Nginx(tmp_path / "nginx", broker)
+    yield server
+    server.stop()
+
+
+def _require_nginx_lua() -> None:
     require_tool("nginx")
     if not (MODULES / "ngx_http_lua_module.so").exists():
         message = "libnginx-mod-http-lua is not installed (the test command installs it)"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
-    server = Nginx(tmp_path / "nginx", broker)
+
+
+@pytest.fixture
+def proxied_gateway(broker: Broker, tmp_path: Path) -> Iterator[Nginx]:
+    """nginx with gateway-proxy.conf in front of a real sockexec-gateway."""
+    _require_nginx_lua()
+    gateway = GatewayProcess(broker.path)
+    server = Nginx(tmp_path / "nginx", broker, gateway_port=gateway.port)
     yield server
     server.stop()
-
-
+    gateway.stop()
 
 
 def _get(nginx: Nginx, path: str, body: bytes | None = None) -> tuple[int, bytes]:
@@ -187,3 +214,44 @@ def test_fifty_parallel_requests(nginx: Nginx) -> None:
     for thread in threads:
         thread.join(60)
     assert results == [(200, expected)] * 50
+
+
+# -- the gateway behind nginx (gateway-proxy.conf) -----------------------------------
+
+
+def test_gateway_one_shot_through_nginx(proxied_gateway: Nginx) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", proxied_gateway.proxy_port, timeout=30)
+    conn.request("POST", "/v1/exec", body=json.dumps({"argv": ["echo", "via nginx"]}))
+    response = conn.getresponse()
+    result = json.loads(response.read())
+    conn.close()
+    assert response.status == 200
+    assert (result["stdout"], result["exitcode"]) == ("via nginx\n", 0)
+
+
+def test_gateway_ndjson_streams_through_nginx_unbuffered(proxied_gateway: Nginx) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", proxied_gateway.proxy_port, timeout=30)
+    body = {"argv": ["sh", "-c", "echo $$; sleep 2; echo done"]}
+    conn.request(
+        "POST", "/v1/exec", body=json.dumps(body), headers={"Accept": "application/x-ndjson"}
+    )
+    response = conn.getresponse()
+    pid = int(json.loads(response.readline())["data"])
+    assert pid_alive(pid), "the first frame was held back until the program ended"
+    frames = [json.loads(line) for line in response.read().splitlines()]
+    conn.close()
+    assert frames[-1] == {"type": "exit", "exitcode": 0, "termsig": None}
+
+
+# trio-websocket leaves its socket to the garbage collector when the server closes
+# first (as the gateway does after the exit frame).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_gateway_websocket_through_nginx(proxied_gateway: Nginx) -> None:
+    url = f"ws://127.0.0.1:{proxied_gateway.proxy_port}/v1/exec/ws"
+    with trio.fail_after(30):
+        async with open_websocket_url(url) as ws:
+            await ws.send_message(json.dumps({"argv": ["cat"]}))
+            await ws.send_message("echo me")
+            assert json.loads(await ws.get_message()) == {"type": "stdout", "data": "echo me"}
+            await ws.send_message(json.dumps({"type": "close_stdin"}))
+            assert json.loads(await ws.get_message())["exitcode"] == 0
