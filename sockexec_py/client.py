@@ -98,13 +98,9 @@ def parse_target(target: str) -> str:
     return target
 
 
-def _refuse_gateway(target: str) -> None:
-    """The seam for the gateway transports (``http(s)://``, ``ws(s)://``)."""
-    if target.startswith(("http://", "https://", "ws://", "wss://")):
-        raise BrokerUnavailable(
-            f"{target}: the HTTP/WebSocket transport of the client is not available yet; "
-            "use the broker's Unix socket"
-        )
+def _is_gateway(target: str) -> bool:
+    """True for targets served by the HTTP gateway transport (gateway_client)."""
+    return target.startswith(("http://", "https://", "ws://", "wss://"))
 
 
 class _Collector:
@@ -253,9 +249,15 @@ def open_session(
 ) -> Session:
     """Start ``argv`` through the broker and return a duplex :class:`Session`.
 
-    Use it as a context manager: leaving it early terminates the program.
+    Use it as a context manager: leaving it early terminates the program. Through
+    the gateway (``http(s)://``, ``ws(s)://``) the session is its WebSocket.
     """
-    _refuse_gateway(target)
+    if _is_gateway(target):
+        from .gateway_client import open_gateway_session
+
+        return open_gateway_session(  # type: ignore[return-value]
+            target, argv, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr
+        )
     deadline = None if timeout is None else time.monotonic() + timeout
     sock = _connect_blocking(target, deadline)
     session = Session(sock, deadline=deadline, on_stdout=on_stdout, on_stderr=on_stderr)
@@ -276,7 +278,11 @@ def run(
     size works with a program that echoes it. Raises :class:`BrokerUnavailable`,
     :class:`Timeout` or :class:`ProtocolError`.
     """
-    _refuse_gateway(target)
+    if _is_gateway(target):
+        from .gateway_client import run_gateway
+
+        result: Result = run_gateway(target, argv, stdin=stdin, timeout=timeout)
+        return result
     deadline = None if timeout is None else time.monotonic() + timeout
     sock = _connect_blocking(target, deadline)
     with sock:
@@ -388,7 +394,11 @@ class AsyncSession:
 
 
 async def _connect_trio(target: str) -> trio.socket.SocketType:
-    _refuse_gateway(target)
+    if _is_gateway(target):
+        raise BrokerUnavailable(
+            f"{target}: trio duplex sessions through the gateway are not available yet; "
+            "use arun() (one-shot) or the blocking open_session()"
+        )
     path = parse_target(target)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -426,6 +436,14 @@ async def arun(
     timeout: float | None = None,
 ) -> Result:
     """The trio flavour of :func:`run`: stdin is sent by a task while output is read."""
+    if _is_gateway(target):
+        from .gateway_client import run_gateway
+
+        gateway_result: Result = await trio.to_thread.run_sync(
+            lambda: run_gateway(target, argv, stdin=stdin, timeout=timeout),
+            abandon_on_cancel=True,
+        )
+        return gateway_result
     try:
         with trio.fail_after(timeout if timeout is not None else float("inf")):
             async with open_async_session(target, argv) as session, trio.open_nursery() as nursery:
