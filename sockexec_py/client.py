@@ -18,8 +18,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 import trio
+
+if TYPE_CHECKING:
+    from .gateway_client import GatewaySession
 
 from .errors import BrokerUnavailable, ProtocolError, SockexecError, Timeout, describe_connect_error
 from .events import Exited, Output
@@ -136,7 +140,33 @@ def _dispatch(
 # -- blocking flavour --------------------------------------------------------------
 
 
-class Session:
+class _BlockingSession:
+    """What every blocking session shares: reading to the end, closing, ``with``."""
+
+    _sock: socket.socket
+
+    def __iter__(self) -> Iterator[Frame]:
+        raise NotImplementedError
+
+    def wait(self) -> Result:
+        """Read to the end and return everything as a :class:`Result`."""
+        collector = _Collector()
+        for frame in self:
+            collector.add(frame)
+        return collector.result()
+
+    def close(self) -> None:
+        """Close the connection (the broker terminates the program if it still runs)."""
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Session(_BlockingSession):
     """A duplex session over a blocking socket (usable from threads and scripts).
 
     ``send`` and ``close_stdin`` may be called from another thread than the one
@@ -206,22 +236,6 @@ class Session:
             _dispatch(event, self._on_stdout, self._on_stderr)
             yield event
 
-    def wait(self) -> Result:
-        """Read to the end and return everything as a :class:`Result`."""
-        collector = _Collector()
-        for frame in self:
-            collector.add(frame)
-        return collector.result()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 def _connect_blocking(target: str, deadline: float | None) -> socket.socket:
     path = parse_target(target)
@@ -246,7 +260,7 @@ def open_session(
     timeout: float | None = None,
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
-) -> Session:
+) -> Session | GatewaySession:
     """Start ``argv`` through the broker and return a duplex :class:`Session`.
 
     Use it as a context manager: leaving it early terminates the program. Through
@@ -255,7 +269,7 @@ def open_session(
     if _is_gateway(target):
         from .gateway_client import open_gateway_session
 
-        return open_gateway_session(  # type: ignore[return-value]
+        return open_gateway_session(
             target, argv, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr
         )
     deadline = None if timeout is None else time.monotonic() + timeout

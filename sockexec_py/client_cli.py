@@ -13,10 +13,15 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .client import Session, open_session
 from .errors import BrokerUnavailable, ProtocolError, Timeout
 from .events import Exited, Output
+from .gateway_client import GatewaySession
+
+if TYPE_CHECKING:  # the gateway transport needs the [gateway] extra: import it lazily
+    from .gateway_client import GatewaySession
 
 PROG = "sockexec-client"
 EXIT_USAGE = 100
@@ -32,7 +37,7 @@ def _signal_number(termsig: str) -> int | None:
         return None
 
 
-def _feed_stdin(session: Session) -> None:
+def _feed_stdin(session: Session | GatewaySession) -> None:
     """Copy our stdin to the program's, then close it (runs in a thread)."""
     try:
         while data := os.read(0, 64 * 1024):

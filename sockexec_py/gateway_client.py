@@ -30,6 +30,7 @@ from wsproto.events import (
     TextMessage,
 )
 
+from .client import Result, _BlockingSession
 from .errors import BrokerUnavailable, ProtocolError, Timeout
 from .events import Exited, Output
 
@@ -69,10 +70,8 @@ def run_gateway(
     stdin: bytes = b"",
     timeout: float | None = None,
     token: str | None = None,
-) -> Any:
-    """One-shot through the gateway; returns a :class:`sockexec_py.client.Result`."""
-    from .client import Result
-
+) -> Result:
+    """One-shot through the gateway: one ``POST /v1/exec?encoding=base64``."""
     parts = urlsplit(url.replace("ws://", "http://", 1).replace("wss://", "https://", 1))
     body: dict[str, Any] = {"argv": _argv_text(argv)}
     if stdin:
@@ -109,7 +108,7 @@ def run_gateway(
     )
 
 
-class GatewaySession:
+class GatewaySession(_BlockingSession):
     """A duplex session over the gateway's WebSocket, with the API of
     :class:`sockexec_py.client.Session` (send, close_stdin, iterate, wait, close)."""
 
@@ -182,23 +181,6 @@ class GatewaySession:
             elif (callback := self._callbacks[frame.kind]) is not None:
                 callback(frame.data)
             yield frame
-
-    def wait(self) -> Any:
-        from .client import _Collector
-
-        collector = _Collector()
-        for frame in self:
-            collector.add(frame)
-        return collector.result()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> GatewaySession:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _frame(message: dict[str, Any]) -> Output | Exited:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import enum
 import signal
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, Protocol, TypeVar
 
 from .errors import EXIT_REFUSED, LocalProtocolError, RemoteProtocolError
 from .events import (
@@ -74,6 +74,27 @@ def _parse_decimal(text: bytes) -> int | None:
     ):
         return None
     return int(text)
+
+
+_T = TypeVar("_T")
+
+
+class _Poisonable(Protocol):
+    _error: RemoteProtocolError | None
+
+
+def _poisoned_on_error(session: _Poisonable, step: Callable[[], _T]) -> _T:
+    """Run ``step``; after a peer's protocol error, raise that error on every call.
+
+    The stream cannot be resynchronised, so a session never reads on past an error.
+    """
+    if session._error is not None:
+        raise session._error
+    try:
+        return step()
+    except RemoteProtocolError as error:
+        session._error = error
+        raise
 
 
 # ---------------------------------------------------------------------------------
@@ -133,14 +154,7 @@ class ServerSession:
         self._decoder.feed(data)
 
     def next_event(self) -> ServerEvent | _Sentinel:
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next_event()
-        except RemoteProtocolError as error:
-            # Poisoned: the request cannot be resynchronised, so never read on.
-            self._error = error
-            raise
+        return _poisoned_on_error(self, self._next_event)
 
     def _next_event(self) -> ServerEvent | _Sentinel:
         state = self._state
@@ -318,13 +332,7 @@ class ClientSession:
         self._decoder.feed(data)
 
     def next_event(self) -> ClientEvent | _Sentinel:
-        if self._error is not None:
-            raise self._error
-        try:
-            return self._next_event()
-        except RemoteProtocolError as error:
-            self._error = error
-            raise
+        return _poisoned_on_error(self, self._next_event)
 
     def _next_event(self) -> ClientEvent | _Sentinel:
         while True:

@@ -138,6 +138,20 @@ def pid_alive(pid: int) -> bool:
     return state != b"Z"
 
 
+def wait_exit(pids: int | list[int], timeout: float = 10) -> None:
+    """Wait for processes (ours or not) to exit, through pidfds: no polling."""
+    for pid in [pids] if isinstance(pids, int) else pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            ready, _, _ = select.select([pidfd], [], [], timeout)
+            assert ready, f"pid {pid} still alive after {timeout}s"
+        finally:
+            os.close(pidfd)
+
+
 def wait_until(predicate: object, timeout: float, what: str) -> None:
     """Poll a condition that has no event to wait on (a process dying elsewhere)."""
     assert callable(predicate)

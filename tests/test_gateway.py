@@ -5,9 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import random
-import select
 import socket
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from conftest import MISC, Broker, GatewayProcess, pid_alive
+from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,17 +80,6 @@ def test_streaming_delivers_frames_while_the_program_runs(
     del script
 
 
-def _wait_exit(pid: int, timeout: float) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        assert select.select([pidfd], [], [], timeout)[0], f"pid {pid} still alive"
-    finally:
-        os.close(pidfd)
-
-
 def test_http_client_going_away_terminates_the_program(gateway: GatewayProcess) -> None:
     body = {"argv": ["sh", "-c", "echo $$; exec sleep 60"]}
     conn, response = _stream(gateway, body, "application/x-ndjson")
@@ -100,7 +87,7 @@ def test_http_client_going_away_terminates_the_program(gateway: GatewayProcess) 
     assert pid_alive(pid)
     conn.close()  # the program prints nothing more: the gateway must notice anyway
     response.close()
-    _wait_exit(pid, 10)
+    wait_exit(pid, 10)
 
 
 # trio-websocket leaves its TCP socket to the garbage collector when the server closes
@@ -135,7 +122,7 @@ async def test_websocket_going_away_terminates_the_program(gateway: GatewayProce
             await ws.send_message(json.dumps({"argv": ["sh", "-c", "echo $$; exec sleep 60"]}))
             pid = int(json.loads(await ws.get_message())["data"])
             assert pid_alive(pid)
-        await trio.to_thread.run_sync(_wait_exit, pid, 10)
+        await trio.to_thread.run_sync(wait_exit, pid, 10)
 
 
 def test_auth_with_token_file_and_reload(broker: Broker, tmp_path: Path) -> None:

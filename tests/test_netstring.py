@@ -7,13 +7,13 @@ valid input.
 
 from __future__ import annotations
 
-import itertools
 import random
 import tracemalloc
 from collections.abc import Callable, Iterator
 
 import netstring as oracle  # type: ignore[import-untyped]
 import pytest
+from chunking import chunkings, split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,24 +24,6 @@ MIB = 1 << 20
 DIGITS = b"0123456789"
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    """``data`` cut at the given offsets (sorted, deduplicated, 0 < cut < len)."""
-    points = [0, *sorted({c for c in cuts if 0 < c < len(data)}), len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(points) if a < b]
-
-
-@st.composite
-def chunkings(draw: st.DrawFn, data: bytes) -> list[bytes]:
-    """``data`` split whole, one byte at a time, or at arbitrary points."""
-    how = draw(st.sampled_from(["whole", "bytewise", "random"]))
-    if how == "whole":
-        return [data] if data else []
-    if how == "bytewise":
-        return [data[i : i + 1] for i in range(len(data))]
-    cuts = draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=20))
-    return split(data, cuts)
 
 
 payload_lists = st.lists(st.binary(max_size=300), max_size=8)

@@ -27,6 +27,7 @@ from conftest import (
     read_all,
     run,
     run_raw,
+    wait_exit,
     wait_until,
 )
 
@@ -186,20 +187,6 @@ def _fifo_pid(fifo: Path) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
-def _wait_exit(pids: list[int], timeout: float) -> None:
-    """Wait for processes (not necessarily ours) to exit, through pidfds."""
-    for pid in pids:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            ready, _, _ = select.select([pidfd], [], [], timeout)
-            assert ready, f"pid {pid} still alive after {timeout}s"
-        finally:
-            os.close(pidfd)
-
-
 def test_client_disconnect_kills_a_silent_program_and_its_group(
     broker: Broker, tmp_path: Path
 ) -> None:
@@ -211,7 +198,7 @@ def test_client_disconnect_kills_a_silent_program_and_its_group(
     pids = _fifo_pid(fifo)
     assert len(pids) == 2 and all(pid_alive(p) for p in pids)
     sock.close()  # a full close, while the program prints nothing
-    _wait_exit(pids, timeout=5)
+    wait_exit(pids, timeout=5)
     assert not any(pid_alive(p) for p in pids)
 
 
