@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Self
 import trio
 
 if TYPE_CHECKING:
-    from .gateway_client import GatewaySession
+    from .gateway_client import AsyncGatewaySession, GatewaySession
 
 from .errors import BrokerUnavailable, ProtocolError, SockexecError, Timeout, describe_connect_error
 from .events import Exited, Output
@@ -43,6 +43,7 @@ __all__ = [
     "check_broker",
     "open_async_session",
     "open_session",
+    "open_unix_session",
     "parse_target",
     "run",
 ]
@@ -408,11 +409,6 @@ class AsyncSession:
 
 
 async def _connect_trio(target: str) -> trio.socket.SocketType:
-    if _is_gateway(target):
-        raise BrokerUnavailable(
-            f"{target}: trio duplex sessions through the gateway are not available yet; "
-            "use arun() (one-shot) or the blocking open_session()"
-        )
     path = parse_target(target)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -430,11 +426,33 @@ async def open_async_session(
     *,
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
-) -> AsyncIterator[AsyncSession]:
+) -> AsyncIterator[AsyncSession | AsyncGatewaySession]:
     """Start ``argv`` and yield an :class:`AsyncSession`; leaving closes the connection
     (the broker terminates the program if it still runs). Bound it with
-    ``trio.fail_after``/``move_on_after``.
+    ``trio.fail_after``/``move_on_after``. Through the gateway, the WebSocket.
     """
+    if _is_gateway(target):
+        from .gateway_client import open_async_gateway_session
+
+        async with open_async_gateway_session(
+            target, argv, on_stdout=on_stdout, on_stderr=on_stderr
+        ) as gateway_session:
+            yield gateway_session
+        return
+    async with open_unix_session(target, argv, on_stdout=on_stdout, on_stderr=on_stderr) as s:
+        yield s
+
+
+@asynccontextmanager
+async def open_unix_session(
+    target: str,
+    argv: Sequence[str | bytes],
+    *,
+    on_stdout: OutputCallback | None = None,
+    on_stderr: OutputCallback | None = None,
+) -> AsyncIterator[AsyncSession]:
+    """:func:`open_async_session` over the broker's Unix socket only (the gateway's own
+    way to the broker)."""
     sock = await _connect_trio(target)
     with sock:
         session = AsyncSession(sock, on_stdout=on_stdout, on_stderr=on_stderr)

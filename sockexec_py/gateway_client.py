@@ -15,10 +15,12 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -30,7 +32,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from .client import Result, _BlockingSession
+from .client import Result, _BlockingSession, _Collector
 from .errors import BrokerUnavailable, ProtocolError, Timeout
 from .events import Exited, Output
 
@@ -108,6 +110,49 @@ def run_gateway(
     )
 
 
+class _WebSocketProtocol:
+    """The gateway's WebSocket session, sans-IO (like ClientSession for the socket):
+    bytes in, frames out; stdin in, bytes out. Both flavours move its bytes."""
+
+    def __init__(self, url: str, argv: Sequence[str | bytes], token: str | None) -> None:
+        parts = urlsplit(url)
+        self.secure = parts.scheme in ("https", "wss")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.secure else 80)
+        self.url = url
+        self._ws = WSConnection(ConnectionType.CLIENT)
+        self._argv = _argv_text(argv)
+        path = parts.path.rstrip("/") + "/v1/exec/ws?encoding=base64"
+        extra = [(k.encode(), v.encode()) for k, v in _headers(token).items()]
+        self.handshake = self._ws.send(Request(host=parts.netloc, target=path, extra_headers=extra))
+        self.accepted = False
+
+    def receive(self, data: bytes | bytearray) -> list[Output | Exited] | bytes:
+        """Feed bytes; returns the frames decoded, or (once, on acceptance) the bytes
+        of the request message to send. Raises on refusal or a premature close."""
+        self._ws.receive_data(bytes(data) or None)
+        frames: list[Output | Exited] = []
+        for event in self._ws.events():
+            if isinstance(event, AcceptConnection):
+                self.accepted = True
+                return self._ws.send(TextMessage(data=json.dumps({"argv": self._argv})))
+            if isinstance(event, RejectConnection | RejectData):
+                raise BrokerUnavailable(f"the gateway at {self.url} refused the WebSocket")
+            if isinstance(event, TextMessage):
+                frames.append(_frame(json.loads(event.data)))
+            elif isinstance(event, CloseConnection) and not frames:
+                raise ProtocolError(f"gateway closed the session ({event.code}) before the exit")
+        if not data and not frames:
+            raise ProtocolError(f"the gateway at {self.url} closed the connection")
+        return frames
+
+    def stdin(self, data: bytes) -> bytes:
+        return self._ws.send(BytesMessage(data=data))
+
+    def close_stdin(self) -> bytes:
+        return self._ws.send(TextMessage(data=json.dumps({"type": "close_stdin"})))
+
+
 class GatewaySession(_BlockingSession):
     """A duplex session over the gateway's WebSocket, with the API of
     :class:`sockexec_py.client.Session` (send, close_stdin, iterate, wait, close)."""
@@ -115,14 +160,14 @@ class GatewaySession(_BlockingSession):
     def __init__(
         self,
         sock: socket.socket,
-        ws: WSConnection,
+        protocol: _WebSocketProtocol,
         deadline: float | None,
         on_stdout: Callable[[bytes], object] | None = None,
         on_stderr: Callable[[bytes], object] | None = None,
     ) -> None:
         self._sock = sock
+        self._protocol = protocol
         self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
-        self._ws = ws
         self._deadline = deadline
         self._stdin_closed = False
         self._frames: list[Output | Exited] = []
@@ -135,46 +180,44 @@ class GatewaySession(_BlockingSession):
                 raise Timeout("the session did not finish in time")
             self._sock.settimeout(remaining)
 
-    def _send(self, event: Any) -> None:
+    def _sendall(self, data: bytes) -> None:
         try:
             self._arm()
-            self._sock.sendall(self._ws.send(event))
+            self._sock.sendall(data)
         except TimeoutError:
             raise Timeout("the session did not finish in time") from None
         except (BrokenPipeError, ConnectionResetError):
             self._stdin_closed = True
 
+    def _recv(self) -> bytes:
+        try:
+            self._arm()
+            return self._sock.recv(_RECV_CHUNK)
+        except TimeoutError:
+            raise Timeout("the session did not finish in time") from None
+
     def send(self, data: bytes) -> None:
         if data and not self._stdin_closed:
-            self._send(BytesMessage(data=data))
+            self._sendall(self._protocol.stdin(data))
 
     def close_stdin(self) -> None:
         if not self._stdin_closed:
             self._stdin_closed = True
-            self._send(TextMessage(data=json.dumps({"type": "close_stdin"})))
+            self._sendall(self._protocol.close_stdin())
 
-    def _pump(self) -> None:
-        """Read from the socket until at least one frame is decoded."""
-        while not self._frames:
-            try:
-                self._arm()
-                data = self._sock.recv(_RECV_CHUNK)
-            except TimeoutError:
-                raise Timeout("the session did not finish in time") from None
-            self._ws.receive_data(data or None)
-            for event in self._ws.events():
-                if isinstance(event, TextMessage):
-                    self._frames.append(_frame(json.loads(event.data)))
-                elif isinstance(event, CloseConnection) and not self._frames:
-                    raise ProtocolError(
-                        f"gateway closed the session ({event.code}) before the exit"
-                    )
-            if not data and not self._frames:
-                raise ProtocolError("gateway connection closed before the exit")
+    def _handshake(self) -> None:
+        self._sendall(self._protocol.handshake)
+        while not self._protocol.accepted:
+            reply = self._protocol.receive(self._recv())
+            if isinstance(reply, bytes):
+                self._sendall(reply)
 
     def __iter__(self) -> Iterator[Output | Exited]:
         while self.exited is None:
-            self._pump()
+            while not self._frames:
+                reply = self._protocol.receive(self._recv())
+                assert isinstance(reply, list)
+                self._frames.extend(reply)
             frame = self._frames.pop(0)
             if isinstance(frame, Exited):
                 self.exited = frame
@@ -207,33 +250,108 @@ def open_gateway_session(
     on_stderr: Callable[[bytes], object] | None = None,
 ) -> GatewaySession:
     """Open the WebSocket ``/v1/exec/ws`` and start ``argv``."""
-    parts = urlsplit(url)
-    secure = parts.scheme in ("https", "wss")
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (443 if secure else 80)
+    protocol = _WebSocketProtocol(url, argv, token)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-        if secure:
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        sock = socket.create_connection((protocol.host, protocol.port), timeout=timeout)
+        if protocol.secure:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=protocol.host)
     except OSError as exc:
         raise BrokerUnavailable(f"cannot reach the gateway at {url}: {exc}") from None
-    ws = WSConnection(ConnectionType.CLIENT)
-    path = parts.path.rstrip("/") + "/v1/exec/ws?encoding=base64"
-    extra = [(k.encode(), v.encode()) for k, v in _headers(token).items()]
-    sock.sendall(ws.send(Request(host=parts.netloc, target=path, extra_headers=extra)))
-    session = GatewaySession(sock, ws, deadline, on_stdout, on_stderr)
-    while True:
-        session._arm()
-        data = sock.recv(_RECV_CHUNK)
-        ws.receive_data(data or None)
-        for event in ws.events():
-            if isinstance(event, AcceptConnection):
-                session._send(TextMessage(data=json.dumps({"argv": _argv_text(argv)})))
-                return session
-            if isinstance(event, RejectConnection | RejectData | CloseConnection):
-                sock.close()
-                raise BrokerUnavailable(f"the gateway at {url} refused the WebSocket")
-        if not data:
-            sock.close()
-            raise BrokerUnavailable(f"the gateway at {url} closed the connection")
+    session = GatewaySession(sock, protocol, deadline, on_stdout, on_stderr)
+    try:
+        session._handshake()
+    except BaseException:
+        sock.close()
+        raise
+    return session
+
+
+class AsyncGatewaySession:
+    """The trio flavour: the API of :class:`sockexec_py.client.AsyncSession`."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: _WebSocketProtocol,
+        on_stdout: Callable[[bytes], object] | None = None,
+        on_stderr: Callable[[bytes], object] | None = None,
+    ) -> None:
+        self._stream = stream
+        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._protocol = protocol
+        self._send_lock = trio.Lock()
+        self._stdin_closed = False
+        self._frames: list[Output | Exited] = []
+        self.exited: Exited | None = None
+
+    async def _sendall(self, data: bytes) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(data)
+            except trio.BrokenResourceError:
+                self._stdin_closed = True
+
+    async def send(self, data: bytes) -> None:
+        if data and not self._stdin_closed:
+            await self._sendall(self._protocol.stdin(data))
+
+    async def close_stdin(self) -> None:
+        if not self._stdin_closed:
+            self._stdin_closed = True
+            await self._sendall(self._protocol.close_stdin())
+
+    async def _handshake(self) -> None:
+        await self._sendall(self._protocol.handshake)
+        while not self._protocol.accepted:
+            reply = self._protocol.receive(await self._stream.receive_some(_RECV_CHUNK))
+            if isinstance(reply, bytes):
+                await self._sendall(reply)
+
+    def __aiter__(self) -> AsyncGatewaySession:
+        return self
+
+    async def __anext__(self) -> Output | Exited:
+        if self.exited is not None:
+            raise StopAsyncIteration
+        while not self._frames:
+            reply = self._protocol.receive(await self._stream.receive_some(_RECV_CHUNK))
+            assert isinstance(reply, list)
+            self._frames.extend(reply)
+        frame = self._frames.pop(0)
+        if isinstance(frame, Exited):
+            self.exited = frame
+        elif (callback := self._callbacks[frame.kind]) is not None:
+            callback(frame.data)
+        return frame
+
+    async def wait(self) -> Result:
+        collector = _Collector()
+        async for frame in self:
+            collector.add(frame)
+        return collector.result()
+
+
+@asynccontextmanager
+async def open_async_gateway_session(
+    url: str,
+    argv: Sequence[str | bytes],
+    *,
+    token: str | None = None,
+    on_stdout: Callable[[bytes], object] | None = None,
+    on_stderr: Callable[[bytes], object] | None = None,
+) -> AsyncIterator[AsyncGatewaySession]:
+    """The trio flavour of :func:`open_gateway_session` (bound it with trio timeouts)."""
+    protocol = _WebSocketProtocol(url, argv, token)
+    try:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(protocol.host, protocol.port)
+        if protocol.secure:
+            stream = trio.SSLStream(
+                stream, ssl.create_default_context(), server_hostname=protocol.host
+            )
+    except OSError as exc:
+        raise BrokerUnavailable(f"cannot reach the gateway at {url}: {exc}") from None
+    async with stream:
+        session = AsyncGatewaySession(stream, protocol, on_stdout, on_stderr)
+        await session._handshake()
+        yield session

@@ -9,8 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from sockexec_py.client import BrokerUnavailable, Timeout, arun, open_session, run
+from sockexec_py.client import (
+    BrokerUnavailable,
+    Timeout,
+    arun,
+    open_async_session,
+    open_session,
+    run,
+)
 from sockexec_py.events import Exited, Output
 
 from conftest import Broker, GatewayProcess
@@ -85,3 +93,15 @@ def test_command_line_client_accepts_a_url(gateway: GatewayProcess) -> None:
         timeout=60,
     )
     assert (proc.returncode, proc.stdout) == (0, b"HELLO")
+
+
+async def test_trio_duplex_session_over_the_websocket(gateway: GatewayProcess) -> None:
+    seen: list[bytes] = []
+    with trio.fail_after(30):
+        async with open_async_session(gateway.base, ["cat"], on_stdout=seen.append) as session:
+            await session.send(b"trio \x00 bytes")
+            frame = await session.__anext__()
+            assert frame == Output("stdout", b"trio \x00 bytes")
+            await session.close_stdin()
+            assert await session.__anext__() == Exited(exitcode=0)
+    assert seen == [b"trio \x00 bytes"]

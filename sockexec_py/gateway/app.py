@@ -23,7 +23,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from sockexec_py.client import AsyncSession, check_broker, open_async_session
+from sockexec_py.client import AsyncSession, check_broker, open_unix_session
 from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout
 from sockexec_py.events import Exited, Output
 
@@ -251,7 +251,7 @@ class Gateway:
         try:
             with trio.fail_after(exec_request.timeout):
                 async with (
-                    open_async_session(self.settings.socket_path, exec_request.argv) as session,
+                    open_unix_session(self.settings.socket_path, exec_request.argv) as session,
                     trio.open_nursery() as nursery,
                 ):
                     if stdin_source is None:
