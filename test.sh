@@ -11,7 +11,7 @@ missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-for pkg in libnginx-mod-http-lua lua-resty-core; do
+for pkg in libnginx-mod-http-lua lua-resty-core lua-socket; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -1,8 +1,18 @@
-"""OpenResty-style locations (nginx/exec-locations.conf) with a real nginx (temporary
-prefix, free loopback port), the Lua client of clients/lua and a real broker."""
+"""nginx + ngx_lua against a real broker: the locations of nginx/exec-locations.conf and
+the Lua client of clients/lua, driven over HTTP by the standard library's client.
+
+One nginx (temporary prefix, free loopback port, master_process off) and one broker
+serve the module; server blocks chosen by the Host header give the failure cases
+(broker down, wrong path to the helper programs) without restarting anything. Test-only
+locations under /t/ call the Lua client directly (one-shot and duplex). A small Unix
+socket peer written here (``FakeBroker``) sends replies no real broker sends, to check
+the client's parsing of bad or unusual frames.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import http.client
 import json
 import os
@@ -10,47 +20,85 @@ import random
 import signal
 import socket
 import subprocess
+import sysconfig
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote, urlencode
 
 import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from conftest import ROOT, Broker, GatewayProcess, pid_alive, require_tool
+from conftest import IN_CI, MISC, ROOT, Broker, GatewayProcess, pid_alive, require_tool, wait_until
 
 MODULES = Path("/usr/share/nginx/modules")
 
+# Test-only locations, in the default server: the Lua client called directly.
+# /t/run?a=ARG&a=ARG...[&sock=PATH][&timeout=MS] runs argv with the request body as
+# stdin; the body is stdout, the rest comes back in headers (URI-escaped text).
+HARNESS = r"""
+    location = /t/run {
+        client_max_body_size 8m;
+        client_body_buffer_size 8m;
+        content_by_lua_block {
+            local sockexec = require "sockexec"
+            local args = ngx.req.get_uri_args()
+            local argv = type(args.a) == "table" and args.a or { args.a }
+            ngx.req.read_body()
+            local res, err = sockexec.run(args.sock or ngx.var.sockexec_socket, argv, {
+                stdin = ngx.req.get_body_data(),
+                timeout = tonumber(args.timeout) or 20000,
+            })
+            if not res then
+                ngx.header["X-Error"] = ngx.escape_uri(err)
+                return
+            end
+            ngx.header["X-Exitcode"] = res.exitcode
+            ngx.header["X-Termsig"] = res.termsig
+            ngx.header["X-Signum"] = res.signum
+            ngx.header["X-Stderr"] = ngx.escape_uri(res.stderr)
+            ngx.print(res.stdout)
+        }
+    }
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    location = /t/duplex {
+        content_by_lua_block {
+            local sockexec = require "sockexec"
+            local s, err = sockexec.open(ngx.var.sockexec_socket, { "cat" }, { timeout = 300 })
+            if not s then return ngx.say(err) end
+            local log = {}
+            local function note(a, b) log[#log + 1] = tostring(a) .. " " .. tostring(b) end
+            note(s:receive())  -- cat has nothing to say yet: a timeout, not fatal
+            for _, chunk in ipairs({ "hello\n", "again\n" }) do
+                assert(s:send(chunk))
+                note(s:receive())  -- the echo arrives while stdin is still open
+            end
+            assert(s:close_stdin())
+            note(s:receive())
+            note(s:receive())
+            s:close()
+            ngx.print(table.concat(log, "|"))
+        }
+    }
+"""
 
-
-class Nginx:
-    def __init__(self, prefix: Path, broker: Broker, gateway_port: int | None = None) -> None:
-        self.port = _free_port()
-        self.proxy_port = _free_port()
-        proxy = (
-            f"""
-    upstream sockexec_gateway {{ server 127.0.0.1:{gateway_port}; keepalive 4; }}
+SERVER = """
     server {{
-        listen 127.0.0.1:{self.proxy_port};
-        include {ROOT}/nginx/gateway-proxy.conf;
-    }}"""
-            if gateway_port
-            else ""
-        )
-        self.prefix = prefix
-        for sub in ("logs", "tmp"):
-            (prefix / sub).mkdir(parents=True, exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(f"""
-load_module {MODULES}/ndk_http_module.so;
-load_module {MODULES}/ngx_http_lua_module.so;
+        listen 127.0.0.1:{port}{default};
+        server_name {name};
+        set $sockexec_socket {socket};
+        set $sockexec_misc {misc};
+        include {root}/nginx/exec-locations.conf;
+        {extra}
+    }}
+"""
+
+CONF = """
+load_module {modules}/ndk_http_module.so;
+load_module {modules}/ngx_http_lua_module.so;
 daemon off;
 master_process off;
 worker_processes 1;
@@ -64,64 +112,518 @@ http {{
     fastcgi_temp_path {prefix}/tmp/fastcgi;
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;
-    lua_package_path "{ROOT}/clients/lua/?.lua;/usr/share/lua/5.1/?.lua;;";
-    server {{
-        listen 127.0.0.1:{self.port};
-        set $sockexec_socket {broker.path};
-        set $sockexec_misc {ROOT}/misc;
-        client_max_body_size 16m;
-        client_body_buffer_size 16m;
-        include {ROOT}/nginx/exec-locations.conf;
-    }}{proxy}
+    lua_package_path "{root}/clients/lua/?.lua;/usr/share/lua/5.1/?.lua;;";
+{servers}
 }}
-""")
-        self.proc = subprocess.Popen(
-            ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 20
-        while True:  # a condition poll: nginx has no readiness notification
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nginx exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("nginx did not start listening") from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
-
-    def error_log(self) -> str:
-        return (self.prefix / "logs/error.log").read_text(errors="replace")
+"""
 
 
-@pytest.fixture
-def nginx(broker: Broker, tmp_path: Path) -> Iterator[Nginx]:
-    _require_nginx_lua()
-    server = Nginx(tmp_path / "nginx", broker)
-    yield server
-    server.stop()
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _require_nginx_lua() -> None:
     require_tool("nginx")
     if not (MODULES / "ngx_http_lua_module.so").exists():
         message = "libnginx-mod-http-lua is not installed (the test command installs it)"
-        if os.environ.get("CI", "").lower() == "true":
+        if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
+
+
+class Nginx:
+    """A running nginx: the default server talks to ``broker``; named servers
+    (``Host:``) are given as (name, socket path, misc path) for failure cases."""
+
+    def __init__(
+        self,
+        prefix: Path,
+        broker: Broker,
+        gateway_port: int | None = None,
+        others: tuple[tuple[str, Path, Path], ...] = (),
+        harness: bool = False,
+    ) -> None:
+        self.port = _free_port()
+        self.prefix = prefix
+        for sub in ("logs", "tmp"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        common = {"port": self.port, "root": ROOT}
+        servers = [
+            SERVER.format(
+                **common,
+                default=" default_server",
+                name="_",
+                socket=broker.path,
+                misc=MISC,
+                extra=HARNESS if harness else "",
+            )
+        ]
+        servers += [
+            SERVER.format(**common, default="", name=name, socket=sock, misc=misc, extra="")
+            for name, sock, misc in others
+        ]
+        if gateway_port:
+            self.proxy_port = _free_port()
+            servers.append(f"""
+    upstream sockexec_gateway {{ server 127.0.0.1:{gateway_port}; keepalive 4; }}
+    server {{
+        listen 127.0.0.1:{self.proxy_port};
+        include {ROOT}/nginx/gateway-proxy.conf;
+    }}""")
+        conf = prefix / "nginx.conf"
+        conf.write_text(
+            CONF.format(modules=MODULES, prefix=prefix, root=ROOT, servers="".join(servers))
+        )
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def listening() -> bool:  # nginx has no readiness notification: poll the port
+            if self.proc.poll() is not None:
+                pytest.fail(f"nginx exited {self.proc.returncode}: {self.error_log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
+            except ConnectionRefusedError:
+                return False
+            return True
+
+        try:
+            wait_until(listening, 20, "nginx to listen")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def error_log(self) -> str:
+        return (self.prefix / "logs/error.log").read_text(errors="replace")
+
+
+@dataclass
+class Stack:
+    broker: Broker
+    nginx: Nginx
+    tmp: Path
+    down_socket: Path  # where server "down.test" looks for the broker (nothing there)
+
+    def request(
+        self,
+        path: str,
+        body: bytes | None = None,
+        host: str | None = None,
+        timeout: float = 60,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.nginx.port, timeout=timeout)
+        try:
+            headers = {"Host": host} if host else {}
+            conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def run(
+        self, *argv: str, stdin: bytes | None = None, **params: str
+    ) -> tuple[dict[str, str], bytes]:
+        """The Lua client's one-shot through /t/run: (headers, stdout)."""
+        query = urlencode([("a", a) for a in argv] + list(params.items()))
+        status, headers, body = self.request(f"/t/run?{query}", stdin)
+        assert status == 200, (status, body)
+        for name in ("X-Error", "X-Stderr"):
+            if name in headers:
+                headers[name] = unquote(headers[name])
+        return headers, body
+
+    def programs(self, name: bytes) -> list[int]:
+        """The broker's running children whose command line mentions ``name``."""
+        found = []
+        for pid in self.broker.children():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if name in cmdline and pid_alive(pid):
+                found.append(pid)
+        return found
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One broker and one nginx for the module (each costs about half a second to
+    start); tests leave no program running behind them."""
+    _require_nginx_lua()
+    tmp = tmp_path_factory.mktemp("nginx")
+    broker = Broker(tmp / "broker.sock", [])
+    try:
+        down = tmp / "nobody-listens.sock"
+        nginx = Nginx(
+            tmp / "prefix",
+            broker,
+            others=(
+                ("down.test", down, MISC),
+                ("misconfigured.test", broker.path, tmp / "no-such-dir"),
+            ),
+            harness=True,
+        )
+        try:
+            yield Stack(broker, nginx, tmp, down)
+            log = nginx.error_log()
+        finally:
+            nginx.stop()
+        # ([crit] is how nginx logs a connect() to a missing socket: expected here.)
+        for bad in ("[alert]", "[emerg]", "runtime error", "thread aborted"):
+            assert bad not in log, log
+    finally:
+        code = broker.stop()
+    broker_log = broker.log()
+    assert "internal error" not in broker_log and "Traceback" not in broker_log, broker_log
+    assert code == 0, f"broker exited {code}: {broker_log}"
+
+
+# -- exec-locations.conf ------------------------------------------------------------
+
+
+def test_uname(stack: Stack) -> None:
+    expected = subprocess.run(["uname", "-a"], capture_output=True, check=True).stdout
+    status, headers, body = stack.request("/uname")
+    assert (status, body) == (200, expected)
+    assert headers["Content-Type"] == "text/plain"
+
+
+def test_ls_gets_the_query_value_as_one_argument(stack: Stack) -> None:
+    odd = stack.tmp / "a dir; echo owned $(id)"
+    odd.mkdir()
+    (odd / "inside.txt").write_text("x")
+    status, _, body = stack.request(f"/ls?dir={quote(str(odd))}")
+    assert status == 200
+    assert body.startswith(b"total ") and body.rstrip().endswith(b" inside.txt"), body
+    # After "--", a value that looks like a flag is a name ls looks up: it fails (500).
+    status, _, body = stack.request("/ls?dir=-R")
+    assert (status, body) == (500, b"ls: cannot access '-R': No such file or directory\n")
+    assert stack.request("/ls")[0] == 400
+
+
+def test_shell_gets_request_data_as_a_positional_parameter(stack: Stack) -> None:
+    status, _, body = stack.request("/shell?" + urlencode({"name": "$(id); exit 3"}))
+    assert (status, body) == (200, b"hello, $(id); exit 3\n3\n")
+    assert stack.request("/shell")[2] == b"hello, world\n3\n"
+
+
+def test_cat_echoes_a_small_body_and_an_empty_one(stack: Stack) -> None:
+    assert stack.request("/cat", b"hello\x00world\n")[::2] == (200, b"hello\x00world\n")
+    assert stack.request("/cat", b"")[::2] == (200, b"")
+
+
+def test_eight_megabytes_through_cat_exactly(stack: Stack) -> None:
+    payload = random.Random(8).randbytes(8 << 20)
+    status, headers, body = stack.request("/cat", payload)
+    assert status == 200 and headers["Transfer-Encoding"] == "chunked"
+    assert len(body) == len(payload) and body == payload
+
+
+def test_slow_printer_lines_arrive_while_the_program_runs(stack: Stack) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=30)
+    try:
+        conn.request("GET", "/slow?count=3&ms=750")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        assert response.readline() == b"line 1\n"
+        # The first line is here and slow-print still has 1.5 s of lines to print.
+        assert stack.programs(b"slow-print"), "the first line came only after the program"
+        assert response.readline() == b"line 2\n"
+        assert response.read() == b"line 3\n"
+    finally:
+        conn.close()
+
+
+def test_http_client_going_away_stops_the_program(stack: Stack) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=30)
+    conn.request("GET", "/slow?count=100&ms=200")  # would print for 20 s
+    response = conn.getresponse()
+    assert response.readline() == b"line 1\n"
+    assert stack.programs(b"slow-print")
+    conn.close()
+    # The next ngx.print/ngx.flush fails, the stdout callback returns false, the Lua
+    # client closes the broker connection and the broker terminates the program.
+    wait_until(lambda: not stack.programs(b"slow-print"), 10, "slow-print to be stopped")
+    stopped = "slow-print: sockexec: stopped by the stdout callback"
+    wait_until(lambda: stopped in stack.nginx.error_log(), 5, "the location's log line")
+
+
+def test_program_dying_mid_stream_cuts_the_response_short(stack: Stack) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=30)
+    try:
+        conn.request("GET", "/slow?count=100&ms=100")
+        response = conn.getresponse()
+        assert (response.status, response.readline()) == (200, b"line 1\n")
+        for pid in stack.programs(b"slow-print"):
+            os.kill(pid, signal.SIGTERM)
+        # 200 was sent with the first line; the failure shows as a missing last chunk.
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+    finally:
+        conn.close()
+    # logged before the connection was cut
+    assert "slow-print: killed by SIGTERM" in stack.nginx.error_log()
+
+
+def test_missing_program_is_a_502_with_the_brokers_message(stack: Stack) -> None:
+    status, _, body = stack.request("/slow?count=1", host="misconfigured.test")
+    missing = stack.tmp / "no-such-dir" / "slow-print"
+    assert (status, body) == (502, f"sockexec_py: {missing}: program not found\n".encode())
+
+
+def test_broker_down_is_a_502_saying_so(stack: Stack) -> None:
+    status, _, body = stack.request("/uname", host="down.test")
+    assert status == 502
+    assert (
+        body
+        == (
+            f"sockexec: cannot connect to unix:{stack.down_socket}: "
+            "no such file or directory (is the broker running?)\n"
+        ).encode()
+    )
+    # The streamed locations answer the same way when nothing was sent yet.
+    assert stack.request("/cat", b"x", host="down.test")[::2] == (502, body)
+
+
+def test_bad_parameters_are_400(stack: Stack) -> None:
+    for query in ("count=0", "count=1.5", "ms=-1", "count=x"):
+        assert stack.request(f"/slow?{query}")[0] == 400, query
+
+
+def test_fifty_parallel_requests(stack: Stack) -> None:
+    uname = subprocess.run(["uname", "-a"], capture_output=True, check=True).stdout
+    start = threading.Barrier(50, timeout=30)
+
+    def one(i: int) -> tuple[int, bytes, bytes]:
+        if i % 3 == 0:
+            path, body, expected = "/uname", None, uname
+        elif i % 3 == 1:
+            path, body, expected = f"/shell?name=n{i}", None, f"hello, n{i}\n3\n".encode()
+        else:
+            body = os.urandom(1000 * i)
+            path, expected = "/cat", body
+        start.wait()
+        status, _, got = stack.request(path, body)
+        return status, got, expected
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    failures = [(i, r[0], r[1][:80]) for i, r in enumerate(results) if r[:2] != (200, r[2])]
+    assert not failures
+
+
+# -- the Lua client (test-only locations) ---------------------------------------------
+
+
+def test_exit_status_stderr_and_signal_names(stack: Stack) -> None:
+    headers, out = stack.run("sh", "-c", "echo out; echo err >&2; exit 3")
+    assert (out, headers["X-Exitcode"], headers["X-Stderr"]) == (b"out\n", "3", "err\n")
+    assert "X-Termsig" not in headers
+    headers, _ = stack.run("sh", "-c", "kill -TERM $$")
+    assert (headers["X-Termsig"], headers["X-Signum"]) == ("TERM", "15")
+    assert "X-Exitcode" not in headers
+
+
+def test_stdin_larger_than_what_the_program_reads(stack: Stack) -> None:
+    # Sent by a writer thread; the program exits without reading it and the writer,
+    # blocked on a connection the broker closed, is stopped: the result is normal.
+    headers, out = stack.run("head", "-c", "5", stdin=b"abcdefgh" * (512 << 10))
+    assert (out, headers.get("X-Exitcode")) == (b"abcde", "0"), headers
+
+
+def test_timeout_fails_the_call_and_the_broker_stops_the_program(stack: Stack) -> None:
+    headers, _ = stack.run("sleep", "30", timeout="300")
+    assert headers["X-Error"] == "sockexec: no reply from the program for 300 ms"
+    wait_until(lambda: not stack.programs(b"sleep"), 15, "sleep to be stopped")
+
+
+def test_stale_socket_is_reported_as_refused(stack: Stack) -> None:
+    stale = stack.tmp / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(stale))  # bound, never listening: what a crashed server leaves
+        headers, _ = stack.run("true", sock=str(stale))
+    assert headers["X-Error"] == (
+        f"sockexec: cannot connect to unix:{stale}: "
+        "connection refused (stale socket: is the broker running?)"
+    )
+
+
+def test_duplex_session(stack: Stack) -> None:
+    status, _, body = stack.request("/t/duplex")
+    assert (status, body) == (
+        200,
+        b"nil timeout|stdout hello\n|stdout again\n|exitcode 0|nil closed",
+    )
+
+
+class FakeBroker:
+    """A Unix socket peer that reads a request and answers with fixed bytes; with
+    ``hold`` it keeps the connection open afterwards (until the test ends)."""
+
+    def __init__(self, path: Path, reply: bytes, hold: bool) -> None:
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen(1)
+        self.reply, self.hold = reply, hold
+        self.release = threading.Event()
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(30)
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(30)
+            request = b""
+            while not request.endswith(b"0:,"):
+                data = conn.recv(4096)
+                if not data:
+                    return
+                request += data
+            conn.sendall(self.reply)
+            if self.hold:
+                self.release.wait(30)
+
+    def close(self) -> None:
+        self.release.set()
+        self.thread.join(30)
+        self.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "hold", "expected"),
+    [
+        # termsig as a number (--termsig-format number) is reported by name
+        (b"6:stdout,2:hi,7:termsig,1:9,", False, {"X-Termsig": "KILL", "X-Signum": "9"}),
+        (
+            b"6:stdout,2:hi,",
+            False,
+            "sockexec: the broker closed the connection before the exit status",
+        ),
+        (
+            b"6:stdout,2:hi,8:exitcode,",
+            False,
+            "sockexec: the broker closed the connection inside a pair",
+        ),
+        (b"6:stdout,5:hi", False, "sockexec: connection closed in the middle of a netstring"),
+        # rejected while reading the digits, without waiting for the rest
+        (
+            b"99999999999999",
+            True,
+            "sockexec: protocol error: netstring longer than 67108864 bytes announced",
+        ),
+        (b"06:stdout,", True, 'sockexec: protocol error: bad netstring length "06:stdout,"'),
+        (b"6 :stdout,", True, 'sockexec: protocol error: bad netstring length "6 :stdout,"'),
+        (b"6:stdout;", True, "sockexec: protocol error: netstring not ended by ','"),
+        (b"5:hello,1:x,", True, 'sockexec: protocol error: unknown pair type "hello"'),
+        (b"8:exitcode,2:-1,", True, 'sockexec: protocol error: bad exitcode "-1"'),
+    ],
+)
+def test_client_parses_strictly(
+    stack: Stack, reply: bytes, hold: bool, expected: str | dict[str, str]
+) -> None:
+    path = stack.tmp / "fake.sock"
+    peer = FakeBroker(path, reply, hold)
+    try:
+        headers, out = stack.run("anything", sock=str(path), timeout="20000")
+    finally:
+        peer.close()
+        path.unlink()
+    if isinstance(expected, str):
+        assert headers.get("X-Error") == expected
+    else:
+        assert out == b"hi" and {k: headers.get(k) for k in expected} == expected
+
+
+# -- the Lua client outside nginx (LuaJIT + LuaSocket) ---------------------------------
+
+MULTIARCH = sysconfig.get_config_var("MULTIARCH") or ""
+LUASOCKET_CPATH = f"/usr/lib/{MULTIARCH}/lua/5.1"
+OUTSIDE_NGINX = r"""
+package.path = ROOT .. "/clients/lua/?.lua;/usr/share/lua/5.1/?.lua;" .. package.path
+package.cpath = CPATH .. "/?.so;" .. package.cpath
+local sockexec = require "sockexec"
+local out = {}
+local function note(...)
+    local t = { ... }
+    for i = 1, select("#", ...) do t[i] = tostring(t[i]) end
+    out[#out + 1] = table.concat(t, " ")
+end
+local r, e = sockexec.run(SOCKET, { "sh", "-c", "echo out; echo err >&2; exit 3" })
+note(r.stdout, r.stderr, r.exitcode, e)
+local big = string.rep("0123456789abcdef", 16384)  -- 256 KiB: sent before reading
+r, e = sockexec.run(SOCKET, { "cat" }, { stdin = big })
+note(r.stdout == big, e)
+r, e = sockexec.run(SOCKET, { "sh", "-c", "kill -KILL $$" })
+note(r.termsig, r.signum, r.exitcode)
+local s = assert(sockexec.open(SOCKET, { "cat" }, { timeout = 300 }))
+note(s:receive())
+assert(s:send("hello"))
+note(s:receive())
+assert(s:close_stdin())
+note(s:receive())
+note(s:receive())
+s:close()
+note(sockexec.run(SOCKET .. ".gone", { "true" }))
+return table.concat(out, "|")
+"""
+
+
+def test_lua_client_outside_nginx_with_luasocket(start_broker: Callable[[], Broker]) -> None:
+    """The LuaSocket fallback, run by the LuaJIT library nginx's Lua module uses."""
+    luajit = ctypes.util.find_library("luajit-5.1")
+    if luajit is None or not Path(LUASOCKET_CPATH, "socket/unix.so").exists():
+        message = "LuaJIT or LuaSocket (Debian: lua-socket) is not installed"
+        if IN_CI:
+            pytest.fail(message + " (the test command installs it)")
+        pytest.skip(message)
+    broker = start_broker()
+    lua = ctypes.CDLL(luajit, mode=ctypes.RTLD_GLOBAL)  # LuaSocket binds to its symbols
+    lua.luaL_newstate.restype = ctypes.c_void_p
+    lua.lua_tolstring.restype = ctypes.c_void_p
+    state = ctypes.c_void_p(lua.luaL_newstate())
+    try:
+        lua.luaL_openlibs(state)
+        prelude = f"local ROOT, CPATH, SOCKET = {json.dumps(str(ROOT))}, "
+        prelude += f"{json.dumps(LUASOCKET_CPATH)}, {json.dumps(str(broker.path))}\n"
+        status = lua.luaL_loadstring(state, (prelude + OUTSIDE_NGINX).encode())
+        if status == 0:
+            status = lua.lua_pcall(state, 0, 1, 0)
+        size = ctypes.c_size_t()
+        text = ctypes.string_at(lua.lua_tolstring(state, -1, ctypes.byref(size)), size.value)
+    finally:
+        lua.lua_close(state)
+    assert status == 0, text
+    assert text.decode().split("|") == [
+        "out\n err\n 3 nil",
+        "true nil",
+        "KILL 9 nil",
+        "nil timeout",
+        "stdout hello",
+        "exitcode 0",
+        "nil closed",
+        f"nil sockexec: cannot connect to unix:{broker.path}.gone: "
+        "no such file or directory (is the broker running?)",
+    ]
+
+
+# -- the gateway behind nginx (gateway-proxy.conf) -----------------------------------
 
 
 @pytest.fixture
@@ -133,90 +635,6 @@ def proxied_gateway(broker: Broker, tmp_path: Path) -> Iterator[Nginx]:
     yield server
     server.stop()
     gateway.stop()
-
-
-def _get(nginx: Nginx, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=60)
-    try:
-        conn.request("POST" if body is not None else "GET", path, body=body)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
-def test_uname(nginx: Nginx) -> None:
-    expected = subprocess.run(["uname", "-a"], capture_output=True, check=True).stdout
-    assert _get(nginx, "/uname") == (200, expected)
-
-
-def test_argv_with_flags_is_not_shell_parsed(nginx: Nginx) -> None:
-    status, body = _get(nginx, "/ls?dir=/etc")
-    assert status == 200 and b"passwd" in body
-    status, body = _get(nginx, "/ls?dir=%2Fnope%3B%20echo%20owned")
-    assert status == 404 and b"owned\n" not in body and b"No such file" in body
-
-
-def test_shell_with_a_fixed_script(nginx: Nginx) -> None:
-    status, body = _get(nginx, "/shell?name=$(id)")
-    assert status == 200
-    assert body.startswith(b"hello, $(id)\nfrom ")
-
-
-def test_eight_megabytes_through_cat_exactly(nginx: Nginx) -> None:
-    payload = random.Random(8).randbytes(8_000_000)
-    assert _get(nginx, "/cat", payload) == (200, payload)
-
-
-def test_missing_program_is_a_502_with_the_brokers_message(nginx: Nginx) -> None:
-    status, body = _get(nginx, "/missing")
-    assert status == 502
-    assert body == b"sockexec_py: no-such-program: program not found\n"
-
-
-def test_broker_down_is_a_502_saying_so(nginx: Nginx, broker: Broker) -> None:
-    broker.stop()
-    status, body = _get(nginx, "/uname")
-    assert status == 502
-    assert body.startswith(b"sockexec: cannot connect to unix:")
-    assert b"no such socket" in body
-
-
-def test_slow_printer_is_streamed_as_it_prints(nginx: Nginx) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", nginx.port, timeout=60)
-    conn.request("GET", "/slow?count=3&ms=1500")
-    response = conn.getresponse()
-    assert response.status == 200
-    # The first line arrives while the program still has 3 s of printing to do:
-    # read it with a deadline shorter than that.
-    response.fp.raw._sock.settimeout(1.4)  # type: ignore[attr-defined]
-    first = response.readline()
-    assert first.endswith(b"line 1\n"), first
-    response.fp.raw._sock.settimeout(30)  # type: ignore[attr-defined]
-    rest = response.read()
-    conn.close()
-    assert rest.endswith(b"line 2\nline 3\n")
-
-
-def test_fifty_parallel_requests(nginx: Nginx) -> None:
-    expected = subprocess.run(["uname", "-a"], capture_output=True, check=True).stdout
-    results: list[tuple[int, bytes]] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        outcome = _get(nginx, "/uname")
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=one) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert results == [(200, expected)] * 50
-
-
-# -- the gateway behind nginx (gateway-proxy.conf) -----------------------------------
 
 
 def test_gateway_one_shot_through_nginx(proxied_gateway: Nginx) -> None:
