@@ -532,12 +532,13 @@ class Server:
             await self._refuse(conn, str(exc), exc.exitcode)
             return
         conn.program = program
-        log.debug(
-            "spawn conn=%d pid=%d argv=%s",
-            conn.number,
-            program.pid,
-            [a.decode("utf-8", "backslashreplace") for a in argv],
-        )
+        if log.isEnabledFor(logging.DEBUG):  # the argv list costs: build it only for -d
+            log.debug(
+                "spawn conn=%d pid=%d argv=%s",
+                conn.number,
+                program.pid,
+                [a.decode("utf-8", "backslashreplace") for a in argv],
+            )
         await self._run(conn, session, program)
 
     async def _read_argv(
