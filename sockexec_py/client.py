@@ -25,6 +25,7 @@ import trio
 if TYPE_CHECKING:
     from .gateway_client import AsyncGatewaySession, GatewaySession
 
+from ._io import single_errors
 from .errors import BrokerUnavailable, ProtocolError, SockexecError, Timeout, describe_connect_error
 from .events import Exited, Output
 from .netstring import encode
@@ -477,7 +478,7 @@ async def arun(
         )
         return gateway_result
     try:
-        with trio.fail_after(timeout if timeout is not None else float("inf")):
+        with trio.fail_after(timeout if timeout is not None else float("inf")), single_errors():
             async with open_async_session(target, argv) as session, trio.open_nursery() as nursery:
 
                 async def feed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import trio
 from sockexec_py.client import (
     BrokerUnavailable,
     ProgramFailed,
+    ProtocolError,
     Result,
     Timeout,
     arun,
@@ -84,8 +86,6 @@ def test_each_unavailable_broker_is_said_plainly(tmp_path: Path, broker: Broker)
     with pytest.raises(BrokerUnavailable, match="does not exist"):
         run(str(tmp_path / "missing.sock"), ["true"])
     stale = tmp_path / "stale.sock"
-    import socket
-
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(stale))
     listener.close()
@@ -136,3 +136,27 @@ async def test_trio_timeout_and_early_exit(broker: Broker) -> None:
     await trio.to_thread.run_sync(wait_exit, pid)
     with pytest.raises(BrokerUnavailable):
         await arun("/nonexistent/broker.sock", ["true"])
+
+
+async def test_a_peer_breaking_the_protocol_is_a_protocol_error(tmp_path: Path) -> None:
+    """Not an ExceptionGroup from trio's nursery: the error callers catch."""
+    path = str(tmp_path / "liar.sock")
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(4)
+
+    async def liar() -> None:
+        for _ in range(2):
+            conn, _ = await listener.accept()
+            with conn:
+                await conn.recv(1024)
+                await conn.send(b"6:stdout,2:hi,5:bogus,1:x,")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(liar)
+            with pytest.raises(ProtocolError, match="unknown frame type"):
+                await arun(path, ["true"])
+            with pytest.raises(ProtocolError, match="unknown frame type"):
+                await trio.to_thread.run_sync(lambda: run(path, ["true"]))
+    listener.close()

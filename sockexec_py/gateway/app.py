@@ -23,6 +23,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from sockexec_py._io import single_errors
 from sockexec_py.client import AsyncSession, check_broker, open_unix_session
 from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout
 from sockexec_py.events import Exited, Output
@@ -249,7 +250,7 @@ class Gateway:
         started = time.monotonic()
         self.metrics.running.inc()
         try:
-            with trio.fail_after(exec_request.timeout):
+            with trio.fail_after(exec_request.timeout), single_errors():
                 async with (
                     open_unix_session(self.settings.socket_path, exec_request.argv) as session,
                     trio.open_nursery() as nursery,
