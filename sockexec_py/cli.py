@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import resource
 import sys
@@ -43,7 +44,7 @@ def _number(kind: type[int] | type[float], minimum: float, what: str) -> argpars
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        if value < minimum:
+        if not math.isfinite(value) or value < minimum:
             raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {text!r}")
         return value
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import math
 import os
 import signal
@@ -25,6 +26,8 @@ import trio
 
 from . import _io
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_REFUSED
+
+log = logging.getLogger("sockexec_py")
 
 # Signals the child starts with at their default disposition: all that can be set.
 _DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
@@ -86,10 +89,17 @@ class Program:
         return os.WTERMSIG(self.status)
 
     def signal_group(self, signum: int) -> bool:
-        """Send ``signum`` to the program's process group; False if the group is gone."""
+        """Send ``signum`` to the program's process group; False if the group is gone.
+
+        Never raises: a group we may not signal (EPERM, members that changed uid) is
+        logged, and treated as gone rather than crashing the supervisor.
+        """
         try:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
+            return False
+        except OSError as exc:
+            log.warning("cannot signal process group %d: %s", self.pid, exc.strerror)
             return False
         return True
 
@@ -233,8 +243,8 @@ class Supervisor:
 
         Idempotent, returns at once; the escalation runs in the supervisor's nursery.
         """
-        if program.terminating:
-            return
+        if program.terminating or program.exited.is_set():
+            return  # a reaped leader's group number may already be someone else's
         program.terminating = True
         self._nursery.start_soon(self._escalate, program)
 
@@ -261,9 +271,19 @@ class Supervisor:
 
 
 async def _wait_for_exit(pid: int) -> int:
-    """Wait for ``pid`` to exit and reap it; returns the raw wait status."""
+    """Wait for ``pid`` to exit and reap it; returns the raw wait status.
+
+    A pidfd where the kernel has them (Linux 5.3+, and not refused by a seccomp
+    profile); else a thread per program, without trio's default cap of 40 threads,
+    which would leave the 41st program unreaped.
+    """
+    pidfd = -1
     if _HAS_PIDFD:
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+    if pidfd >= 0:
         try:
             while True:
                 reaped, status = os.waitpid(pid, os.WNOHANG)
@@ -272,8 +292,13 @@ async def _wait_for_exit(pid: int) -> int:
                 await trio.lowlevel.wait_readable(pidfd)
         finally:
             os.close(pidfd)
-    _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0, abandon_on_cancel=False)
+    _, status = await trio.to_thread.run_sync(
+        os.waitpid, pid, 0, abandon_on_cancel=False, limiter=_UNLIMITED_THREADS
+    )
     return status
+
+
+_UNLIMITED_THREADS = trio.CapacityLimiter(math.inf)
 
 
 def deadline_after(seconds: float) -> float:

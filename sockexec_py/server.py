@@ -503,8 +503,8 @@ class Server:
                 await self._refuse(conn, str(exc))
                 return
         if conn.phase_scope.cancelled_caught:
-            if not conn.hung_up and not self._shutdown.is_set():
-                await self._refuse(conn, "timed out waiting for the request")
+            if not conn.hung_up:
+                await self._refuse(conn, self._cut_reason("timed out waiting for the request"))
             return
         conn.phase_scope = None
         if argv is None:
@@ -514,16 +514,20 @@ class Server:
         with trio.move_on_at(conn.deadline) as conn.phase_scope:
             await self.supervisor.acquire_slot()
         if conn.phase_scope.cancelled_caught:
-            if not conn.hung_up and not self._shutdown.is_set():
+            if not conn.hung_up:
                 await self._refuse(
                     conn,
-                    f"timed out waiting for a free slot "
-                    f"({self.config.max_connections} programs running)",
+                    self._cut_reason(
+                        f"timed out waiting for a free slot "
+                        f"({self.config.max_connections} programs running)"
+                    ),
                 )
             return
         conn.phase_scope = None
         if conn.hung_up or self._shutdown.is_set():
             self.supervisor.release_slot()
+            if not conn.hung_up:
+                await self._refuse(conn, "the server is shutting down")
             return
         self._drain_backlog()  # spawning is the costly step: let waiting clients in first
         try:
@@ -540,6 +544,10 @@ class Server:
                 [a.decode("utf-8", "backslashreplace") for a in argv],
             )
         await self._run(conn, session, program)
+
+    def _cut_reason(self, timeout_reason: str) -> str:
+        """Why a connection was cut before its program started: shutdown or -t."""
+        return "the server is shutting down" if self._shutdown.is_set() else timeout_reason
 
     async def _read_argv(
         self, conn: Connection, session: ServerSession

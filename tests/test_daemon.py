@@ -315,3 +315,20 @@ def test_garbage_never_crashes_the_server_nor_other_sessions(
             result = parse_reply(reply)
             assert result.exitcode is not None or result.termsig is not None
         _witness_still_echoes(witness)
+
+
+def test_shutdown_answers_queued_clients_instead_of_dropping_them(start_broker) -> None:  # type: ignore[no-untyped-def]
+    broker = start_broker("-m", "1", "-k", "1")
+    running = connect(broker.path)
+    running.sendall(encode_request(["cat"], [b"x"]))
+    assert running.recv(100) == b"6:stdout,1:x,"
+    queued = connect(broker.path)
+    queued.sendall(encode_request(["true"]) + b"0:,")
+    broker.dump_until("state=queued")
+    broker.proc.send_signal(signal.SIGTERM)
+    result = parse_reply(read_all(queued))
+    assert result.exitcode == 125
+    assert result.stderr == b"sockexec_py: the server is shutting down\n"
+    assert broker.proc.wait(timeout=10) == 0
+    running.close()
+    queued.close()

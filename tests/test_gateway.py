@@ -289,3 +289,13 @@ def _check_against_schema(status: int, body: dict[str, Any], request: Any) -> No
 def test_any_request_body_gets_a_documented_answer(gateway: GatewayProcess, body: Any) -> None:
     status, _, data = gateway.request("POST", "/v1/exec", raw=json.dumps(body).encode())
     _check_against_schema(status, json.loads(data), body)
+
+
+def test_browser_requests_and_malformed_text_are_4xx_not_5xx(gateway: GatewayProcess) -> None:
+    body = {"argv": ["true"]}
+    page = {"Origin": "http://evil.example"}
+    status, _, data = gateway.request("POST", "/v1/exec", body, page)
+    assert status == 403 and json.loads(data)["error"] == "forbidden"
+    for raw in (b"[" * 100_000, b'{"argv": ["\\ud800"]}', b'{"argv": ["cat"], "stdin": "\\udc00"}'):
+        status, _, data = gateway.request("POST", "/v1/exec", raw=raw)
+        assert status == 400, (raw[:30], data)

@@ -328,7 +328,16 @@ def test_thousand_clients_connecting_at_once_are_all_served(broker: Broker) -> N
 
 
 def test_bad_flags_give_a_usage_line_and_status_100(tmp_path: Path) -> None:
-    for args in (["-q", "0"], ["-M", "999"], ["-k", "0"], ["-t", "x"], ["--nope"], []):
+    for args in (
+        ["-q", "0"],
+        ["-M", "999"],
+        ["-k", "0"],
+        ["-k", "nan"],
+        ["-t", "inf"],
+        ["-t", "x"],
+        ["--nope"],
+        [],
+    ):
         proc = subprocess.run(
             [sys.executable, "-m", "sockexec_py", *args, str(tmp_path / "s.sock")][
                 : None if args else 3

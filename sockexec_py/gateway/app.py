@@ -45,6 +45,18 @@ class HTTPError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
+def _refuse_cross_site(headers: Any) -> None:
+    """Refuse anything a web browser sent on behalf of a page.
+
+    Browsers send ``Origin`` with every cross-site POST and WebSocket, and a page may
+    otherwise make them to 127.0.0.1 (a "simple" request needs no preflight; DNS
+    rebinding even lets it read the answer): the gateway would run programs for any
+    web page its user opens. Our clients (curl, the Python client, nginx) send none.
+    """
+    if headers.get("origin") is not None:
+        raise HTTPError(403, "forbidden", "cross-site requests (with an Origin header) are refused")
+
+
 def error_response(exc: HTTPError) -> JSONResponse:
     return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
 
@@ -67,6 +79,8 @@ class ExecRequest:
             raise HTTPError(
                 400, "bad_request", "argv must be a non-empty list of strings without NUL"
             )
+        if not all(_encodable(a) for a in argv):
+            raise HTTPError(400, "bad_request", "argv holds text that is not valid Unicode")
         if len(argv) > settings.max_argv:
             raise HTTPError(400, "bad_request", f"argv has more than {settings.max_argv} items")
         self.argv: list[str] = argv
@@ -78,6 +92,8 @@ class ExecRequest:
         if "stdin" in body:
             if not isinstance(body["stdin"], str):
                 raise HTTPError(400, "bad_request", "stdin must be a string")
+            if not _encodable(body["stdin"]):
+                raise HTTPError(400, "bad_request", "stdin is not valid Unicode text")
             self.stdin = body["stdin"].encode()
         if "stdin_b64" in body:
             if not isinstance(body["stdin_b64"], str):
@@ -96,6 +112,15 @@ class ExecRequest:
                 400, "bad_request", f"timeout must be a number in (0, {settings.max_timeout}]"
             )
         self.timeout = float(timeout)
+
+
+def _encodable(text: str) -> bool:
+    """False for text UTF-8 cannot encode (lone surrogates from JSON escapes)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def frame_json(event: Output | Exited, b64: bool) -> dict[str, Any]:
@@ -141,6 +166,7 @@ class Gateway:
 
         async def endpoint(request: Request) -> Response:
             try:
+                _refuse_cross_site(request.headers)
                 if auth and not self._authorized(request.headers):
                     raise HTTPError(401, "unauthorized", "a valid bearer token is required")
                 response = await handler(request)
@@ -173,7 +199,7 @@ class Gateway:
             chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise HTTPError(400, "bad_request", "the body is not valid JSON") from None
 
     # -- endpoints -------------------------------------------------------------------
@@ -295,6 +321,12 @@ class Gateway:
     async def exec_ws(self, websocket: WebSocket) -> None:
         """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
         mode = "websocket"
+        try:
+            _refuse_cross_site(websocket.headers)
+        except HTTPError:
+            await websocket.close(code=4403, reason="cross-site requests are refused")
+            self.metrics.requests.labels(mode, "403").inc()
+            return
         if not self._authorized(websocket.headers):
             await websocket.close(code=4401, reason="a valid bearer token is required")
             self.metrics.requests.labels(mode, "401").inc()
@@ -302,11 +334,16 @@ class Gateway:
         await websocket.accept()
         status = "200"
         try:
-            first = await websocket.receive_text()
+            first = await websocket.receive()
+            if first["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(first.get("code", 1000))
             try:
-                exec_request = ExecRequest(json.loads(first), self.settings, allow_stdin=False)
-            except ValueError:
-                raise HTTPError(400, "bad_request", "the first message is not JSON") from None
+                body = json.loads(first.get("text") or "")
+            except (ValueError, RecursionError):
+                raise HTTPError(
+                    400, "bad_request", "the first message must be a JSON request"
+                ) from None
+            exec_request = ExecRequest(body, self.settings, allow_stdin=False)
             b64 = websocket.query_params.get("encoding") == "base64"
 
             async def forward(event: Output | Exited) -> None:
