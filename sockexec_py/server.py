@@ -566,6 +566,8 @@ class Server:
                 raise AssertionError(event)
 
     async def _recv(self, conn: Connection) -> bytes:
+        if conn.closed:  # the exit pair went out and the socket closed under this pump
+            raise trio.ClosedResourceError
         try:
             data = await _io.recv(conn.sock, _RECV_CHUNK)
         except ConnectionResetError:
