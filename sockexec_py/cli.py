@@ -21,6 +21,7 @@ import trio
 from ._version import __version__
 from .config import ServerConfig
 from .listener import ListenerError, notify_ready, open_listener
+from .policy import PolicyError, load_policy
 from .server import Server
 
 PROG = "sockexec-py"
@@ -28,7 +29,7 @@ EXIT_USAGE = 100
 EXIT_SYSTEM = 111
 USAGE = (
     f"{PROG} [-v] [-d] [-q backlog] [-M mode] [-m max_connections] [-t timeout] "
-    "[-k kill_timeout] /path/to/socket"
+    "[-k kill_timeout] [--policy FILE] /path/to/socket | --check-policy FILE"
 )
 
 
@@ -131,7 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write a newline to this fd once listening (s6 readiness)",
     )
-    add("socket", help="path of the Unix socket to listen on")
+    add(
+        "--policy",
+        metavar="FILE",
+        default=None,
+        help="enforce this execution policy (TOML); SIGHUP reloads it",
+    )
+    add(
+        "--check-policy",
+        metavar="FILE",
+        default=None,
+        help="validate a policy file, print what it allows, and exit (0 valid, 1 not)",
+    )
+    add("socket", nargs="?", help="path of the Unix socket to listen on")
     return parser
 
 
@@ -162,8 +175,30 @@ def _close_on_exec_inherited(keep: set[int]) -> None:
                 os.set_inheritable(fd, False)
 
 
+def _check_policy(path: str) -> int:
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        sys.stderr.write(f"{PROG}: invalid policy: {exc}\n")
+        return 1
+    sys.stdout.write("".join(f"{line}\n" for line in policy.describe()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check_policy is not None:
+        return _check_policy(args.check_policy)
+    if args.socket is None:
+        parser.error("the socket path is required")
+    policy = None
+    if args.policy is not None:
+        try:
+            policy = load_policy(args.policy)
+        except PolicyError as exc:
+            sys.stderr.write(f"{PROG}: fatal: invalid policy: {exc}\n")
+            return EXIT_USAGE
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.DEBUG if args.debug else logging.INFO,
@@ -183,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_argv_bytes=args.max_argv_bytes,
         drain_timeout=args.drain_timeout,
         termsig_format=args.termsig_format,
+        policy_path=args.policy,
     )
     _prepare_process()
     _close_on_exec_inherited(keep=set())
@@ -193,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenerError as exc:
         sys.stderr.write(f"{PROG}: fatal: {exc}\n")
         return EXIT_SYSTEM
-    server = Server(config, listener, unlink_path=unlink_path, reap_orphans=True)
+    server = Server(config, listener, unlink_path=unlink_path, reap_orphans=True, policy=policy)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

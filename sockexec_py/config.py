@@ -31,6 +31,8 @@ class ServerConfig:
     max_argv_bytes: int = 2 << 20
     drain_timeout: float = 2.0
     termsig_format: Literal["name", "number"] = "name"
+    #: ``--policy FILE``: None runs anything the server's user can run.
+    policy_path: str | None = None
 
     def limits(self) -> ServerLimits:
         """The per-request bounds handed to the protocol state machine."""

@@ -16,11 +16,15 @@ import contextlib
 import errno
 import fcntl
 import logging
+import marshal
 import math
 import os
 import signal
+import socket
+import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import trio
 
@@ -142,12 +146,40 @@ def _environ() -> dict[bytes, bytes]:
     return _ENV_SNAPSHOT
 
 
-def spawn(argv: Sequence[bytes], env: dict[str, str] | None = None) -> Program:
-    """Start ``argv`` (``argv[0]`` looked up in PATH, no shell) with fresh pipes.
+@dataclass(frozen=True)
+class ExecSpec:
+    """A program to start under a policy rule: what to run, and how to set it up.
 
-    Raises :class:`SpawnError` with the exit code to report: 127 when the program is
-    not found, 126 when it cannot be executed, 125 when the server lacks resources.
+    ``path`` is absolute (no PATH search); ``argv[0]`` is what the program sees. The
+    ``uid``/``gid``/``groups``/``cwd``/``umask``/``rlimits`` settings need the exec
+    helper (see :attr:`needs_helper`); the rest goes straight to ``posix_spawn``.
     """
+
+    path: bytes
+    argv: tuple[bytes, ...]
+    env: dict[bytes, bytes]
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
+    cwd: str | None = None
+    umask: int | None = None
+    #: (name, RLIMIT_* number, value) triples.
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+
+    @property
+    def needs_helper(self) -> bool:
+        return (
+            self.uid is not None
+            or self.gid is not None
+            or self.groups is not None
+            or self.cwd is not None
+            or self.umask is not None
+            or bool(self.rlimits)
+        )
+
+
+def _make_pipes() -> tuple[list[int], list[int]]:
+    """Three close-on-exec pipes: the server's ends and the child's ends (0, 1, 2)."""
     parent_ends: list[int] = []
     child_ends: list[int] = []
     try:
@@ -163,15 +195,33 @@ def spawn(argv: Sequence[bytes], env: dict[str, str] | None = None) -> Program:
         for fd in parent_ends + child_ends:
             os.close(fd)
         raise SpawnError(f"cannot create pipes: {exc.strerror}", EXIT_REFUSED) from None
-    name = argv[0].decode("utf-8", "backslashreplace")
+    return parent_ends, child_ends
+
+
+def spawn(
+    argv: Sequence[bytes],
+    env: dict[bytes, bytes] | None = None,
+    *,
+    path: bytes | None = None,
+    extra_fds: Sequence[int] = (),
+) -> Program:
+    """Start ``argv`` with fresh pipes, no shell.
+
+    ``argv[0]`` is looked up in PATH unless ``path`` gives the file to execute.
+    ``extra_fds`` become the child's fds 3, 4… (the exec helper's status socket).
+    Raises :class:`SpawnError` with the exit code to report: 127 when the program is
+    not found, 126 when it cannot be executed, 125 when the server lacks resources.
+    """
+    parent_ends, child_ends = _make_pipes()
+    name = (path or argv[0]).decode("utf-8", "backslashreplace")
+    actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)]
+    actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(extra_fds)]
     try:
-        pid = os.posix_spawnp(
-            argv[0],
+        pid = (os.posix_spawnp if path is None else os.posix_spawn)(
+            argv[0] if path is None else path,
             list(argv),
             _environ() if env is None else env,
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)
-            ],
+            file_actions=actions,
             setpgroup=0,
             setsigmask=(),
             setsigdef=_DEFAULT_SIGNALS,
@@ -196,6 +246,64 @@ def spawn(argv: Sequence[bytes], env: dict[str, str] | None = None) -> Program:
         except OSError:
             pass  # a tuning only; the default pipe size works
     return Program(pid, argv, (parent_ends[0], parent_ends[1], parent_ends[2]))
+
+
+_HELPER = os.fsencode(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_exec_helper.py"))
+
+
+def spawn_helper(spec: ExecSpec) -> tuple[Program, socket.socket]:
+    """Start the exec helper for ``spec``; returns the program and the status socket.
+
+    The caller sends the spec and reads the outcome with :func:`finish_helper`. The
+    program's pid is the helper's: it becomes the program at exec.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        executable = os.fsencode(sys.executable)
+        program = spawn(
+            (executable, b"-I", b"-S", _HELPER),
+            {},
+            path=executable,
+            extra_fds=(theirs.fileno(),),
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    program.argv = spec.argv
+    ours.setblocking(False)
+    return program, ours
+
+
+async def finish_helper(spec: ExecSpec, status: socket.socket) -> None:
+    """Send ``spec`` to the exec helper and wait for its exec; SpawnError on failure."""
+    with status:
+        message = marshal.dumps(
+            {
+                "path": spec.path,
+                "argv": list(spec.argv),
+                "env": spec.env,
+                "uid": spec.uid,
+                "gid": spec.gid,
+                "groups": list(spec.groups) if spec.groups is not None else None,
+                "cwd": spec.cwd,
+                "umask": spec.umask,
+                "rlimits": [list(item) for item in spec.rlimits],
+            }
+        )
+        try:
+            await _io.sendmsg_all(status, [message])
+            status.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the helper died first: its exit status tells the story
+        chunks = []
+        with contextlib.suppress(OSError):
+            while chunk := await _io.recv(status, 4096):
+                chunks.append(chunk)
+    if chunks:
+        code, _, reason = b"".join(chunks).decode("utf-8", "replace").partition(" ")
+        raise SpawnError(reason, int(code) if code.isdigit() else EXIT_REFUSED)
 
 
 class Supervisor:
@@ -224,19 +332,56 @@ class Supervisor:
         """Give back a slot taken with :meth:`acquire_slot` that did not spawn."""
         self._slots.release()
 
-    def spawn(self, argv: Sequence[bytes]) -> Program:
+    def spawn(
+        self,
+        argv: Sequence[bytes],
+        env: dict[bytes, bytes] | None = None,
+        *,
+        path: bytes | None = None,
+    ) -> Program:
         """Spawn ``argv`` in an acquired slot; the slot is freed when it is reaped.
 
         On :class:`SpawnError` the slot is released before the error propagates.
         """
         try:
-            program = spawn(argv)
+            program = spawn(argv, env, path=path)
         except SpawnError:
             self._slots.release()
             raise
+        self._track(program)
+        return program
+
+    async def spawn_spec(self, spec: ExecSpec) -> Program:
+        """Spawn a policy rule's program in an acquired slot (see :meth:`spawn`).
+
+        Settings ``posix_spawn`` cannot apply go through the exec helper: a failure
+        there (no such directory, a limit refused, program not found) raises
+        :class:`SpawnError` once the helper is reaped, like a failed spawn.
+        """
+        if not spec.needs_helper:
+            return self.spawn(spec.argv, spec.env, path=spec.path)
+        try:
+            program, status = spawn_helper(spec)
+        except SpawnError:
+            self._slots.release()
+            raise
+        self._track(program)
+        try:
+            await finish_helper(spec, status)
+        except SpawnError:
+            program.close_fds()
+            with trio.CancelScope(shield=True):
+                await program.exited.wait()  # it exits right after saying why
+            raise
+        except BaseException:
+            program.close_fds()
+            self.terminate(program)
+            raise
+        return program
+
+    def _track(self, program: Program) -> None:
         self.running.add(program)
         self._nursery.start_soon(self._reap, program)
-        return program
 
     def terminate(self, program: Program) -> None:
         """Terminate the program's group: TERM now, KILL after ``kill_timeout``.

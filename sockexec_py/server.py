@@ -35,8 +35,10 @@ from . import _io
 from .config import ServerConfig
 from .errors import EXIT_REFUSED, RemoteProtocolError
 from .events import ArgvReady, InputEnded, OutputKind, StdinClosed, StdinData
+from .gates import QueueFull, RuleGate
 from .hangup import HangupMonitor
-from .process import OrphanReaper, Program, SpawnError, Supervisor
+from .policy import RLIMITS, Allowed, Denied, Policy, PolicyError, Rule, load_policy
+from .process import ExecSpec, OrphanReaper, Program, SpawnError, Supervisor
 from .protocol import (
     MAX_OUTPUT_CHUNK,
     NEED_DATA,
@@ -91,6 +93,13 @@ class Connection:
         self.closed = False
         #: Cancelled when the client hangs up during the request or queued phase.
         self.phase_scope: trio.CancelScope | None = None
+        #: The connection's last-resort bound (moved when a rule sets its own timeout).
+        self.hard_scope: trio.CancelScope | None = None
+        #: Under a policy: the request, the rule that allowed it, how it ended.
+        self.argv: tuple[bytes, ...] | None = None
+        self.rule: Rule | None = None
+        self.gate: RuleGate | None = None
+        self.outcome = "client left"
         self._send_lock = trio.Lock()
         #: Polls the socket for room (POLLOUT) without a scheduling round.
         self._room = select.poll()
@@ -247,8 +256,12 @@ class Server:
         unlink_path: str | None = None,
         dump_stream: TextIO | None = None,
         reap_orphans: bool = False,
+        policy: Policy | None = None,
     ) -> None:
         self.config = config
+        #: None: run anything the server's user can run (the reference's behaviour).
+        self.policy = policy
+        self._gates: dict[Rule, RuleGate] = {}
         self.listener = listener
         self.unlink_path = unlink_path
         self._reap_orphans = reap_orphans
@@ -327,14 +340,33 @@ class Server:
         out.flush()
 
     async def _handle_signals(self, task_status: trio.TaskStatus[None]) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
+        with trio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP
+        ) as signals:
             task_status.started()
             async for signum in signals:
                 if signum == signal.SIGUSR1:
                     self.dump()
+                elif signum == signal.SIGHUP:
+                    self.reload_policy()
                 else:
                     log.debug("signal %s: shutting down", signal.Signals(signum).name)
                     self.request_shutdown()
+
+    def reload_policy(self) -> bool:
+        """Re-read ``--policy`` (SIGHUP): all or nothing; a bad file keeps the old one."""
+        path = self.config.policy_path
+        if path is None:
+            log.info("SIGHUP: no --policy to reload")
+            return False
+        try:
+            policy = load_policy(path)
+        except PolicyError as exc:
+            log.error("policy reload failed, keeping the previous policy: %s", exc)
+            return False
+        self.policy = policy
+        log.info("policy reloaded from %s: %d rule(s)", path, len(policy.rules))
+        return True
 
     def _close_listener(self) -> None:
         if self.listener.fileno() < 0:
@@ -458,12 +490,16 @@ class Server:
         # A hard bound: past it the connection is cut even if the client never reads.
         hard_deadline = deadline + self.config.kill_timeout + self.config.drain_timeout + 1
         try:
-            with trio.move_on_at(hard_deadline):
+            with trio.move_on_at(hard_deadline) as conn.hard_scope:
                 await self._serve_connection(conn)
         except Exception:
             log.exception("internal error on conn=%d", conn.number)
         finally:
             conn.close()
+            if conn.gate is not None:  # admitted by its rule, but no program started
+                conn.gate.release()
+            if conn.argv is not None:
+                self._audit(conn)
             if conn.program is not None:
                 conn.program.close_fds()
                 if conn.program.status is None:
@@ -509,9 +545,27 @@ class Server:
         conn.phase_scope = None
         if argv is None:
             return
+        decision: Allowed | None = None
+        if self.policy is not None:
+            conn.argv = argv
+            verdict = self.policy.decide(argv, conn.peer_uid, conn.peer_gid)
+            if isinstance(verdict, Denied):
+                conn.outcome = f"denied: {verdict.reason}"
+                await self._refuse(conn, conn.outcome)
+                return
+            decision = verdict
+            conn.rule = decision.rule
 
         conn.phase = Phase.QUEUED
         with trio.move_on_at(conn.deadline) as conn.phase_scope:
+            if decision is not None and (gate := self._gate(decision.rule)) is not None:
+                try:
+                    await gate.acquire()
+                except QueueFull as exc:
+                    conn.outcome = f"queue full for {decision.rule.label} ({exc})"
+                    await self._refuse(conn, conn.outcome)
+                    return
+                conn.gate = gate  # released when the connection ends, or at reap
             await self.supervisor.acquire_slot()
         if conn.phase_scope.cancelled_caught:
             if not conn.hung_up:
@@ -531,8 +585,12 @@ class Server:
             return
         self._drain_backlog()  # spawning is the costly step: let waiting clients in first
         try:
-            program = self.supervisor.spawn(argv)
+            if decision is None:
+                program = self.supervisor.spawn(argv)
+            else:
+                program = await self._spawn_allowed(conn, decision)
         except SpawnError as exc:
+            conn.outcome = f"refused: {exc}"
             await self._refuse(conn, str(exc), exc.exitcode)
             return
         conn.program = program
@@ -544,6 +602,71 @@ class Server:
                 [a.decode("utf-8", "backslashreplace") for a in argv],
             )
         await self._run(conn, session, program)
+
+    def _gate(self, rule: Rule) -> RuleGate | None:
+        if rule.max_running is None:
+            return None
+        gate = self._gates.get(rule)
+        if gate is None:
+            # Gates of rules a reload replaced go once nothing holds them any more.
+            for old in [r for r, g in self._gates.items() if g.running == 0 and not g.waiting]:
+                del self._gates[old]
+            gate = self._gates[rule] = RuleGate(rule.max_running, rule.max_queue)
+        return gate
+
+    async def _spawn_allowed(self, conn: Connection, decision: Allowed) -> Program:
+        """Spawn what a policy rule allowed, with its settings; the gate frees at reap."""
+        rule = decision.rule
+        spec = ExecSpec(
+            path=decision.path,
+            argv=decision.argv,
+            env=decision.env,
+            uid=rule.uid,
+            gid=rule.gid,
+            groups=rule.groups,
+            cwd=rule.cwd,
+            umask=rule.umask,
+            rlimits=tuple((name, RLIMITS[name], value) for name, value in rule.rlimits),
+        )
+        with trio.move_on_at(conn.deadline) as scope:
+            program = await self.supervisor.spawn_spec(spec)
+        if scope.cancelled_caught:
+            raise SpawnError("timed out starting the program", EXIT_REFUSED)
+        if conn.gate is not None:
+            gate, conn.gate = conn.gate, None
+            assert self._nursery is not None
+            self._nursery.start_soon(_release_at_exit, program, gate)
+        if not rule.stdin:
+            program.close_stdin()  # the program reads EOF; the client's stdin is dropped
+        if rule.timeout is not None:
+            conn.deadline = trio.current_time() + rule.timeout
+            assert conn.hard_scope is not None
+            conn.hard_scope.deadline = (
+                conn.deadline + self.config.kill_timeout + self.config.drain_timeout + 1
+            )
+        return program
+
+    def _audit(self, conn: Connection) -> None:
+        """One info line per request under a policy: who, what, which rule, outcome."""
+        assert conn.argv is not None
+        program = conn.program
+        if program is not None and program.status is not None:
+            signum = program.termsig
+            conn.outcome = (
+                f"termsig={termsig_text(signum).decode()}"
+                if signum is not None
+                else f"exitcode={program.returncode}"
+            )
+        log.info(
+            "audit conn=%d peer_uid=%d peer_pid=%d rule=%s argv=%s outcome=%s duration=%.3fs",
+            conn.number,
+            conn.peer_uid,
+            conn.peer_pid,
+            f"{conn.rule.kind}:{conn.rule.name}" if conn.rule else "-",
+            [a.decode("utf-8", "backslashreplace") for a in conn.argv],
+            conn.outcome,
+            time.monotonic() - conn.accepted,
+        )
 
     def _cut_reason(self, timeout_reason: str) -> str:
         """Why a connection was cut before its program started: shutdown or -t."""
@@ -639,6 +762,14 @@ class Server:
             log.debug("protocol error conn=%d: %s", conn.number, exc)
             program.close_stdin()
             self._terminate(conn, "protocol error")
+
+
+async def _release_at_exit(program: Program, gate: RuleGate) -> None:
+    """A rule's slot is the program's until it is reaped, however its client left."""
+    try:
+        await program.exited.wait()
+    finally:
+        gate.release()
 
 
 def _identity(path: str) -> tuple[int, int] | None:
