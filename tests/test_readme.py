@@ -83,3 +83,28 @@ def test_command_line_client_example(broker) -> None:  # type: ignore[no-untyped
     line = block.split("#")[0].replace("/tmp/sockexec.sock", str(broker.path))
     proc = subprocess.run(["bash", "-c", line], capture_output=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, b"HELLO")
+
+
+def test_policy_example_is_a_valid_policy(tmp_path: Path) -> None:
+    import tomllib
+
+    from sockexec_py.policy import Allowed, parse_policy
+
+    (block,) = re.findall(r"```toml\n(.*?)```", _section("Policy"), re.S)
+    policy = parse_policy(tomllib.loads(block), source="README", euid=0)
+    verdict = policy.decide((b"thumbnail", b"a.png", b"; rm -rf /.png"), 0, 0)
+    assert not isinstance(verdict, Allowed)  # the parameter pattern refuses it
+    verdict = policy.decide((b"thumbnail", b"a.png", b"b.png"), 0, 0)
+    assert isinstance(verdict, Allowed)
+    assert verdict.argv[2:] == (b"a.png", b"-resize", b"128x128", b"b.png")
+    (commands,) = _shell_blocks(_section("Policy"))
+    check = next(line for line in commands.splitlines() if "--check-policy" in line)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sockexec_py", *check.split("#")[0].split()[1:]],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "command 'thumbnail':" in proc.stdout
