@@ -695,6 +695,12 @@ class Server:
             data = await _io.recv(conn.sock, _RECV_CHUNK)
         except ConnectionResetError:
             data = b""
+        except OSError:
+            # Woken as readable, then the session ended (exit pair sent, socket
+            # closed) before this task ran again: recv on the closed socket is EBADF.
+            if conn.closed:
+                raise trio.ClosedResourceError from None
+            raise
         conn.bytes_in += len(data)
         return data
 
