@@ -4,9 +4,10 @@ Run by the broker as ``python -I -S _exec_helper.py`` (no site, no environment
 influence, builtin modules only) for policy rules that need rlimits, a umask, another
 user or group, or a working directory. The broker spawns it in the program's new
 process group with default signals and pipes on 0/1/2, and a socket on fd 3 over
-which it sends the spec (a ``marshal`` dict, then EOF). On success fd 3 closes at exec
-(close-on-exec) without a byte; on failure the helper writes ``"<exitcode> <reason>"``
-there and exits with that code, so the broker reports it like a failed spawn.
+which it sends the spec (a ``marshal`` dict, then EOF). Right before ``execve`` the
+helper writes ``X``; fd 3 then closes at exec (close-on-exec). On failure it writes
+``"<exitcode> <reason>"`` there and exits with that code, so the broker reports it like
+a failed spawn; a helper that dies without writing ``X`` failed too.
 
 Order matters: rlimits other than the address space first (raising a hard limit needs
 root), then umask, groups, gid, uid, the directory (entered as the new user), and the
@@ -72,17 +73,18 @@ def main() -> None:
         for number, value in late_limits:
             step = "setting rlimit as"
             resource.setrlimit(number, (value, value))
-    except (OSError, ValueError) as exc:
-        _fail(125, f"{step}: {getattr(exc, 'strerror', None) or exc}")
+    except BaseException as exc:
+        _fail(125, f"{step}: {exc.strerror if isinstance(exc, OSError) else repr(exc)}")
     name = spec["path"].decode("utf-8", "backslashreplace")
     try:
+        os.write(_STATUS_FD, b"X")
         os.execve(spec["path"], spec["argv"], spec["env"])
     except OSError as exc:
         if exc.errno in _NOT_FOUND:
             _fail(127, f"{name}: program not found")
         _fail(126, f"{name}: cannot execute: {exc.strerror}")
-    except MemoryError:
-        _fail(126, f"{name}: cannot execute: out of memory (rlimit as?)")
+    except BaseException as exc:
+        _fail(126, f"{name}: cannot execute: {exc!r}")
 
 
 if __name__ == "__main__":

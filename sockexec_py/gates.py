@@ -1,9 +1,9 @@
 """Per-rule admission: at most ``max_running`` programs of a rule, a bounded queue.
 
 A gate sits in front of the server's global slots (``-m``): a request first passes its
-rule's gate, in arrival order, then waits for a global slot. Gates are kept per rule
-object; a policy reload makes new rules, so requests admitted under the old policy
-finish against the old gates while new requests use the new ones.
+rule's gate, in arrival order, then waits for a global slot. Gates are kept by rule
+key (kind and name) across policy reloads, and a reload resizes them, so a reloaded
+limit counts the programs already running under the old policy.
 """
 
 from __future__ import annotations
@@ -21,28 +21,37 @@ class RuleGate:
     def __init__(self, max_running: int, max_queue: int | None) -> None:
         self.max_running = max_running
         self.max_queue = max_queue
-        # trio's semaphore hands a released slot to the longest waiter: FIFO.
-        self._slots = trio.Semaphore(max_running)
-        self.waiting = 0
+        self.running = 0
+        # A released slot is handed to the longest waiter, never grabbed by a newcomer.
+        self._waiters = trio.lowlevel.ParkingLot()
 
     @property
-    def running(self) -> int:
-        return self.max_running - self._slots.value
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def idle(self) -> bool:
+        return self.running == 0 and not self._waiters
 
     async def acquire(self) -> None:
         """Take a slot, waiting in order; QueueFull at once when the queue is full."""
-        try:
-            self._slots.acquire_nowait()
+        if self.running < self.max_running and not self._waiters:
+            self.running += 1
             return
-        except trio.WouldBlock:
-            pass
         if self.max_queue is not None and self.waiting >= self.max_queue:
             raise QueueFull(f"{self.running} running, {self.waiting} waiting")
-        self.waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self.waiting -= 1
+        await self._waiters.park()  # the releaser counted our slot before waking us
 
     def release(self) -> None:
-        self._slots.release()
+        self.running -= 1
+        self._admit()
+
+    def resize(self, max_running: int, max_queue: int | None) -> None:
+        """New limits (a policy reload); waiters are admitted if there is room now."""
+        self.max_running, self.max_queue = max_running, max_queue
+        self._admit()
+
+    def _admit(self) -> None:
+        while self._waiters and self.running < self.max_running:
+            self.running += 1
+            self._waiters.unpark()

@@ -44,6 +44,7 @@ RLIMITS: Mapping[str, int] = {
     "core": resource.RLIMIT_CORE,
     "stack": resource.RLIMIT_STACK,
 }
+_RLIM_MAX = (1 << 63) - 1
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _PLACEHOLDER = re.compile(rb"@@(\d+)")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -111,6 +112,11 @@ class Rule:
     max_queue: int | None = None
     peer_uids: frozenset[int] | None = None
     peer_gids: frozenset[int] | None = None
+
+    @property
+    def key(self) -> str:
+        """What identifies the rule across reloads (its gate is kept by this key)."""
+        return f"{self.kind}:{self.name}"
 
     @property
     def label(self) -> str:
@@ -184,9 +190,11 @@ class Policy:
         for rule in self.rules:
             if rule.kind != "allow" or self._program_path(rule) != path:
                 continue
-            problem = _args_problem(rule, argv[1:])
-            if problem is None and not rule.peer_allowed(peer_uid, peer_gid):
-                problem = f"peer uid {peer_uid} gid {peer_gid} may not use {rule.label}"
+            # The peer first: a peer the rule is not for learns nothing of its arguments.
+            if not rule.peer_allowed(peer_uid, peer_gid):
+                problem: str | None = f"peer uid {peer_uid} gid {peer_gid} may not use {rule.label}"
+            else:
+                problem = _args_problem(rule, argv[1:])
             if problem is None:
                 return Allowed(rule, path.encode(), argv, self.environment(rule))
             closest = closest or problem
@@ -196,6 +204,8 @@ class Policy:
         self, rule: Rule, argv: tuple[bytes, ...], peer_uid: int, peer_gid: int
     ) -> Allowed | Denied:
         params = argv[1:]
+        if not rule.peer_allowed(peer_uid, peer_gid):
+            return Denied(f"peer uid {peer_uid} gid {peer_gid} may not use {rule.label}")
         if len(params) != rule.params:
             return Denied(
                 f"command {rule.name!r} takes {rule.params} parameter(s), got {len(params)}"
@@ -204,8 +214,6 @@ class Policy:
             problem = _regex_problem(rule.params_regex, params, "parameter")
             if problem:
                 return Denied(f"command {rule.name!r}: {problem}")
-        if not rule.peer_allowed(peer_uid, peer_gid):
-            return Denied(f"peer uid {peer_uid} gid {peer_gid} may not use {rule.label}")
         final = tuple(
             _PLACEHOLDER.sub(lambda m: params[int(m.group(1)) - 1], item) for item in rule.template
         )
@@ -440,10 +448,13 @@ def parse_policy(
         for number, table in enumerate(tables, 1):
             where = f"{source}: [[{kind}]] #{number}"
             rule = _parse_rule(kind, number, table, where, euid)
-            if kind == "command":
-                if rule.name in names:
-                    raise PolicyError(f"{where}: command {rule.name!r} defined twice")
-                names.add(rule.name)
+            # Commands are found by name; gates are kept across reloads by name.
+            if kind == "command" or rule.max_running is not None:
+                if rule.key in names:
+                    raise PolicyError(
+                        f"{where}: {rule.label} defined twice (give each rule its own name)"
+                    )
+                names.add(rule.key)
             rules.append(rule)
     return Policy(source, tuple(search_path), tuple(rules), base_env)
 
@@ -533,7 +544,8 @@ def _parse_settings(table: dict[str, Any], where: str, euid: int) -> dict[str, A
         if not cwd.startswith("/"):
             raise PolicyError(f"{where}: cwd {cwd!r} is not absolute")
         fields["cwd"] = cwd
-    env_mode = table.get("env", "minimal" if "uid" in fields or "gid" in fields else "inherit")
+    switches = "user" in table or "group" in table
+    env_mode = table.get("env", "minimal" if switches else "inherit")
     if env_mode not in ("inherit", "clear", "minimal"):
         raise PolicyError(f"{where}: env must be 'inherit', 'clear' or 'minimal'")
     fields["env_mode"] = env_mode
@@ -666,7 +678,7 @@ def _regex_list(value: object, where: str) -> tuple[re.Pattern[str], ...]:
     patterns = []
     for item in _string_list(value, where):
         try:
-            patterns.append(re.compile(item))
+            patterns.append(re.compile(item, re.ASCII))
         except re.error as exc:
             raise PolicyError(f"{where}: bad regex {item!r}: {exc}") from None
     return tuple(patterns)
@@ -686,13 +698,18 @@ def _positive(value: object, where: str, *, number: bool = False) -> float:
 
 def _size(value: object, where: str) -> int:
     """An rlimit value: an integer, a size like "512M", or "unlimited"."""
+    number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
+        number = value
+    elif isinstance(value, str):
         text = value.strip().lower()
         if text == "unlimited":
             return resource.RLIM_INFINITY
         match = re.fullmatch(r"(\d+)\s*([kmgt]?)i?b?", text)
         if match:
-            return int(match.group(1)) * _SIZE_SUFFIXES[match.group(2)]
+            number = int(match.group(1)) * _SIZE_SUFFIXES[match.group(2)]
+    if number is not None:
+        if number > _RLIM_MAX:
+            raise PolicyError(f'{where} is too large (at most {_RLIM_MAX}, or "unlimited")')
+        return number
     raise PolicyError(f'{where} must be an integer >= 0, a size like "512M", or "unlimited"')

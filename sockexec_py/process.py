@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -258,7 +258,10 @@ def spawn_helper(spec: ExecSpec) -> tuple[Program, socket.socket]:
     The caller sends the spec and reads the outcome with :func:`finish_helper`. The
     program's pid is the helper's: it becomes the program at exec.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SpawnError(f"cannot start the exec helper: {exc.strerror}", EXIT_REFUSED) from None
     try:
         executable = os.fsencode(sys.executable)
         program = spawn(
@@ -302,9 +305,13 @@ async def finish_helper(spec: ExecSpec, status: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while chunk := await _io.recv(status, 4096):
                 chunks.append(chunk)
-    if chunks:
-        code, _, reason = b"".join(chunks).partition(b" ")
-        raise SpawnError(printable(reason), int(code) if code.isdigit() else EXIT_REFUSED)
+    answer = b"".join(chunks)
+    if answer == b"X":
+        return  # about to exec, and the exec closed the socket: the program runs
+    if not answer:
+        raise SpawnError("the exec helper died before starting the program", EXIT_REFUSED)
+    code, _, reason = answer.removeprefix(b"X").partition(b" ")
+    raise SpawnError(printable(reason), int(code) if code.isdigit() else EXIT_REFUSED)
 
 
 class Supervisor:
@@ -346,27 +353,33 @@ class Supervisor:
         """
         try:
             program = spawn(argv, env, path=path)
-        except SpawnError:
+        except BaseException:
             self._slots.release()
             raise
         self._track(program)
         return program
 
-    async def spawn_spec(self, spec: ExecSpec) -> Program:
+    async def spawn_spec(
+        self, spec: ExecSpec, started: Callable[[Program], None] | None = None
+    ) -> Program:
         """Spawn a policy rule's program in an acquired slot (see :meth:`spawn`).
 
         Settings ``posix_spawn`` cannot apply go through the exec helper: a failure
         there (no such directory, a limit refused, program not found) raises
         :class:`SpawnError` once the helper is reaped, like a failed spawn.
+        ``started`` is called as soon as the process exists, before the helper has
+        exec'd, so a client leaving meanwhile can have it terminated.
         """
         if not spec.needs_helper:
             return self.spawn(spec.argv, spec.env, path=spec.path)
         try:
             program, status = spawn_helper(spec)
-        except SpawnError:
+        except BaseException:
             self._slots.release()
             raise
         self._track(program)
+        if started is not None:
+            started(program)
         try:
             await finish_helper(spec, status)
         except SpawnError:

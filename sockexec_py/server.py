@@ -99,6 +99,8 @@ class Connection:
         self.argv: tuple[bytes, ...] | None = None
         self.rule: Rule | None = None
         self.gate: RuleGate | None = None
+        #: The rule's gate this connection is queued at (for the timeout message).
+        self.waiting_at: RuleGate | None = None
         self.outcome = "client left"
         self._send_lock = trio.Lock()
         #: Polls the socket for room (POLLOUT) without a scheduling round.
@@ -261,7 +263,7 @@ class Server:
         self.config = config
         #: None: run anything the server's user can run (the reference's behaviour).
         self.policy = policy
-        self._gates: dict[Rule, RuleGate] = {}
+        self._gates: dict[str, RuleGate] = {}
         self.listener = listener
         self.unlink_path = unlink_path
         self._reap_orphans = reap_orphans
@@ -365,6 +367,7 @@ class Server:
             log.error("policy reload failed, keeping the previous policy: %s", exc)
             return False
         self.policy = policy
+        self._resize_gates(policy)
         log.info("policy reloaded from %s: %d rule(s)", path, len(policy.rules))
         return True
 
@@ -548,37 +551,30 @@ class Server:
         conn.phase_scope = None
         if argv is None:
             return
-        decision: Allowed | None = None
-        if self.policy is not None:
-            conn.argv = argv
-            verdict = self.policy.decide(argv, conn.peer_uid, conn.peer_gid)
-            if isinstance(verdict, Denied):
-                await self._refuse(conn, f"denied: {verdict.reason}")
-                return
-            decision = verdict
-            conn.rule = decision.rule
-
         conn.phase = Phase.QUEUED
+        decision: Allowed | str | None = None
         with trio.move_on_at(conn.deadline) as conn.phase_scope:
-            if decision is not None and (gate := self._gate(decision.rule)) is not None:
-                try:
-                    await gate.acquire()
-                except QueueFull as exc:
-                    await self._refuse(conn, f"queue full for {decision.rule.label} ({exc})")
-                    return
-                conn.gate = gate  # released when the connection ends, or at reap
-            await self.supervisor.acquire_slot()
+            if self.policy is not None:
+                conn.argv = argv
+                decision = await self._pass_gate(conn, argv)
+            if not isinstance(decision, str):
+                await self.supervisor.acquire_slot()
+        if isinstance(decision, str):  # denied, or the rule's queue is full
+            await self._refuse(conn, decision)
+            return
         if conn.phase_scope.cancelled_caught:
             if not conn.hung_up:
-                await self._refuse(
-                    conn,
-                    self._cut_reason(
-                        f"timed out waiting for a free slot "
-                        f"({self.config.max_connections} programs running)"
-                    ),
+                gate = conn.waiting_at
+                where = (
+                    f"in the queue of {conn.rule.label} "
+                    f"({gate.running} of {gate.max_running} running)"
+                    if gate is not None and conn.rule is not None
+                    else f"for a free slot ({self.config.max_connections} programs running)"
                 )
+                await self._refuse(conn, self._cut_reason(f"timed out waiting {where}"))
             return
         conn.phase_scope = None
+        assert not isinstance(decision, str)
         if conn.hung_up or self._shutdown.is_set():
             self.supervisor.release_slot()
             if not conn.hung_up:
@@ -603,16 +599,56 @@ class Server:
             )
         await self._run(conn, session, program)
 
+    async def _pass_gate(self, conn: Connection, argv: tuple[bytes, ...]) -> Allowed | str:
+        """Decide under the policy, then wait in the rule's queue if it has one.
+
+        Returns the decision, or the reason to refuse (``denied: …``, queue full).
+        A policy reloaded while the request waited is honoured: it is decided again.
+        """
+        while True:
+            policy = self.policy
+            assert policy is not None
+            verdict = policy.decide(argv, conn.peer_uid, conn.peer_gid)
+            if isinstance(verdict, Denied):
+                return f"denied: {verdict.reason}"
+            conn.rule = verdict.rule
+            gate = self._gate(verdict.rule)
+            if conn.gate is not None and conn.gate is not gate:
+                conn.gate.release()  # a reload moved the request to another rule
+                conn.gate = None
+            if gate is None or conn.gate is gate:
+                return verdict
+            conn.waiting_at = gate
+            try:
+                await gate.acquire()
+            except QueueFull as exc:
+                return f"queue full for {verdict.rule.label} ({exc})"
+            conn.waiting_at = None
+            conn.gate = gate  # released when the connection ends, or at reap
+            if self.policy is policy:
+                return verdict
+
     def _gate(self, rule: Rule) -> RuleGate | None:
         if rule.max_running is None:
             return None
-        gate = self._gates.get(rule)
+        gate = self._gates.get(rule.key)
         if gate is None:
-            # Gates of rules a reload replaced go once nothing holds them any more.
-            for old in [r for r, g in self._gates.items() if g.running == 0 and not g.waiting]:
-                del self._gates[old]
-            gate = self._gates[rule] = RuleGate(rule.max_running, rule.max_queue)
+            gate = self._gates[rule.key] = RuleGate(rule.max_running, rule.max_queue)
         return gate
+
+    def _resize_gates(self, policy: Policy) -> None:
+        """After a reload: new limits apply to the gates in place; gates of rules that
+        lost their limit let their waiters through (to be decided again) and go."""
+        limited = {r.key: r for r in policy.rules if r.max_running is not None}
+        for key, gate in list(self._gates.items()):
+            rule = limited.get(key)
+            if rule is not None:
+                assert rule.max_running is not None
+                gate.resize(rule.max_running, rule.max_queue)
+            else:
+                gate.resize(gate.running + gate.waiting, None)
+                if gate.idle:
+                    del self._gates[key]
 
     async def _spawn_allowed(self, conn: Connection, decision: Allowed) -> Program:
         """Spawn what a policy rule allowed, with its settings; the gate frees at reap."""
@@ -628,10 +664,21 @@ class Server:
             umask=rule.umask,
             rlimits=tuple((name, RLIMITS[name], value) for name, value in rule.rlimits),
         )
-        with trio.move_on_at(conn.deadline) as scope:
-            program = await self.supervisor.spawn_spec(spec)
-        if scope.cancelled_caught:
-            raise SpawnError("timed out starting the program", EXIT_REFUSED)
+
+        def started(program: Program) -> None:
+            # From now on a hang-up or a shutdown terminates it, exec'd or not.
+            conn.program = program
+            if conn.hung_up or self._shutdown.is_set():
+                self._terminate(conn, "client hung up" if conn.hung_up else "shutdown")
+
+        try:
+            with trio.move_on_at(conn.deadline) as scope:
+                program = await self.supervisor.spawn_spec(spec, started)
+            if scope.cancelled_caught:
+                raise SpawnError("timed out starting the program", EXIT_REFUSED)
+        except SpawnError:
+            conn.program = None  # the helper is reaped: nothing of it is left to run
+            raise
         if conn.gate is not None:
             gate, conn.gate = conn.gate, None
             assert self._nursery is not None

@@ -283,3 +283,37 @@ def test_the_example_policy_is_valid() -> None:
     text = "\n".join(p.describe())
     for rule in p.rules:
         assert re.search(re.escape(rule.label), text)
+
+
+def test_default_environment_is_inherit_unless_the_rule_switches_user() -> None:
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for euid in (ROOT, nobody):
+        assert policy(ECHO, euid=euid).rules[0].env_mode == "inherit"
+        assert policy(f'{ECHO}user = "nobody"\n', euid=euid).rules[0].env_mode == "minimal"
+
+
+def test_a_peer_the_rule_is_not_for_learns_nothing_of_its_arguments() -> None:
+    p = policy(f'{ECHO}args_regex = ["\\\\d+"]\npeer_uids = [0]\n')
+    assert denied(decide(p, "echo", "abc", uid=5, gid=5)) == (
+        "peer uid 5 gid 5 may not use allow 'echo'"
+    )
+    assert "does not match" in denied(decide(p, "echo", "abc", uid=0, gid=0))
+    command = policy(COMMAND + 'params_regex = ["\\\\d+", ".*"]\npeer_uids = [0]\n')
+    assert "may not use command 'greet'" in denied(decide(command, "greet", "x", uid=5, gid=5))
+
+
+def test_patterns_match_ascii_only() -> None:
+    p = policy(f'{ECHO}args_regex = ["\\\\d+"]\n')
+    allowed(decide(p, "echo", "123"))
+    assert "does not match" in denied(decide(p, "echo", "١٢٣"))  # Arabic-Indic digits
+
+
+def test_rlimit_values_past_the_kernel_s_range_are_refused() -> None:
+    with pytest.raises(PolicyError, match=r"rlimits\.as is too large"):
+        policy(f'{ECHO}rlimits = {{ as = "99999999999T" }}\n')
+
+
+def test_rules_with_a_queue_need_distinct_names() -> None:
+    with pytest.raises(PolicyError, match="defined twice"):
+        policy(f"{ECHO}max_running = 1\n{ECHO}max_running = 2\n")
+    policy(f'{ECHO}max_running = 1\n{ECHO}name = "other"\nmax_running = 2\n')

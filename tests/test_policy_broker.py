@@ -20,7 +20,7 @@ import pytest
 from sockexec_py.events import Exited, Output
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
-from conftest import Broker, connect, parse_reply, run, run_raw, wait_until
+from conftest import Broker, connect, parse_reply, run, run_raw, wait_exit, wait_until
 
 AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="switching user needs the broker to be root")
@@ -208,16 +208,16 @@ class RawSession:
                 return event
 
 
-def _wait_queued(broker: Broker, number: int) -> None:
-    """Wait until connection ``number`` is in the queued state (SIGUSR1 reports)."""
+def _wait_queued(broker: Broker, count: int) -> None:
+    """Wait until ``count`` connections wait in a queue (from the SIGUSR1 reports)."""
     deadline = time.monotonic() + 20
     while True:
-        report = broker.dump_until(f"conn={number} ")
-        line = next(x for x in report.splitlines() if f"conn={number} " in x)
-        if line.endswith("state=queued"):
+        report = broker.dump_until("active connection(s)")
+        queued = report.count("state=queued")
+        if queued == count:
             return
-        assert line.endswith("state=request"), line
-        assert time.monotonic() < deadline, f"conn={number} never queued: {line}"
+        assert queued < count, report
+        assert time.monotonic() < deadline, f"never {count} queued: {report}"
 
 
 def test_concurrency_limit_queue_order_and_queue_full(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -235,7 +235,7 @@ def test_concurrency_limit_queue_order_and_queue_full(start_broker, tmp_path: Pa
             if number <= 2:
                 sessions[-1].read_until(b"started")
             else:  # wait until the broker holds it in the rule's queue: arrival order is set
-                _wait_queued(broker, number)
+                _wait_queued(broker, number - 2)
         sixth = run(broker.path, ["sh", "-c", "echo never"])
         assert sixth.exitcode == 125
         assert sixth.stderr == b"sockexec_py: queue full for allow 'sh' (2 running, 3 waiting)\n"
@@ -382,3 +382,83 @@ def test_gateway_requests_obey_the_policy(start_broker, tmp_path: Path) -> None:
         assert b'"exitcode":125' in body.replace(b" ", b"")
     finally:
         gateway.stop()
+
+
+def test_client_leaving_while_the_exec_helper_starts_terminates_the_program(  # type: ignore[no-untyped-def]
+    start_broker, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "pid"
+    broker = start(
+        start_broker,
+        tmp_path,
+        f'[[allow]]\nprogram = "sh"\ncwd = "{tmp_path}"\nmax_running = 1\nmax_queue = 0\n',
+    )
+    with connect(broker.path) as sock:  # the request, then gone while the helper starts
+        sock.sendall(encode_request(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"]))
+        deadline = time.monotonic() + 10
+        while not broker.children():  # the helper takes ~20 ms to exec: leave meanwhile
+            assert time.monotonic() < deadline, "the exec helper never started"
+    broker.wait_idle()
+    if pidfile.exists():  # the hang-up came after the exec: the program was terminated
+        wait_exit(int(pidfile.read_text()), timeout=10)
+    # -t is 60 s: had the program been left running, its gate would still be taken.
+    assert run(broker.path, ["sh", "-c", "echo free"]).stdout == b"free\n"
+
+
+def test_reload_decides_queued_requests_again_and_keeps_counting(  # type: ignore[no-untyped-def]
+    start_broker, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.toml"
+    rule = '[[allow]]\nprogram = "sh"\nmax_running = 1\n'
+    broker = start(start_broker, tmp_path, rule)
+    first = RawSession(broker.path, ["sh", "-c", "echo started; read line"])
+    second: RawSession | None = None
+    try:
+        first.read_until(b"started")
+        second = RawSession(broker.path, ["sh", "-c", "echo second"])
+        _wait_queued(broker, 1)
+        # The same limit, reloaded: the running program still counts.
+        os.kill(broker.pid, signal.SIGHUP)
+        wait_until(lambda: broker.log().count("policy reloaded") == 1, 10, "the reload")
+        third = RawSession(broker.path, ["sh", "-c", "echo third"])
+        _wait_queued(broker, 2)
+        # A policy without the rule: the queued requests are refused, not run.
+        policy.write_text('[[allow]]\nprogram = "echo"\n')
+        os.kill(broker.pid, signal.SIGHUP)
+        wait_until(lambda: broker.log().count("policy reloaded") == 2, 10, "the reload")
+        for queued in (second, third):
+            reply = parse_reply(read_all_bytes(queued))
+            assert denial(reply) == "program /usr/bin/sh is not allowed"
+        assert first.finish().exitcode == 0  # what ran under the old policy finishes
+    finally:
+        first.sock.close()
+        if second is not None:
+            second.sock.close()
+
+
+def read_all_bytes(session: RawSession) -> bytes:
+    chunks = []
+    while data := session.sock.recv(65536):
+        chunks.append(data)
+    session.sock.close()
+    return b"".join(chunks)
+
+
+def test_timeout_in_a_rule_queue_names_the_rule(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broker = start(
+        start_broker,
+        tmp_path,
+        '[[allow]]\nprogram = "sh"\nmax_running = 1\ntimeout = 60\n',
+        "-t",
+        "1",
+    )
+    holder = RawSession(broker.path, ["sh", "-c", "echo started; read line"])
+    try:
+        holder.read_until(b"started")
+        result = run(broker.path, ["sh", "-c", "echo late"])
+        assert result.exitcode == 125
+        assert result.stderr == (
+            b"sockexec_py: timed out waiting in the queue of allow 'sh' (1 of 1 running)\n"
+        )
+    finally:
+        holder.sock.close()
