@@ -58,6 +58,9 @@ _RECV_CHUNK = 256 * 1024
 # holds barely three pairs, so a streaming program and its client ping-pong on it;
 # this roughly doubles throughput. It is kernel memory, bounded per connection.
 _SEND_BUFFER = 512 * 1024
+# At most this many reads of already-queued input before close (1 MiB); a client
+# still sending past that gets its connection reset, as with any closed socket.
+_DISCARD_RECVS = 4
 # accept() errors that mean "overloaded": log, wait a little, try again.
 _ACCEPT_RETRY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _ACCEPT_RETRY_DELAY = 0.1
@@ -172,8 +175,18 @@ class Connection:
         if not self.closed:
             self.closed = True
             self._hangups.unwatch(self.fd)  # before close: fd numbers are reused
+            self._discard_unread()
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+
+    def _discard_unread(self) -> None:
+        """Read away input already queued (stdin a program never took, bytes after a
+        refused request): closing over unread data makes the kernel reset the
+        connection, and the client then sees ECONNRESET after our reply, not EOF."""
+        with contextlib.suppress(OSError):
+            for _ in range(_DISCARD_RECVS):
+                if not self.sock.recv(_RECV_CHUNK, socket.MSG_DONTWAIT):
+                    return
 
     def describe(self) -> str:
         """One line for the SIGUSR1 dump."""
