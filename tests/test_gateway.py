@@ -171,7 +171,7 @@ def test_broker_down_is_503_and_recovery_needs_no_restart(start_broker, tmp_path
     try:
         status, _, data = gateway.request("GET", "/healthz")
         assert status == 503
-        assert "does not exist" in json.loads(data)["detail"]
+        assert json.loads(data) == {"error": "broker_unavailable", "detail": "broker unavailable"}
         status, result = _exec(gateway, {"argv": ["true"]})
         assert status == 503 and result["error"] == "broker_unavailable"
         status, _, _ = gateway.request(
@@ -185,6 +185,23 @@ def test_broker_down_is_503_and_recovery_needs_no_restart(start_broker, tmp_path
         assert (status, result["exitcode"]) == (200, 0)
     finally:
         gateway.stop()
+
+
+def test_healthz_hides_the_broker_path_and_logs_the_reason(tmp_path: Path) -> None:
+    socket_path = tmp_path / "secret-place" / "broker.sock"
+    gateway = GatewayProcess(socket_path)
+    try:
+        status, _, data = gateway.request("GET", "/healthz")  # a probe needs no token
+        assert status == 503
+        assert json.loads(data) == {"error": "broker_unavailable", "detail": "broker unavailable"}
+        assert b"secret-place" not in data
+        gateway.proc.terminate()
+        gateway.proc.wait(20)
+        assert gateway.proc.stderr is not None
+        log = gateway.proc.stderr.read()
+    finally:
+        gateway.stop()
+    assert f"broker socket {socket_path} does not exist" in log
 
 
 def test_errors_are_json_with_proper_codes(gateway: GatewayProcess) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -35,6 +36,8 @@ from .settings import GatewaySettings
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
+
+log = logging.getLogger(__name__)
 
 
 class HTTPError(Exception):
@@ -205,10 +208,13 @@ class Gateway:
     # -- endpoints -------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
+        """Whether the broker answers. Probes need no token, so the answer says no more
+        than that: the reason (which names the socket path) goes to the log."""
         try:
             await check_broker(self.settings.socket_path)
         except BrokerUnavailable as exc:
-            raise HTTPError(503, "broker_unavailable", str(exc)) from None
+            log.warning("healthz: %s", exc)
+            raise HTTPError(503, "broker_unavailable", "broker unavailable") from None
         return JSONResponse({"status": "ok"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
