@@ -8,7 +8,6 @@ with a 4xx/5xx status and never a stack trace.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import logging
 import time
@@ -32,98 +31,13 @@ from sockexec_py.events import Exited, Output
 from .auth import TokenStore
 from .metrics import GatewayMetrics
 from .openapi import OPENAPI
+from .request import ExecRequest, HTTPError, error_response, refuse_cross_site
 from .settings import GatewaySettings
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
 log = logging.getLogger(__name__)
-
-
-class HTTPError(Exception):
-    """A request we refuse: becomes ``{"error": ..., "detail": ...}`` with ``status``."""
-
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
-
-
-def _refuse_cross_site(headers: Any) -> None:
-    """Refuse anything a web browser sent on behalf of a page.
-
-    Browsers send ``Origin`` with every cross-site POST and WebSocket, and a page may
-    otherwise make them to 127.0.0.1 (a "simple" request needs no preflight; DNS
-    rebinding even lets it read the answer): the gateway would run programs for any
-    web page its user opens. Our clients (curl, the Python client, nginx) send none.
-    """
-    if headers.get("origin") is not None:
-        raise HTTPError(403, "forbidden", "cross-site requests (with an Origin header) are refused")
-
-
-def error_response(exc: HTTPError) -> JSONResponse:
-    return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
-
-
-class ExecRequest:
-    """A validated ``POST /v1/exec`` (or first WebSocket message) body."""
-
-    def __init__(self, body: Any, settings: GatewaySettings, *, allow_stdin: bool = True) -> None:
-        if not isinstance(body, dict):
-            raise HTTPError(400, "bad_request", "the body must be a JSON object")
-        unknown = set(body) - {"argv", "stdin", "stdin_b64", "timeout"}
-        if unknown:
-            raise HTTPError(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
-        argv = body.get("argv")
-        if (
-            not isinstance(argv, list)
-            or not argv
-            or not all(isinstance(a, str) and "\0" not in a for a in argv)
-        ):
-            raise HTTPError(
-                400, "bad_request", "argv must be a non-empty list of strings without NUL"
-            )
-        if not all(_encodable(a) for a in argv):
-            raise HTTPError(400, "bad_request", "argv holds text that is not valid Unicode")
-        if len(argv) > settings.max_argv:
-            raise HTTPError(400, "bad_request", f"argv has more than {settings.max_argv} items")
-        self.argv: list[str] = argv
-        self.stdin = b""
-        if "stdin" in body and "stdin_b64" in body:
-            raise HTTPError(400, "bad_request", "give stdin or stdin_b64, not both")
-        if not allow_stdin and ("stdin" in body or "stdin_b64" in body):
-            raise HTTPError(400, "bad_request", "send stdin as WebSocket messages")
-        if "stdin" in body:
-            if not isinstance(body["stdin"], str):
-                raise HTTPError(400, "bad_request", "stdin must be a string")
-            if not _encodable(body["stdin"]):
-                raise HTTPError(400, "bad_request", "stdin is not valid Unicode text")
-            self.stdin = body["stdin"].encode()
-        if "stdin_b64" in body:
-            if not isinstance(body["stdin_b64"], str):
-                raise HTTPError(400, "bad_request", "stdin_b64 must be a base64 string")
-            try:
-                self.stdin = base64.b64decode(body["stdin_b64"], validate=True)
-            except binascii.Error:
-                raise HTTPError(400, "bad_request", "stdin_b64 is not valid base64") from None
-        timeout = body.get("timeout", settings.default_timeout)
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not 0 < timeout <= settings.max_timeout
-        ):
-            raise HTTPError(
-                400, "bad_request", f"timeout must be a number in (0, {settings.max_timeout}]"
-            )
-        self.timeout = float(timeout)
-
-
-def _encodable(text: str) -> bool:
-    """False for text UTF-8 cannot encode (lone surrogates from JSON escapes)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def frame_json(event: Output | Exited, b64: bool) -> dict[str, Any]:
@@ -169,7 +83,7 @@ class Gateway:
 
         async def endpoint(request: Request) -> Response:
             try:
-                _refuse_cross_site(request.headers)
+                refuse_cross_site(request.headers)
                 if auth and not self._authorized(request.headers):
                     raise HTTPError(401, "unauthorized", "a valid bearer token is required")
                 response = await handler(request)
@@ -328,7 +242,7 @@ class Gateway:
         """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
         mode = "websocket"
         try:
-            _refuse_cross_site(websocket.headers)
+            refuse_cross_site(websocket.headers)
         except HTTPError:
             await websocket.close(code=4403, reason="cross-site requests are refused")
             self.metrics.requests.labels(mode, "403").inc()
