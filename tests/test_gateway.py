@@ -21,10 +21,22 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit
 
 ROOT = Path(__file__).resolve().parent.parent
+JSON = {"Content-Type": "application/json"}
+
+
+def _post(
+    gateway: GatewayProcess,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+    query: str = "",
+) -> tuple[int, dict[str, str], bytes]:
+    """``POST /v1/exec`` with a JSON content type (``headers`` added or overriding)."""
+    return gateway.request("POST", "/v1/exec" + query, body, {**JSON, **(headers or {})}, raw)
 
 
 def _exec(gateway: GatewayProcess, body: Any, query: str = "") -> tuple[int, dict[str, Any]]:
-    status, _, data = gateway.request("POST", "/v1/exec" + query, body)
+    status, _, data = _post(gateway, body, query=query)
     return status, json.loads(data)
 
 
@@ -52,7 +64,8 @@ def _stream(
     gateway: GatewayProcess, body: Any, accept: str
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
-    conn.request("POST", "/v1/exec", body=json.dumps(body).encode(), headers={"Accept": accept})
+    headers = {**JSON, "Accept": accept}
+    conn.request("POST", "/v1/exec", body=json.dumps(body).encode(), headers=headers)
     return conn, conn.getresponse()
 
 
@@ -131,17 +144,17 @@ def test_auth_with_token_file_and_reload(broker: Broker, tmp_path: Path) -> None
     gateway = GatewayProcess(broker.path, "--token-file", str(tokens))
     try:
         body = {"argv": ["true"]}
-        status, _, data = gateway.request("POST", "/v1/exec", body)
+        status, _, data = _post(gateway, body)
         assert status == 401 and json.loads(data)["error"] == "unauthorized"
         wrong = {"Authorization": "Bearer nope"}
-        assert gateway.request("POST", "/v1/exec", body, wrong)[0] == 401
+        assert _post(gateway, body, wrong)[0] == 401
         right = {"Authorization": "Bearer first-token"}
-        assert gateway.request("POST", "/v1/exec", body, right)[0] == 200
+        assert _post(gateway, body, right)[0] == 200
         assert gateway.request("GET", "/metrics")[0] == 401
         tokens.write_text("second-token-longer\n")  # rotated without a restart
-        assert gateway.request("POST", "/v1/exec", body, right)[0] == 401
+        assert _post(gateway, body, right)[0] == 401
         new = {"Authorization": "Bearer second-token-longer"}
-        assert gateway.request("POST", "/v1/exec", body, new)[0] == 200
+        assert _post(gateway, body, new)[0] == 200
         assert gateway.request("GET", "/healthz")[0] == 200  # probes need no token
     finally:
         gateway.stop()
@@ -174,9 +187,7 @@ def test_broker_down_is_503_and_recovery_needs_no_restart(start_broker, tmp_path
         assert json.loads(data) == {"error": "broker_unavailable", "detail": "broker unavailable"}
         status, result = _exec(gateway, {"argv": ["true"]})
         assert status == 503 and result["error"] == "broker_unavailable"
-        status, _, _ = gateway.request(
-            "POST", "/v1/exec", {"argv": ["true"]}, {"Accept": "application/x-ndjson"}
-        )
+        status, _, _ = _post(gateway, {"argv": ["true"]}, {"Accept": "application/x-ndjson"})
         assert status == 503
         broker = start_broker()
         assert broker.path == tmp_path / "broker0.sock"
@@ -214,16 +225,79 @@ def test_errors_are_json_with_proper_codes(gateway: GatewayProcess) -> None:
         ("GET", "/nowhere", None, 404),
     ]
     for method, path, raw, expected in cases:
-        status, _headers, data = gateway.request(method, path, raw=raw)
+        status, _headers, data = gateway.request(method, path, headers=JSON, raw=raw)
         assert status == expected, (path, raw and raw[:30], data)
         body = json.loads(data)
         assert set(body) == {"error", "detail"} and "Traceback" not in body["detail"]
 
 
+def test_exec_needs_a_json_content_type(gateway: GatewayProcess) -> None:
+    body = {"argv": ["echo", "ran"]}
+    # No type, curl -d's default, and the types a web page may POST without a preflight.
+    for content_type in (
+        None,
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+    ):
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        for accept in ("application/json", "application/x-ndjson"):
+            status, _, data = gateway.request(
+                "POST", "/v1/exec", body, {**headers, "Accept": accept}
+            )
+            assert status == 415, (content_type, accept, data)
+            error = json.loads(data)
+            assert error["error"] == "unsupported_media_type"
+            assert "Content-Type: application/json" in error["detail"]
+    for content_type in ("application/json; charset=utf-8", "Application/JSON"):
+        status, _, data = _post(gateway, body, {"Content-Type": content_type})
+        assert (status, json.loads(data)["stdout"]) == (200, "ran\n")
+
+
+def test_host_must_be_a_loopback_name_without_tokens(gateway: GatewayProcess) -> None:
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1
+    reaches the gateway with ``Host: evil.example`` (and a browser may leave Origin
+    out of a same-origin GET)."""
+    body = {"argv": ["true"]}
+    for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "10.0.0.1"):
+        for method, path in (("POST", "/v1/exec"), ("GET", "/metrics"), ("GET", "/healthz")):
+            status, _, data = gateway.request(
+                method, path, body if method == "POST" else None, {**JSON, "Host": host}
+            )
+            assert status == 421, (host, path, data)
+            assert json.loads(data)["error"] == "misdirected_request"
+    for host in ("localhost", "LOCALHOST:1234", "127.0.0.1", "127.0.0.1:80", "[::1]", "[::1]:8080"):
+        status, _, data = _post(gateway, body, {"Host": host})
+        assert status == 200, (host, data)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /v1/exec/ws HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 403"), reply
+
+
+def test_any_host_is_fine_with_tokens(broker: Broker, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t0ken\n")
+    gateway = GatewayProcess(broker.path, "--token-file", str(tokens))
+    try:
+        headers = {"Host": "gateway.example:443", "Authorization": "Bearer t0ken"}
+        status, _, data = _post(gateway, {"argv": ["true"]}, headers)
+        assert (status, json.loads(data)["exitcode"]) == (200, 0)
+        status, _, _ = _post(gateway, {"argv": ["true"]}, {"Host": "gateway.example"})
+        assert status == 401
+    finally:
+        gateway.stop()
+
+
 def test_oversized_body_is_refused_before_it_is_read(gateway: GatewayProcess) -> None:
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/exec HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n{" % (64 << 20)
         )
         reply = b""
@@ -250,6 +324,7 @@ def test_metrics_and_openapi(gateway: GatewayProcess) -> None:
     document = json.loads(data)
     assert status == 200 and document["openapi"].startswith("3.")
     assert {"/v1/exec", "/healthz", "/metrics", "/openapi.json"} <= set(document["paths"])
+    assert {"403", "415", "421"} <= set(document["paths"]["/v1/exec"]["post"]["responses"])
 
 
 # -- property test against the OpenAPI document ------------------------------------
@@ -304,15 +379,15 @@ def _check_against_schema(status: int, body: dict[str, Any], request: Any) -> No
 )
 @given(body=_exec_bodies)
 def test_any_request_body_gets_a_documented_answer(gateway: GatewayProcess, body: Any) -> None:
-    status, _, data = gateway.request("POST", "/v1/exec", raw=json.dumps(body).encode())
+    status, _, data = _post(gateway, raw=json.dumps(body).encode())
     _check_against_schema(status, json.loads(data), body)
 
 
 def test_browser_requests_and_malformed_text_are_4xx_not_5xx(gateway: GatewayProcess) -> None:
     body = {"argv": ["true"]}
     page = {"Origin": "http://evil.example"}
-    status, _, data = gateway.request("POST", "/v1/exec", body, page)
+    status, _, data = _post(gateway, body, page)
     assert status == 403 and json.loads(data)["error"] == "forbidden"
     for raw in (b"[" * 100_000, b'{"argv": ["\\ud800"]}', b'{"argv": ["cat"], "stdin": "\\udc00"}'):
-        status, _, data = gateway.request("POST", "/v1/exec", raw=raw)
+        status, _, data = _post(gateway, raw=raw)
         assert status == 400, (raw[:30], data)

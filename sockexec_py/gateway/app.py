@@ -31,7 +31,14 @@ from sockexec_py.events import Exited, Output
 from .auth import TokenStore
 from .metrics import GatewayMetrics
 from .openapi import OPENAPI
-from .request import ExecRequest, HTTPError, error_response, refuse_cross_site
+from .request import (
+    ExecRequest,
+    HTTPError,
+    error_response,
+    refuse_cross_site,
+    refuse_foreign_host,
+    require_json,
+)
 from .settings import GatewaySettings
 
 NDJSON = "application/x-ndjson"
@@ -72,6 +79,14 @@ class Gateway:
     def _authorized(self, headers: Any) -> bool:
         return self.tokens is None or self.tokens.check(headers.get("authorization"))
 
+    def _screen(self, headers: Any, *, auth: bool) -> None:
+        """The checks every request passes, HTTP or WebSocket; HTTPError if refused."""
+        refuse_cross_site(headers)
+        if self.tokens is None:
+            refuse_foreign_host(headers)
+        if auth and not self._authorized(headers):
+            raise HTTPError(401, "unauthorized", "a valid bearer token is required")
+
     def _guard(
         self,
         mode: str,
@@ -83,9 +98,7 @@ class Gateway:
 
         async def endpoint(request: Request) -> Response:
             try:
-                refuse_cross_site(request.headers)
-                if auth and not self._authorized(request.headers):
-                    raise HTTPError(401, "unauthorized", "a valid bearer token is required")
+                self._screen(request.headers, auth=auth)
                 response = await handler(request)
             except HTTPError as exc:
                 response = error_response(exc)
@@ -138,6 +151,7 @@ class Gateway:
         return JSONResponse(OPENAPI)
 
     async def exec_http(self, request: Request) -> Response:
+        require_json(request.headers)
         body = await self._read_json(request)
         exec_request = ExecRequest(body, self.settings)
         b64 = request.query_params.get("encoding") == "base64"
@@ -242,14 +256,10 @@ class Gateway:
         """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
         mode = "websocket"
         try:
-            refuse_cross_site(websocket.headers)
-        except HTTPError:
-            await websocket.close(code=4403, reason="cross-site requests are refused")
-            self.metrics.requests.labels(mode, "403").inc()
-            return
-        if not self._authorized(websocket.headers):
-            await websocket.close(code=4401, reason="a valid bearer token is required")
-            self.metrics.requests.labels(mode, "401").inc()
+            self._screen(websocket.headers, auth=True)
+        except HTTPError as exc:  # closed before the handshake: the client sees a 403
+            await websocket.close(code=4000 + exc.status, reason=exc.detail)
+            self.metrics.requests.labels(mode, str(exc.status)).inc()
             return
         await websocket.accept()
         status = "200"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -31,6 +32,62 @@ def refuse_cross_site(headers: Any) -> None:
     """
     if headers.get("origin") is not None:
         raise HTTPError(403, "forbidden", "cross-site requests (with an Origin header) are refused")
+
+
+def refuse_foreign_host(headers: Any) -> None:
+    """Refuse a ``Host`` that does not name this machine (for a gateway without tokens).
+
+    DNS rebinding: a page of evil.example whose name is re-pointed at 127.0.0.1 talks
+    to the gateway as its own origin, with ``Host: evil.example`` (and a browser may
+    leave ``Origin`` out of a same-origin GET). A token-less gateway listens on
+    loopback only, so its clients name it ``localhost`` or a loopback address.
+    """
+    if not _loopback_host(headers.get("host")):
+        raise HTTPError(
+            421,
+            "misdirected_request",
+            "without tokens the gateway answers only to Host localhost, 127.0.0.1 or [::1]",
+        )
+
+
+def _loopback_host(host: str | None) -> bool:
+    """True for ``localhost`` or a loopback address, with or without a port."""
+    if not host:
+        return False
+    name, port = host.strip().lower(), ""
+    if name.startswith("["):  # [v6]:port
+        name, _, port = name[1:].partition("]")
+        if port and not port.startswith(":"):
+            return False
+        port = port[1:]
+    elif ":" in name:
+        name, _, port = name.partition(":")
+        if not port:
+            return False
+    if port and not port.isdigit():
+        return False
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def require_json(headers: Any) -> None:
+    """Refuse a body that does not say it is JSON.
+
+    A web page may POST ``application/x-www-form-urlencoded``, ``multipart/form-data``
+    or ``text/plain`` without a CORS preflight; a JSON type needs one. Parameters
+    (``; charset=utf-8``) are fine.
+    """
+    media_type = (headers.get("content-type") or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise HTTPError(
+            415,
+            "unsupported_media_type",
+            "the body must be sent with Content-Type: application/json",
+        )
 
 
 def error_response(exc: HTTPError) -> JSONResponse:
