@@ -22,6 +22,7 @@ from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
+NDJSON = "application/x-ndjson"
 
 
 def _post(
@@ -136,6 +137,51 @@ async def test_websocket_going_away_terminates_the_program(gateway: GatewayProce
             pid = int(json.loads(await ws.get_message())["data"])
             assert pid_alive(pid)
         await trio.to_thread.run_sync(wait_exit, pid, 10)
+
+
+def test_one_shot_output_past_max_output_is_413_and_ends_the_program(
+    broker: Broker, tmp_path: Path
+) -> None:
+    limit = 100_000
+    gateway = GatewayProcess(broker.path, "--max-output", str(limit))
+    try:
+        both = "head -c {} /dev/zero; head -c {} /dev/zero >&2"  # stdout and stderr add up
+        status, result = _exec(gateway, {"argv": ["sh", "-c", both.format(limit // 2, limit // 2)]})
+        assert status == 200 and len(result["stdout"]) + len(result["stderr"]) == limit
+        script = both.format(limit // 2, limit // 2 + 1)
+        status, result = _exec(gateway, {"argv": ["sh", "-c", script]})
+        assert (status, result["error"]) == (413, "output_too_large")
+        assert f"{limit} bytes" in result["detail"] and set(result) == {"error", "detail"}
+        pid_file = tmp_path / "pid"
+        endless = {"argv": ["sh", "-c", f"echo $$ > {pid_file}; exec cat /dev/zero"]}
+        status, result = _exec(gateway, endless)
+        assert (status, result["error"]) == (413, "output_too_large")
+        wait_exit(int(pid_file.read_text()), 10)
+        # Streams are not limited in total (backpressure bounds their memory).
+        conn, response = _stream(
+            gateway, {"argv": ["head", "-c", str(3 * limit), "/dev/zero"]}, NDJSON
+        )
+        frames = [json.loads(line) for line in response.read().splitlines()]
+        conn.close()
+        assert sum(len(frame.get("data", "")) for frame in frames) == 3 * limit
+        assert frames[-1] == {"type": "exit", "exitcode": 0, "termsig": None}
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_max_output_must_be_a_positive_number_of_bytes(broker: Broker, value: str) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "sockexec_py.gateway"),
+            *("--socket", str(broker.path), "--max-output", value),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 100, proc.stderr
+    assert "--max-output" in proc.stderr
 
 
 def test_auth_with_token_file_and_reload(broker: Broker, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sockexec_py._io import single_errors
-from sockexec_py.client import AsyncSession, check_broker, open_unix_session
+from sockexec_py.client import AsyncSession, _Collector, check_broker, open_unix_session
 from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout
 from sockexec_py.events import Exited, Output
 
@@ -168,28 +168,42 @@ class Gateway:
         return await self._oneshot(exec_request, b64)
 
     async def _oneshot(self, exec_request: ExecRequest, b64: bool) -> Response:
+        """Run to the end and answer everything at once.
+
+        The whole output is held in memory, so it is bounded: past ``max_output``
+        bytes (stdout and stderr together) the session is left, which terminates the
+        program, and the answer is 413. Streams have no such limit: they hold one
+        frame at a time.
+        """
         started = time.monotonic()
-        output: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        exits: list[Exited] = []
+        collector, limit = _Collector(), self.settings.max_output
+        size = 0
 
         async def collect(event: Output | Exited) -> None:
+            nonlocal size
             if isinstance(event, Output):
-                output[event.kind].append(event.data)
-            else:
-                exits.append(event)
+                size += len(event.data)
+                if size > limit:
+                    raise HTTPError(
+                        413,
+                        "output_too_large",
+                        f"the program's output (stdout and stderr together) exceeds {limit} "
+                        "bytes, so it was terminated; stream larger outputs "
+                        f"(Accept: {NDJSON})",
+                    )
+            collector.add(event)
 
         await self._run_session(exec_request, collect)
-        (exited,) = exits
+        ran = collector.result()
         result: dict[str, Any] = {}
-        for kind, chunks in output.items():
-            data = b"".join(chunks)
+        for kind, data in (("stdout", ran.stdout), ("stderr", ran.stderr)):
             if b64:
                 result[f"{kind}_b64"] = base64.b64encode(data).decode()
             else:
                 result[kind] = data.decode("utf-8", "replace")
         result.update(
-            exitcode=exited.exitcode,
-            termsig=exited.termsig,
+            exitcode=ran.exitcode,
+            termsig=ran.termsig,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
         return JSONResponse(result)

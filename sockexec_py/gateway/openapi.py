@@ -20,7 +20,9 @@ def _error_responses(*codes: int) -> dict[str, Any]:
         401: "Missing or wrong bearer token",
         403: "Refused: sent by a web browser for a page (an Origin header)",
         404: "No such endpoint",
-        413: "Request body too large",
+        413: "Request body too large, or (one-shot JSON answer) the program's output "
+        "exceeded the gateway's --max-output (stdout and stderr together, 16 MiB by "
+        "default): the program was terminated; streamed answers have no such limit",
         415: "The body is not sent with Content-Type: application/json",
         421: "Without tokens, the Host must be localhost, 127.0.0.1 or [::1] (any port)",
         502: "The broker broke the protocol",
