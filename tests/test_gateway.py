@@ -18,7 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit
+from sockexec_py.client import open_session
+from sockexec_py.events import Output
+
+from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
@@ -182,6 +185,64 @@ def test_max_output_must_be_a_positive_number_of_bytes(broker: Broker, value: st
     )
     assert proc.returncode == 100, proc.stderr
     assert "--max-output" in proc.stderr
+
+
+# Leaving after close_stdin, while the program prints nothing: only the client socket
+# tells that nobody waits for the answer any more.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_websocket_closed_after_close_stdin_terminates_the_program(
+    gateway: GatewayProcess,
+) -> None:
+    with trio.fail_after(30):
+        async with open_websocket_url(f"ws://127.0.0.1:{gateway.port}/v1/exec/ws") as ws:
+            await ws.send_message(json.dumps({"argv": ["sh", "-c", "echo $$; exec sleep 30"]}))
+            pid = int(json.loads(await ws.get_message())["data"])
+            await ws.send_message(json.dumps({"type": "close_stdin"}))
+        await trio.to_thread.run_sync(wait_exit, pid, 10)
+
+
+def test_websocket_dropped_after_close_stdin_terminates_the_program(
+    gateway: GatewayProcess,
+) -> None:
+    url = gateway.base.replace("http://", "ws://")
+    session = open_session(url, ["sh", "-c", "echo $$; exec sleep 30"], timeout=30)
+    with session:  # leaving closes the TCP connection, no WebSocket close frame
+        frame = next(iter(session))
+        assert isinstance(frame, Output)
+        pid = int(frame.data)
+        session.close_stdin()
+    wait_exit(pid, 10)
+
+
+def test_one_shot_client_going_away_terminates_the_program(broker: Broker, tmp_path: Path) -> None:
+    gateway = GatewayProcess(broker.path)
+    try:
+        pid_file = tmp_path / "pid"
+        script = f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; exec sleep 30"
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        body = json.dumps({"argv": ["sh", "-c", script]}).encode()
+        conn.request("POST", "/v1/exec", body=body, headers=JSON)
+        # The program prints nothing, so only its pid file says it runs.
+        wait_until(pid_file.exists, 10, "the program to start")
+        pid = int(pid_file.read_text())
+        conn.close()
+        wait_exit(pid, 10)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+            sock.sendall(  # and a client that leaves in the middle of its request body
+                b"POST /v1/exec HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        status, result = _exec(gateway, {"argv": ["true"]})  # the gateway is fine
+        assert (status, result["exitcode"]) == (200, 0)
+        left = 'sockexec_gateway_requests_total{mode="oneshot",status="499"} 2.0'
+        wait_until(lambda: left in gateway.request("GET", "/metrics")[2].decode(), 10, left)
+        gateway.proc.terminate()
+        gateway.proc.wait(20)
+        assert gateway.proc.stderr is not None
+        log = gateway.proc.stderr.read()
+    finally:
+        gateway.stop()
+    assert "Traceback" not in log, log
 
 
 def test_auth_with_token_file_and_reload(broker: Broker, tmp_path: Path) -> None:

@@ -8,16 +8,17 @@ with a 4xx/5xx status and never a stack trace.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -45,6 +46,7 @@ NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 def frame_json(event: Output | Exited, b64: bool) -> dict[str, Any]:
@@ -54,6 +56,40 @@ def frame_json(event: Output | Exited, b64: bool) -> dict[str, Any]:
             return {"type": event.kind, "data_b64": base64.b64encode(event.data).decode()}
         return {"type": event.kind, "data": event.data.decode("utf-8", "replace")}
     return {"type": "exit", "exitcode": event.exitcode, "termsig": event.termsig}
+
+
+class ClientLeft(Exception):
+    """The HTTP client went away before its answer was complete."""
+
+
+async def unless_client_leaves(receive: Receive, work: Callable[[], Awaitable[_T]]) -> _T:
+    """``await work()``, cancelled if the HTTP client goes away first.
+
+    The disconnect is watched for on ``receive`` (call it once the request body has
+    been read), so it is seen even while the program prints nothing and nothing is
+    being sent. A broker session inside ``work`` is then closed, which makes the
+    broker terminate the program.
+
+    Error handling: raises :class:`ClientLeft` if the client left first; what
+    ``work`` raises propagates as itself.
+    """
+    left = False
+    with single_errors():
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                nonlocal left
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                left = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            result = await work()
+            nursery.cancel_scope.cancel()
+    if left:
+        raise ClientLeft
+    return result
 
 
 class Gateway:
@@ -102,6 +138,8 @@ class Gateway:
                 response = await handler(request)
             except HTTPError as exc:
                 response = error_response(exc)
+            except ClientLeft:  # nobody reads this answer: 499 is for the metrics (nginx's)
+                response = Response(status_code=499)
             counted = getattr(response, "mode", mode)
             self.metrics.requests.labels(counted, str(response.status_code)).inc()
             return response
@@ -122,11 +160,14 @@ class Gateway:
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientLeft from None
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -165,7 +206,7 @@ class Gateway:
             except BrokerUnavailable as exc:
                 raise HTTPError(503, "broker_unavailable", str(exc)) from None
             return _Stream(self, exec_request, media_type, b64)
-        return await self._oneshot(exec_request, b64)
+        return await unless_client_leaves(request.receive, lambda: self._oneshot(exec_request, b64))
 
     async def _oneshot(self, exec_request: ExecRequest, b64: bool) -> Response:
         """Run to the end and answer everything at once.
@@ -316,11 +357,18 @@ class Gateway:
             self.metrics.requests.labels(mode, status).inc()
 
     async def _ws_stdin(self, websocket: WebSocket, session: AsyncSession) -> None:
-        total = 0
+        """Stdin messages to the program until ``close_stdin``, and the client watched
+        until the session ends: leaving at any time (even after ``close_stdin``, while
+        the program prints nothing) raises WebSocketDisconnect, which closes the broker
+        session, so the program is terminated. Messages after ``close_stdin`` are
+        dropped, as :meth:`AsyncSession.send` drops them."""
+        total, stdin_open = 0, True
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
+            if not stdin_open:
+                continue
             data: bytes
             if message.get("bytes") is not None:
                 data = message["bytes"]
@@ -333,7 +381,8 @@ class Gateway:
                         control = None
                     if isinstance(control, dict) and control.get("type") == "close_stdin":
                         await session.close_stdin()
-                        return
+                        stdin_open = False
+                        continue
                 data = text.encode()
             total += len(data)
             if total > self.settings.max_ws_stdin:
@@ -346,7 +395,7 @@ class Gateway:
 
 class _Stream(Response):
     """NDJSON or SSE frames as they happen; the program is terminated if the HTTP
-    client goes away (a disconnect is watched for even while nothing is sent)."""
+    client goes away (see :func:`unless_client_leaves`)."""
 
     def __init__(
         self, gateway: Gateway, exec_request: ExecRequest, media_type: str, b64: bool
@@ -372,19 +421,12 @@ class _Stream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        async with trio.open_nursery() as nursery:
 
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                nursery.cancel_scope.cancel()  # closes the broker session: program ends
+        async def forward(event: Output | Exited) -> None:
+            body = self._encode(frame_json(event, self.b64))
+            await send({"type": "http.response.body", "body": body, "more_body": True})
 
-            nursery.start_soon(watch_disconnect)
-
-            async def forward(event: Output | Exited) -> None:
-                body = self._encode(frame_json(event, self.b64))
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-
+        async def stream() -> None:
             try:
                 await self.gateway._run_session(self.exec_request, forward)
             except HTTPError as exc:
@@ -398,4 +440,6 @@ class _Stream(Response):
                     {"type": "http.response.body", "body": self._encode(error), "more_body": True}
                 )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            nursery.cancel_scope.cancel()
+
+        with contextlib.suppress(ClientLeft):
+            await unless_client_leaves(receive, stream)
