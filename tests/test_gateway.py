@@ -350,9 +350,12 @@ def test_exec_needs_a_json_content_type(gateway: GatewayProcess) -> None:
     ):
         headers = {} if content_type is None else {"Content-Type": content_type}
         for accept in ("application/json", "application/x-ndjson"):
-            status, _, data = gateway.request(
-                "POST", "/v1/exec", body, {**headers, "Accept": accept}
-            )
+            # http.client itself, so that no helper adds a content type
+            conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+            conn.request("POST", "/v1/exec", json.dumps(body), {**headers, "Accept": accept})
+            response = conn.getresponse()
+            status, data = response.status, response.read()
+            conn.close()
             assert status == 415, (content_type, accept, data)
             error = json.loads(data)
             assert error["error"] == "unsupported_media_type"
