@@ -33,14 +33,30 @@ from wsproto.events import (
 )
 
 from .client import Result, _BlockingSession, _Collector
-from .errors import BrokerUnavailable, ProtocolError, Timeout
+from .errors import BrokerUnavailable, LocalProtocolError, ProtocolError, Timeout
 from .events import Exited, Output
 
 _RECV_CHUNK = 256 * 1024
 
 
 def _argv_text(argv: Sequence[str | bytes]) -> list[str]:
-    return [a.decode() if isinstance(a, bytes) else a for a in argv]
+    """argv as the JSON text the gateway takes.
+
+    Error handling: an argument that is not UTF-8 (bytes, or a str holding lone
+    surrogates, as ``sys.argv`` has for such bytes) cannot be carried as JSON text:
+    :class:`LocalProtocolError` naming its index (the Unix socket carries any bytes).
+    """
+    text = []
+    for index, arg in enumerate(argv):
+        try:
+            text.append(arg.decode() if isinstance(arg, bytes) else arg)
+            text[-1].encode()  # lone surrogates do not encode
+        except UnicodeError:
+            raise LocalProtocolError(
+                f"argv[{index}] is not valid UTF-8: the gateway carries argv as JSON text "
+                "(use the broker's Unix socket for arbitrary bytes)"
+            ) from None
+    return text
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -57,11 +73,16 @@ def _error_text(status: int, body: bytes) -> str:
 
 
 def _raise_for(status: int, body: bytes) -> None:
+    """The typed error for a gateway's error answer: 504 the session timed out, 503
+    the broker cannot be reached, 502 the broker answered but broke the protocol,
+    anything else the gateway refused the request."""
     text = _error_text(status, body)
     if status == 504:
         raise Timeout(f"gateway: {text}")
-    if status in (502, 503):
+    if status == 503:
         raise BrokerUnavailable(f"gateway: {text}")
+    if status == 502:
+        raise ProtocolError(f"gateway: {text}")
     raise ProtocolError(f"gateway refused the request: {text}")
 
 

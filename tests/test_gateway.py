@@ -18,13 +18,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit
+from sockexec_py.client import open_session
+from sockexec_py.events import Output
+
+from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+JSON = {"Content-Type": "application/json"}
+NDJSON = "application/x-ndjson"
+
+
+def _post(
+    gateway: GatewayProcess,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+    query: str = "",
+) -> tuple[int, dict[str, str], bytes]:
+    """``POST /v1/exec`` with a JSON content type (``headers`` added or overriding)."""
+    return gateway.request("POST", "/v1/exec" + query, body, {**JSON, **(headers or {})}, raw)
 
 
 def _exec(gateway: GatewayProcess, body: Any, query: str = "") -> tuple[int, dict[str, Any]]:
-    status, _, data = gateway.request("POST", "/v1/exec" + query, body)
+    status, _, data = _post(gateway, body, query=query)
     return status, json.loads(data)
 
 
@@ -52,7 +68,8 @@ def _stream(
     gateway: GatewayProcess, body: Any, accept: str
 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
-    conn.request("POST", "/v1/exec", body=json.dumps(body).encode(), headers={"Accept": accept})
+    headers = {**JSON, "Accept": accept}
+    conn.request("POST", "/v1/exec", body=json.dumps(body).encode(), headers=headers)
     return conn, conn.getresponse()
 
 
@@ -125,23 +142,126 @@ async def test_websocket_going_away_terminates_the_program(gateway: GatewayProce
         await trio.to_thread.run_sync(wait_exit, pid, 10)
 
 
+def test_one_shot_output_past_max_output_is_413_and_ends_the_program(
+    broker: Broker, tmp_path: Path
+) -> None:
+    limit = 100_000
+    gateway = GatewayProcess(broker.path, "--max-output", str(limit))
+    try:
+        both = "head -c {} /dev/zero; head -c {} /dev/zero >&2"  # stdout and stderr add up
+        status, result = _exec(gateway, {"argv": ["sh", "-c", both.format(limit // 2, limit // 2)]})
+        assert status == 200 and len(result["stdout"]) + len(result["stderr"]) == limit
+        script = both.format(limit // 2, limit // 2 + 1)
+        status, result = _exec(gateway, {"argv": ["sh", "-c", script]})
+        assert (status, result["error"]) == (413, "output_too_large")
+        assert f"{limit} bytes" in result["detail"] and set(result) == {"error", "detail"}
+        pid_file = tmp_path / "pid"
+        endless = {"argv": ["sh", "-c", f"echo $$ > {pid_file}; exec cat /dev/zero"]}
+        status, result = _exec(gateway, endless)
+        assert (status, result["error"]) == (413, "output_too_large")
+        wait_exit(int(pid_file.read_text()), 10)
+        # Streams are not limited in total (backpressure bounds their memory).
+        conn, response = _stream(
+            gateway, {"argv": ["head", "-c", str(3 * limit), "/dev/zero"]}, NDJSON
+        )
+        frames = [json.loads(line) for line in response.read().splitlines()]
+        conn.close()
+        assert sum(len(frame.get("data", "")) for frame in frames) == 3 * limit
+        assert frames[-1] == {"type": "exit", "exitcode": 0, "termsig": None}
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_max_output_must_be_a_positive_number_of_bytes(broker: Broker, value: str) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "sockexec_py.gateway"),
+            *("--socket", str(broker.path), "--max-output", value),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 100, proc.stderr
+    assert "--max-output" in proc.stderr
+
+
+# Leaving after close_stdin, while the program prints nothing: only the client socket
+# tells that nobody waits for the answer any more.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_websocket_closed_after_close_stdin_terminates_the_program(
+    gateway: GatewayProcess,
+) -> None:
+    with trio.fail_after(30):
+        async with open_websocket_url(f"ws://127.0.0.1:{gateway.port}/v1/exec/ws") as ws:
+            await ws.send_message(json.dumps({"argv": ["sh", "-c", "echo $$; exec sleep 30"]}))
+            pid = int(json.loads(await ws.get_message())["data"])
+            await ws.send_message(json.dumps({"type": "close_stdin"}))
+        await trio.to_thread.run_sync(wait_exit, pid, 10)
+
+
+def test_websocket_dropped_after_close_stdin_terminates_the_program(
+    gateway: GatewayProcess,
+) -> None:
+    url = gateway.base.replace("http://", "ws://")
+    session = open_session(url, ["sh", "-c", "echo $$; exec sleep 30"], timeout=30)
+    with session:  # leaving closes the TCP connection, no WebSocket close frame
+        frame = next(iter(session))
+        assert isinstance(frame, Output)
+        pid = int(frame.data)
+        session.close_stdin()
+    wait_exit(pid, 10)
+
+
+def test_one_shot_client_going_away_terminates_the_program(broker: Broker, tmp_path: Path) -> None:
+    gateway = GatewayProcess(broker.path)
+    try:
+        pid_file = tmp_path / "pid"
+        script = f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; exec sleep 30"
+        conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        body = json.dumps({"argv": ["sh", "-c", script]}).encode()
+        conn.request("POST", "/v1/exec", body=body, headers=JSON)
+        # The program prints nothing, so only its pid file says it runs.
+        wait_until(pid_file.exists, 10, "the program to start")
+        pid = int(pid_file.read_text())
+        conn.close()
+        wait_exit(pid, 10)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+            sock.sendall(  # and a client that leaves in the middle of its request body
+                b"POST /v1/exec HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        status, result = _exec(gateway, {"argv": ["true"]})  # the gateway is fine
+        assert (status, result["exitcode"]) == (200, 0)
+        left = 'sockexec_gateway_requests_total{mode="oneshot",status="499"} 2.0'
+        wait_until(lambda: left in gateway.request("GET", "/metrics")[2].decode(), 10, left)
+        gateway.proc.terminate()
+        gateway.proc.wait(20)
+        assert gateway.proc.stderr is not None
+        log = gateway.proc.stderr.read()
+    finally:
+        gateway.stop()
+    assert "Traceback" not in log, log
+
+
 def test_auth_with_token_file_and_reload(broker: Broker, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("# operators\nfirst-token\n")
     gateway = GatewayProcess(broker.path, "--token-file", str(tokens))
     try:
         body = {"argv": ["true"]}
-        status, _, data = gateway.request("POST", "/v1/exec", body)
+        status, _, data = _post(gateway, body)
         assert status == 401 and json.loads(data)["error"] == "unauthorized"
         wrong = {"Authorization": "Bearer nope"}
-        assert gateway.request("POST", "/v1/exec", body, wrong)[0] == 401
+        assert _post(gateway, body, wrong)[0] == 401
         right = {"Authorization": "Bearer first-token"}
-        assert gateway.request("POST", "/v1/exec", body, right)[0] == 200
+        assert _post(gateway, body, right)[0] == 200
         assert gateway.request("GET", "/metrics")[0] == 401
         tokens.write_text("second-token-longer\n")  # rotated without a restart
-        assert gateway.request("POST", "/v1/exec", body, right)[0] == 401
+        assert _post(gateway, body, right)[0] == 401
         new = {"Authorization": "Bearer second-token-longer"}
-        assert gateway.request("POST", "/v1/exec", body, new)[0] == 200
+        assert _post(gateway, body, new)[0] == 200
         assert gateway.request("GET", "/healthz")[0] == 200  # probes need no token
     finally:
         gateway.stop()
@@ -171,12 +291,10 @@ def test_broker_down_is_503_and_recovery_needs_no_restart(start_broker, tmp_path
     try:
         status, _, data = gateway.request("GET", "/healthz")
         assert status == 503
-        assert "does not exist" in json.loads(data)["detail"]
+        assert json.loads(data) == {"error": "broker_unavailable", "detail": "broker unavailable"}
         status, result = _exec(gateway, {"argv": ["true"]})
         assert status == 503 and result["error"] == "broker_unavailable"
-        status, _, _ = gateway.request(
-            "POST", "/v1/exec", {"argv": ["true"]}, {"Accept": "application/x-ndjson"}
-        )
+        status, _, _ = _post(gateway, {"argv": ["true"]}, {"Accept": "application/x-ndjson"})
         assert status == 503
         broker = start_broker()
         assert broker.path == tmp_path / "broker0.sock"
@@ -185,6 +303,23 @@ def test_broker_down_is_503_and_recovery_needs_no_restart(start_broker, tmp_path
         assert (status, result["exitcode"]) == (200, 0)
     finally:
         gateway.stop()
+
+
+def test_healthz_hides_the_broker_path_and_logs_the_reason(tmp_path: Path) -> None:
+    socket_path = tmp_path / "secret-place" / "broker.sock"
+    gateway = GatewayProcess(socket_path)
+    try:
+        status, _, data = gateway.request("GET", "/healthz")  # a probe needs no token
+        assert status == 503
+        assert json.loads(data) == {"error": "broker_unavailable", "detail": "broker unavailable"}
+        assert b"secret-place" not in data
+        gateway.proc.terminate()
+        gateway.proc.wait(20)
+        assert gateway.proc.stderr is not None
+        log = gateway.proc.stderr.read()
+    finally:
+        gateway.stop()
+    assert f"broker socket {socket_path} does not exist" in log
 
 
 def test_errors_are_json_with_proper_codes(gateway: GatewayProcess) -> None:
@@ -197,16 +332,82 @@ def test_errors_are_json_with_proper_codes(gateway: GatewayProcess) -> None:
         ("GET", "/nowhere", None, 404),
     ]
     for method, path, raw, expected in cases:
-        status, _headers, data = gateway.request(method, path, raw=raw)
+        status, _headers, data = gateway.request(method, path, headers=JSON, raw=raw)
         assert status == expected, (path, raw and raw[:30], data)
         body = json.loads(data)
         assert set(body) == {"error", "detail"} and "Traceback" not in body["detail"]
 
 
+def test_exec_needs_a_json_content_type(gateway: GatewayProcess) -> None:
+    body = {"argv": ["echo", "ran"]}
+    # No type, curl -d's default, and the types a web page may POST without a preflight.
+    for content_type in (
+        None,
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+    ):
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        for accept in ("application/json", "application/x-ndjson"):
+            # http.client itself, so that no helper adds a content type
+            conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+            conn.request("POST", "/v1/exec", json.dumps(body), {**headers, "Accept": accept})
+            response = conn.getresponse()
+            status, data = response.status, response.read()
+            conn.close()
+            assert status == 415, (content_type, accept, data)
+            error = json.loads(data)
+            assert error["error"] == "unsupported_media_type"
+            assert "Content-Type: application/json" in error["detail"]
+    for content_type in ("application/json; charset=utf-8", "Application/JSON"):
+        status, _, data = _post(gateway, body, {"Content-Type": content_type})
+        assert (status, json.loads(data)["stdout"]) == (200, "ran\n")
+
+
+def test_host_must_be_a_loopback_name_without_tokens(gateway: GatewayProcess) -> None:
+    """DNS rebinding: a page of evil.example whose name now resolves to 127.0.0.1
+    reaches the gateway with ``Host: evil.example`` (and a browser may leave Origin
+    out of a same-origin GET)."""
+    body = {"argv": ["true"]}
+    for host in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "10.0.0.1"):
+        for method, path in (("POST", "/v1/exec"), ("GET", "/metrics"), ("GET", "/healthz")):
+            status, _, data = gateway.request(
+                method, path, body if method == "POST" else None, {**JSON, "Host": host}
+            )
+            assert status == 421, (host, path, data)
+            assert json.loads(data)["error"] == "misdirected_request"
+    for host in ("localhost", "LOCALHOST:1234", "127.0.0.1", "127.0.0.1:80", "[::1]", "[::1]:8080"):
+        status, _, data = _post(gateway, body, {"Host": host})
+        assert status == 200, (host, data)
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /v1/exec/ws HTTP/1.1\r\nHost: evil.example\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        reply = sock.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 403"), reply
+
+
+def test_any_host_is_fine_with_tokens(broker: Broker, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t0ken\n")
+    gateway = GatewayProcess(broker.path, "--token-file", str(tokens))
+    try:
+        headers = {"Host": "gateway.example:443", "Authorization": "Bearer t0ken"}
+        status, _, data = _post(gateway, {"argv": ["true"]}, headers)
+        assert (status, json.loads(data)["exitcode"]) == (200, 0)
+        status, _, _ = _post(gateway, {"argv": ["true"]}, {"Host": "gateway.example"})
+        assert status == 401
+    finally:
+        gateway.stop()
+
+
 def test_oversized_body_is_refused_before_it_is_read(gateway: GatewayProcess) -> None:
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/exec HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n{" % (64 << 20)
         )
         reply = b""
@@ -233,6 +434,7 @@ def test_metrics_and_openapi(gateway: GatewayProcess) -> None:
     document = json.loads(data)
     assert status == 200 and document["openapi"].startswith("3.")
     assert {"/v1/exec", "/healthz", "/metrics", "/openapi.json"} <= set(document["paths"])
+    assert {"403", "415", "421"} <= set(document["paths"]["/v1/exec"]["post"]["responses"])
 
 
 # -- property test against the OpenAPI document ------------------------------------
@@ -287,15 +489,15 @@ def _check_against_schema(status: int, body: dict[str, Any], request: Any) -> No
 )
 @given(body=_exec_bodies)
 def test_any_request_body_gets_a_documented_answer(gateway: GatewayProcess, body: Any) -> None:
-    status, _, data = gateway.request("POST", "/v1/exec", raw=json.dumps(body).encode())
+    status, _, data = _post(gateway, raw=json.dumps(body).encode())
     _check_against_schema(status, json.loads(data), body)
 
 
 def test_browser_requests_and_malformed_text_are_4xx_not_5xx(gateway: GatewayProcess) -> None:
     body = {"argv": ["true"]}
     page = {"Origin": "http://evil.example"}
-    status, _, data = gateway.request("POST", "/v1/exec", body, page)
+    status, _, data = _post(gateway, body, page)
     assert status == 403 and json.loads(data)["error"] == "forbidden"
     for raw in (b"[" * 100_000, b'{"argv": ["\\ud800"]}', b'{"argv": ["cat"], "stdin": "\\udc00"}'):
-        status, _, data = gateway.request("POST", "/v1/exec", raw=raw)
+        status, _, data = _post(gateway, raw=raw)
         assert status == 400, (raw[:30], data)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import trio
 
 from sockexec_py.client import (
     BrokerUnavailable,
+    ProtocolError,
     Timeout,
     arun,
     open_async_session,
@@ -105,3 +109,58 @@ async def test_trio_duplex_session_over_the_websocket(gateway: GatewayProcess) -
             await session.close_stdin()
             assert await session.__anext__() == Exited(exitcode=0)
     assert seen == [b"trio \x00 bytes"]
+
+
+@contextlib.contextmanager
+def _garbage_broker(path: Path) -> Iterator[None]:
+    """A fake broker on ``path`` that answers every one-shot request with a pair of an
+    unknown type (what the gateway reports as 502)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):  # ends when the listener is closed
+            while True:
+                conn, _ = listener.accept()
+                with conn:
+                    request = b""
+                    while not request.endswith(b"0:,") and (data := conn.recv(65536)):
+                        request += data  # read it all: closing with unread data resets
+                    conn.sendall(b"5:bogus,1:x,")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(10)
+
+
+def test_a_broker_answering_badly_is_a_protocol_error(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sock"
+    with _garbage_broker(path):
+        gateway = GatewayProcess(path)
+        try:
+            with pytest.raises(ProtocolError, match="502 broker_protocol_error") as info:
+                run(gateway.base, ["true"], timeout=30)
+            assert not isinstance(info.value, BrokerUnavailable)
+        finally:
+            gateway.stop()
+
+
+def test_argv_the_gateway_cannot_carry_is_refused_naming_the_argument(
+    gateway: GatewayProcess,
+) -> None:
+    # The gateway carries argv as JSON text: bytes that are not UTF-8 (and str holding
+    # lone surrogates, as sys.argv has for such bytes) cannot go through.
+    for argv in ([b"echo", b"ok", b"\xff"], ["echo", "ok", "\udcff"]):
+        with pytest.raises(ProtocolError, match=r"argv\[2\] is not valid UTF-8"):
+            run(gateway.base, argv, timeout=30)
+        with pytest.raises(ProtocolError, match=r"argv\[2\] is not valid UTF-8"):
+            open_session(gateway.base.replace("http", "ws"), argv, timeout=30)
+    assert (
+        run(gateway.base, [b"echo", "h\u00e9".encode()], timeout=30).stdout == "h\u00e9\n".encode()
+    )

@@ -8,8 +8,8 @@ with a 4xx/5xx status and never a stack trace.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,119 +17,31 @@ from typing import Any
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sockexec_py._io import single_errors
-from sockexec_py.client import AsyncSession, check_broker, open_unix_session
+from sockexec_py.client import AsyncSession, _Collector, check_broker, open_unix_session
 from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout
 from sockexec_py.events import Exited, Output
 
 from .auth import TokenStore
 from .metrics import GatewayMetrics
 from .openapi import OPENAPI
+from .request import (
+    ExecRequest,
+    HTTPError,
+    error_response,
+    refuse_cross_site,
+    refuse_foreign_host,
+    require_json,
+)
 from .settings import GatewaySettings
+from .streaming import NDJSON, SSE, ClientLeft, Stream, frame_json, unless_client_leaves
 
-NDJSON = "application/x-ndjson"
-SSE = "text/event-stream"
-
-
-class HTTPError(Exception):
-    """A request we refuse: becomes ``{"error": ..., "detail": ...}`` with ``status``."""
-
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status, self.error, self.detail = status, error, detail
-
-
-def _refuse_cross_site(headers: Any) -> None:
-    """Refuse anything a web browser sent on behalf of a page.
-
-    Browsers send ``Origin`` with every cross-site POST and WebSocket, and a page may
-    otherwise make them to 127.0.0.1 (a "simple" request needs no preflight; DNS
-    rebinding even lets it read the answer): the gateway would run programs for any
-    web page its user opens. Our clients (curl, the Python client, nginx) send none.
-    """
-    if headers.get("origin") is not None:
-        raise HTTPError(403, "forbidden", "cross-site requests (with an Origin header) are refused")
-
-
-def error_response(exc: HTTPError) -> JSONResponse:
-    return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
-
-
-class ExecRequest:
-    """A validated ``POST /v1/exec`` (or first WebSocket message) body."""
-
-    def __init__(self, body: Any, settings: GatewaySettings, *, allow_stdin: bool = True) -> None:
-        if not isinstance(body, dict):
-            raise HTTPError(400, "bad_request", "the body must be a JSON object")
-        unknown = set(body) - {"argv", "stdin", "stdin_b64", "timeout"}
-        if unknown:
-            raise HTTPError(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
-        argv = body.get("argv")
-        if (
-            not isinstance(argv, list)
-            or not argv
-            or not all(isinstance(a, str) and "\0" not in a for a in argv)
-        ):
-            raise HTTPError(
-                400, "bad_request", "argv must be a non-empty list of strings without NUL"
-            )
-        if not all(_encodable(a) for a in argv):
-            raise HTTPError(400, "bad_request", "argv holds text that is not valid Unicode")
-        if len(argv) > settings.max_argv:
-            raise HTTPError(400, "bad_request", f"argv has more than {settings.max_argv} items")
-        self.argv: list[str] = argv
-        self.stdin = b""
-        if "stdin" in body and "stdin_b64" in body:
-            raise HTTPError(400, "bad_request", "give stdin or stdin_b64, not both")
-        if not allow_stdin and ("stdin" in body or "stdin_b64" in body):
-            raise HTTPError(400, "bad_request", "send stdin as WebSocket messages")
-        if "stdin" in body:
-            if not isinstance(body["stdin"], str):
-                raise HTTPError(400, "bad_request", "stdin must be a string")
-            if not _encodable(body["stdin"]):
-                raise HTTPError(400, "bad_request", "stdin is not valid Unicode text")
-            self.stdin = body["stdin"].encode()
-        if "stdin_b64" in body:
-            if not isinstance(body["stdin_b64"], str):
-                raise HTTPError(400, "bad_request", "stdin_b64 must be a base64 string")
-            try:
-                self.stdin = base64.b64decode(body["stdin_b64"], validate=True)
-            except binascii.Error:
-                raise HTTPError(400, "bad_request", "stdin_b64 is not valid base64") from None
-        timeout = body.get("timeout", settings.default_timeout)
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not 0 < timeout <= settings.max_timeout
-        ):
-            raise HTTPError(
-                400, "bad_request", f"timeout must be a number in (0, {settings.max_timeout}]"
-            )
-        self.timeout = float(timeout)
-
-
-def _encodable(text: str) -> bool:
-    """False for text UTF-8 cannot encode (lone surrogates from JSON escapes)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def frame_json(event: Output | Exited, b64: bool) -> dict[str, Any]:
-    """One streamed frame as JSON: output data as text (or base64), or the exit."""
-    if isinstance(event, Output):
-        if b64:
-            return {"type": event.kind, "data_b64": base64.b64encode(event.data).decode()}
-        return {"type": event.kind, "data": event.data.decode("utf-8", "replace")}
-    return {"type": "exit", "exitcode": event.exitcode, "termsig": event.termsig}
+log = logging.getLogger(__name__)
 
 
 class Gateway:
@@ -155,6 +67,14 @@ class Gateway:
     def _authorized(self, headers: Any) -> bool:
         return self.tokens is None or self.tokens.check(headers.get("authorization"))
 
+    def _screen(self, headers: Any, *, auth: bool) -> None:
+        """The checks every request passes, HTTP or WebSocket; HTTPError if refused."""
+        refuse_cross_site(headers)
+        if self.tokens is None:
+            refuse_foreign_host(headers)
+        if auth and not self._authorized(headers):
+            raise HTTPError(401, "unauthorized", "a valid bearer token is required")
+
     def _guard(
         self,
         mode: str,
@@ -166,12 +86,12 @@ class Gateway:
 
         async def endpoint(request: Request) -> Response:
             try:
-                _refuse_cross_site(request.headers)
-                if auth and not self._authorized(request.headers):
-                    raise HTTPError(401, "unauthorized", "a valid bearer token is required")
+                self._screen(request.headers, auth=auth)
                 response = await handler(request)
             except HTTPError as exc:
                 response = error_response(exc)
+            except ClientLeft:  # nobody reads this answer: 499 is for the metrics (nginx's)
+                response = Response(status_code=499)
             counted = getattr(response, "mode", mode)
             self.metrics.requests.labels(counted, str(response.status_code)).inc()
             return response
@@ -192,11 +112,14 @@ class Gateway:
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientLeft from None
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -205,10 +128,13 @@ class Gateway:
     # -- endpoints -------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
+        """Whether the broker answers. Probes need no token, so the answer says no more
+        than that: the reason (which names the socket path) goes to the log."""
         try:
             await check_broker(self.settings.socket_path)
         except BrokerUnavailable as exc:
-            raise HTTPError(503, "broker_unavailable", str(exc)) from None
+            log.warning("healthz: %s", exc)
+            raise HTTPError(503, "broker_unavailable", "broker unavailable") from None
         return JSONResponse({"status": "ok"})
 
     async def metrics_endpoint(self, request: Request) -> Response:
@@ -218,6 +144,7 @@ class Gateway:
         return JSONResponse(OPENAPI)
 
     async def exec_http(self, request: Request) -> Response:
+        require_json(request.headers)
         body = await self._read_json(request)
         exec_request = ExecRequest(body, self.settings)
         b64 = request.query_params.get("encoding") == "base64"
@@ -230,32 +157,46 @@ class Gateway:
                 await check_broker(self.settings.socket_path)
             except BrokerUnavailable as exc:
                 raise HTTPError(503, "broker_unavailable", str(exc)) from None
-            return _Stream(self, exec_request, media_type, b64)
-        return await self._oneshot(exec_request, b64)
+            return Stream(self, exec_request, media_type, b64)
+        return await unless_client_leaves(request.receive, lambda: self._oneshot(exec_request, b64))
 
     async def _oneshot(self, exec_request: ExecRequest, b64: bool) -> Response:
+        """Run to the end and answer everything at once.
+
+        The whole output is held in memory, so it is bounded: past ``max_output``
+        bytes (stdout and stderr together) the session is left, which terminates the
+        program, and the answer is 413. Streams have no such limit: they hold one
+        frame at a time.
+        """
         started = time.monotonic()
-        output: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        exits: list[Exited] = []
+        collector, limit = _Collector(), self.settings.max_output
+        size = 0
 
         async def collect(event: Output | Exited) -> None:
+            nonlocal size
             if isinstance(event, Output):
-                output[event.kind].append(event.data)
-            else:
-                exits.append(event)
+                size += len(event.data)
+                if size > limit:
+                    raise HTTPError(
+                        413,
+                        "output_too_large",
+                        f"the program's output (stdout and stderr together) exceeds {limit} "
+                        "bytes, so it was terminated; stream larger outputs "
+                        f"(Accept: {NDJSON})",
+                    )
+            collector.add(event)
 
         await self._run_session(exec_request, collect)
-        (exited,) = exits
+        ran = collector.result()
         result: dict[str, Any] = {}
-        for kind, chunks in output.items():
-            data = b"".join(chunks)
+        for kind, data in (("stdout", ran.stdout), ("stderr", ran.stderr)):
             if b64:
                 result[f"{kind}_b64"] = base64.b64encode(data).decode()
             else:
                 result[kind] = data.decode("utf-8", "replace")
         result.update(
-            exitcode=exited.exitcode,
-            termsig=exited.termsig,
+            exitcode=ran.exitcode,
+            termsig=ran.termsig,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
         return JSONResponse(result)
@@ -322,14 +263,10 @@ class Gateway:
         """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
         mode = "websocket"
         try:
-            _refuse_cross_site(websocket.headers)
-        except HTTPError:
-            await websocket.close(code=4403, reason="cross-site requests are refused")
-            self.metrics.requests.labels(mode, "403").inc()
-            return
-        if not self._authorized(websocket.headers):
-            await websocket.close(code=4401, reason="a valid bearer token is required")
-            self.metrics.requests.labels(mode, "401").inc()
+            self._screen(websocket.headers, auth=True)
+        except HTTPError as exc:  # closed before the handshake: the client sees a 403
+            await websocket.close(code=4000 + exc.status, reason=exc.detail)
+            self.metrics.requests.labels(mode, str(exc.status)).inc()
             return
         await websocket.accept()
         status = "200"
@@ -372,11 +309,18 @@ class Gateway:
             self.metrics.requests.labels(mode, status).inc()
 
     async def _ws_stdin(self, websocket: WebSocket, session: AsyncSession) -> None:
-        total = 0
+        """Stdin messages to the program until ``close_stdin``, and the client watched
+        until the session ends: leaving at any time (even after ``close_stdin``, while
+        the program prints nothing) raises WebSocketDisconnect, which closes the broker
+        session, so the program is terminated. Messages after ``close_stdin`` are
+        dropped, as :meth:`AsyncSession.send` drops them."""
+        total, stdin_open = 0, True
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
+            if not stdin_open:
+                continue
             data: bytes
             if message.get("bytes") is not None:
                 data = message["bytes"]
@@ -389,7 +333,8 @@ class Gateway:
                         control = None
                     if isinstance(control, dict) and control.get("type") == "close_stdin":
                         await session.close_stdin()
-                        return
+                        stdin_open = False
+                        continue
                 data = text.encode()
             total += len(data)
             if total > self.settings.max_ws_stdin:
@@ -398,60 +343,3 @@ class Gateway:
                 )
             self.metrics.bytes_in.inc(len(data))
             await session.send(data)
-
-
-class _Stream(Response):
-    """NDJSON or SSE frames as they happen; the program is terminated if the HTTP
-    client goes away (a disconnect is watched for even while nothing is sent)."""
-
-    def __init__(
-        self, gateway: Gateway, exec_request: ExecRequest, media_type: str, b64: bool
-    ) -> None:
-        self.status_code = 200
-        self.media_type = media_type
-        self.background = None
-        # No content-length: the body is streamed. No caching or proxy buffering
-        # (X-Accel-Buffering is nginx's): each frame must reach the client at once.
-        self.raw_headers = [
-            (b"content-type", media_type.encode("latin-1")),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ]
-        self.gateway, self.exec_request, self.b64 = gateway, exec_request, b64
-        self.mode = "ndjson" if media_type == NDJSON else "sse"
-
-    def _encode(self, obj: dict[str, Any]) -> bytes:
-        line = json.dumps(obj)
-        if self.media_type == SSE:
-            return f"event: {obj['type']}\ndata: {line}\n\n".encode()
-        return (line + "\n").encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        async with trio.open_nursery() as nursery:
-
-            async def watch_disconnect() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                nursery.cancel_scope.cancel()  # closes the broker session: program ends
-
-            nursery.start_soon(watch_disconnect)
-
-            async def forward(event: Output | Exited) -> None:
-                body = self._encode(frame_json(event, self.b64))
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-
-            try:
-                await self.gateway._run_session(self.exec_request, forward)
-            except HTTPError as exc:
-                error = {
-                    "type": "error",
-                    "error": exc.error,
-                    "detail": exc.detail,
-                    "status": exc.status,
-                }
-                await send(
-                    {"type": "http.response.body", "body": self._encode(error), "more_body": True}
-                )
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            nursery.cancel_scope.cancel()

@@ -39,6 +39,12 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _byte_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"takes a positive number of bytes, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="HTTP/WebSocket gateway to a sockexec_py broker.")
     add = parser.add_argument
@@ -46,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--listen", type=_listen, default=("127.0.0.1", 8080), help="HOST:PORT (127.0.0.1:8080)")
     add("--token-file", help="bearer tokens, one per line (required off loopback)")
     add("--max-body", type=int, default=8 << 20, help="largest request body in bytes (8 MiB)")
+    add(
+        "--max-output",
+        type=_byte_count,
+        default=16 << 20,
+        help="largest output (stdout+stderr) of a one-shot request in bytes, 413 past it "
+        "(16 MiB; streams are not limited)",
+    )
     add("--max-timeout", type=float, default=3600.0, help="largest timeout a request may ask")
     add("--default-timeout", type=float, default=60.0, help="timeout of a request without one")
     return parser
@@ -61,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=port,
         token_file=args.token_file,
         max_body=args.max_body,
+        max_output=args.max_output,
         max_timeout=args.max_timeout,
         default_timeout=min(args.default_timeout, args.max_timeout),
     )

@@ -18,8 +18,13 @@ def _error_responses(*codes: int) -> dict[str, Any]:
     texts = {
         400: "Malformed request",
         401: "Missing or wrong bearer token",
+        403: "Refused: sent by a web browser for a page (an Origin header)",
         404: "No such endpoint",
-        413: "Request body too large",
+        413: "Request body too large, or (one-shot JSON answer) the program's output "
+        "exceeded the gateway's --max-output (stdout and stderr together, 16 MiB by "
+        "default): the program was terminated; streamed answers have no such limit",
+        415: "The body is not sent with Content-Type: application/json",
+        421: "Without tokens, the Host must be localhost, 127.0.0.1 or [::1] (any port)",
         502: "The broker broke the protocol",
         503: "The broker is unavailable",
         504: "The program did not finish in time",
@@ -115,7 +120,7 @@ OPENAPI: dict[str, Any] = {
                             "text/event-stream": {"schema": {"type": "string"}},
                         },
                     },
-                    **_error_responses(400, 401, 413, 502, 503, 504),
+                    **_error_responses(400, 401, 403, 413, 415, 421, 502, 503, 504),
                 },
             }
         },
@@ -136,7 +141,7 @@ OPENAPI: dict[str, Any] = {
                             }
                         },
                     },
-                    **_error_responses(503),
+                    **_error_responses(403, 421, 503),
                 },
             }
         },
@@ -148,7 +153,7 @@ OPENAPI: dict[str, Any] = {
                         "description": "Prometheus text format.",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
-                    **_error_responses(401),
+                    **_error_responses(401, 403, 421),
                 },
             }
         },
@@ -160,7 +165,8 @@ OPENAPI: dict[str, Any] = {
                     "200": {
                         "description": "OpenAPI 3.1",
                         "content": {"application/json": {"schema": {"type": "object"}}},
-                    }
+                    },
+                    **_error_responses(403, 421),
                 },
             }
         },

@@ -11,7 +11,9 @@ class GatewaySettings:
     """Where the broker is, where to listen, and the limits of a request.
 
     ``max_body`` bounds the JSON request body (and so the stdin of a one-shot
-    request); ``max_ws_stdin`` bounds the stdin sent over one WebSocket session;
+    request); ``max_output`` bounds the output (stdout and stderr together) a one-shot
+    request collects before it answers; ``max_ws_stdin`` bounds the stdin sent over
+    one WebSocket session;
     ``default_timeout``/``max_timeout`` bound a session's duration (the broker's own
     ``-t`` still applies).
     """
@@ -21,6 +23,7 @@ class GatewaySettings:
     port: int = 8080
     token_file: str | None = None
     max_body: int = 8 << 20
+    max_output: int = 16 << 20
     max_ws_stdin: int = 64 << 20
     max_argv: int = 1000
     default_timeout: float = 60.0

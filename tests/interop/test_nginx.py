@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote, urlencode
 
 import pytest
@@ -637,22 +638,39 @@ def proxied_gateway(broker: Broker, tmp_path: Path) -> Iterator[Nginx]:
     gateway.stop()
 
 
-def test_gateway_one_shot_through_nginx(proxied_gateway: Nginx) -> None:
+def _proxied(
+    proxied_gateway: Nginx, method: str, path: str, body: Any = None, host: str | None = None
+) -> tuple[int, Any]:
     conn = http.client.HTTPConnection("127.0.0.1", proxied_gateway.proxy_port, timeout=30)
-    conn.request("POST", "/v1/exec", body=json.dumps({"argv": ["echo", "via nginx"]}))
+    headers = {"Content-Type": "application/json", **({"Host": host} if host else {})}
+    conn.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
     response = conn.getresponse()
     result = json.loads(response.read())
     conn.close()
-    assert response.status == 200
+    return response.status, result
+
+
+def test_gateway_one_shot_through_nginx(proxied_gateway: Nginx) -> None:
+    status, result = _proxied(proxied_gateway, "POST", "/v1/exec", {"argv": ["echo", "via nginx"]})
+    assert status == 200
     assert (result["stdout"], result["exitcode"]) == ("via nginx\n", 0)
+    assert _proxied(proxied_gateway, "GET", "/healthz") == (200, {"status": "ok"})
+
+
+def test_gateway_behind_nginx_still_sees_the_clients_host(proxied_gateway: Nginx) -> None:
+    # nginx passes the client's Host on, so a token-less gateway keeps refusing
+    # DNS-rebound requests (Host: evil.example) that reach it through the proxy.
+    for method, path in (("POST", "/v1/exec"), ("GET", "/healthz")):
+        body = {"argv": ["true"]} if method == "POST" else None
+        status, result = _proxied(proxied_gateway, method, path, body, "evil.test")
+        assert (status, result["error"]) == (421, "misdirected_request"), path
 
 
 def test_gateway_ndjson_streams_through_nginx_unbuffered(proxied_gateway: Nginx) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", proxied_gateway.proxy_port, timeout=30)
     body = {"argv": ["sh", "-c", "echo $$; sleep 2; echo done"]}
-    conn.request(
-        "POST", "/v1/exec", body=json.dumps(body), headers={"Accept": "application/x-ndjson"}
-    )
+    headers = {"Accept": "application/x-ndjson", "Content-Type": "application/json"}
+    conn.request("POST", "/v1/exec", body=json.dumps(body), headers=headers)
     response = conn.getresponse()
     pid = int(json.loads(response.readline())["data"])
     assert pid_alive(pid), "the first frame was held back until the program ended"
