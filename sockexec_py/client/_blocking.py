@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from itertools import chain
 from typing import Self
 
 from sockexec_py.errors import Timeout
 from sockexec_py.events import Exited, Output
-from sockexec_py.netstring import encode
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
 from ._common import (
+    CLOSE_STDIN,
     RECV_CHUNK,
     Collector,
     Frame,
     OutputCallback,
     Result,
     dispatch,
+    one_shot_request,
     parse_target,
-    stdin_chunks,
+    stdin_netstrings,
     timeout_error,
     unavailable,
 )
@@ -109,10 +110,11 @@ class _BlockingSession:
 class Session(_BlockingSession):
     """A duplex session over a blocking socket.
 
-    ``send`` and ``close_stdin`` may be called from another thread than the one
-    iterating the frames; ``on_stdout``/``on_stderr`` are called with each chunk as it
-    is iterated. The broker holds bounded buffers: a program that echoes its stdin
-    stalls if nobody reads its output while a large stdin is sent.
+    ``send`` and ``close_stdin`` may be called from other threads than the one
+    iterating the frames (one ``send`` goes out whole, before a later close);
+    ``on_stdout``/``on_stderr`` are called with each chunk as it is iterated. The
+    broker holds bounded buffers: a program that echoes its stdin stalls if nobody
+    reads its output while a large stdin is sent.
 
     Resource handling: the session owns its socket; leaving the ``with`` block (or
     :meth:`close`) closes it, and the broker then terminates the program if it still
@@ -131,20 +133,27 @@ class Session(_BlockingSession):
         self._deadline = deadline
         self._parser = ClientSession()
         self._on_stdout, self._on_stderr = on_stdout, on_stderr
+        # A send of many netstrings goes out whole before a close from another thread.
+        self._send_lock = threading.Lock()
         self._stdin_closed = False
         #: How the program ended, once the last frame was read.
         self.exited: Exited | None = None
 
     def send(self, data: bytes) -> None:
-        """Send a chunk of stdin (ignored after :meth:`close_stdin` or the program's end)."""
-        if data and not self._stdin_closed:
-            self._sendall(encode(data))
+        """Send stdin, any amount (in netstrings of at most 64 KiB); ignored after
+        :meth:`close_stdin` or the program's end."""
+        with self._send_lock:
+            for netstring in stdin_netstrings(data):
+                if self._stdin_closed:
+                    return
+                self._sendall(netstring)
 
     def close_stdin(self) -> None:
-        """Close the program's stdin (it reads EOF)."""
-        if not self._stdin_closed:
-            self._stdin_closed = True
-            self._sendall(b"0:,")
+        """Close the program's stdin (it reads EOF after what was sent before)."""
+        with self._send_lock:
+            if not self._stdin_closed:
+                self._stdin_closed = True
+                self._sendall(CLOSE_STDIN)
 
     def _sendall(self, data: bytes) -> None:
         try:
@@ -212,14 +221,13 @@ def run(
 ) -> Result:
     """One-shot over the Unix socket: one thread, a non-blocking socket and a selector,
     so stdin is written while the output is read."""
-    stdin_netstrings = map(encode, stdin_chunks(stdin))  # encoded one by one, as sent
-    request: Iterator[bytes] = chain([encode_request(argv)], stdin_netstrings, [b"0:,"])
+    request = one_shot_request(argv, stdin)
+    pending = memoryview(next(request))  # argv: a bad one raises before connecting
     deadline = _Deadline(timeout, "the program")
     parser, collector = ClientSession(), Collector()
     with connect(target, deadline) as sock, selectors.DefaultSelector() as selector:
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        pending = memoryview(next(request))
         while collector.exited is None:
             for _, events in selector.select(deadline.remaining()):
                 if events & selectors.EVENT_WRITE:

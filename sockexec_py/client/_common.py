@@ -1,15 +1,17 @@
 """What every transport and flavour of the client shares: targets, frames, results,
-stdin chunking and the wording of errors. No sockets here."""
+the stdin netstrings and the wording of errors. No sockets here (sans-IO)."""
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sockexec_py.errors import BrokerUnavailable, SockexecError, describe_connect_error
 from sockexec_py.events import Exited, Output
+from sockexec_py.netstring import encode
+from sockexec_py.protocol import encode_request
 
 #: A frame of a session: program output, or its exit (always the last frame).
 Frame = Output | Exited
@@ -17,8 +19,11 @@ OutputCallback = Callable[[bytes], object]
 
 #: How much to read from the broker at once (its pairs are at most 64 KiB each).
 RECV_CHUNK = 256 * 1024
-#: Stdin goes out in netstrings of this size, far below the broker's --max-frame.
+#: Stdin goes out in netstrings of at most this size: a broker started with a
+#: --max-frame below it (default 64 MiB) refuses the client's stdin.
 STDIN_CHUNK = 64 * 1024
+#: The empty netstring: it closes the program's stdin.
+CLOSE_STDIN = b"0:,"
 
 _GATEWAY_SCHEMES = ("http://", "https://", "ws://", "wss://")
 
@@ -92,10 +97,24 @@ def unavailable(path: str, exc: OSError) -> BrokerUnavailable:
     return BrokerUnavailable(describe_connect_error(path, exc))
 
 
-def stdin_chunks(stdin: bytes) -> Iterator[bytes]:
-    """``stdin`` in pieces of :data:`STDIN_CHUNK` bytes, each sent as one netstring."""
-    for start in range(0, len(stdin), STDIN_CHUNK):
-        yield stdin[start : start + STDIN_CHUNK]
+def stdin_netstrings(data: bytes) -> Iterator[bytes]:
+    """``data`` as stdin netstrings of at most :data:`STDIN_CHUNK` bytes each, encoded
+    one at a time as the caller sends them; none for ``b""`` (an empty netstring would
+    close the program's stdin).
+
+    Every way the client sends stdin goes through here, so whatever a caller hands
+    over in one piece, no netstring exceeds a broker's ``--max-frame`` (the broker
+    refuses a longer one and terminates the program).
+    """
+    for start in range(0, len(data), STDIN_CHUNK):
+        yield encode(data[start : start + STDIN_CHUNK])
+
+
+def one_shot_request(argv: Sequence[str | bytes], stdin: bytes) -> Iterator[bytes]:
+    """Everything a one-shot run sends, piece by piece: argv, stdin, the close."""
+    yield encode_request(argv)
+    yield from stdin_netstrings(stdin)
+    yield CLOSE_STDIN
 
 
 class Collector:

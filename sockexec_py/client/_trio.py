@@ -17,10 +17,10 @@ import trio
 from sockexec_py._io import single_errors
 from sockexec_py.errors import Timeout
 from sockexec_py.events import Exited, Output
-from sockexec_py.netstring import encode
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
 from ._common import (
+    CLOSE_STDIN,
     RECV_CHUNK,
     Collector,
     Frame,
@@ -28,7 +28,7 @@ from ._common import (
     Result,
     dispatch,
     parse_target,
-    stdin_chunks,
+    stdin_netstrings,
     timeout_error,
     unavailable,
 )
@@ -54,8 +54,9 @@ def deadline(timeout: float | None, what: str) -> Iterator[None]:
 
 class AsyncSession:
     """A duplex session over a trio socket: ``await send()``, ``await close_stdin()``,
-    ``async for frame in session``. Sending and iterating may run in different tasks;
-    ``on_stdout``/``on_stderr`` are called with each chunk as it is iterated.
+        ``async for frame in session``. Sending and iterating may run in different tasks
+    (one ``send`` goes out whole, before a later close);
+        ``on_stdout``/``on_stderr`` are called with each chunk as it is iterated.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class AsyncSession:
     ) -> None:
         self._sock = sock
         self._parser = ClientSession()
+        # A send of many netstrings goes out whole before a close from another task.
         self._send_lock = trio.Lock()
         self._stdin_closed = False
         self._on_stdout, self._on_stderr = on_stdout, on_stderr
@@ -74,24 +76,28 @@ class AsyncSession:
         self.exited: Exited | None = None
 
     async def _sendall(self, data: bytes) -> None:
-        async with self._send_lock:
-            view = memoryview(data)
-            try:
-                while view:
-                    view = view[await self._sock.send(view, _SEND_FLAGS) :]
-            except (BrokenPipeError, ConnectionResetError):
-                self._stdin_closed = True  # the program is gone; its exit is on the way
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[await self._sock.send(view, _SEND_FLAGS) :]
+        except (BrokenPipeError, ConnectionResetError):
+            self._stdin_closed = True  # the program is gone; its exit is on the way
 
     async def send(self, data: bytes) -> None:
-        """Send a chunk of stdin (ignored after :meth:`close_stdin` or the program's end)."""
-        if data and not self._stdin_closed:
-            await self._sendall(encode(data))
+        """Send stdin, any amount (in netstrings of at most 64 KiB); ignored after
+        :meth:`close_stdin` or the program's end."""
+        async with self._send_lock:
+            for netstring in stdin_netstrings(data):
+                if self._stdin_closed:
+                    return
+                await self._sendall(netstring)
 
     async def close_stdin(self) -> None:
-        """Close the program's stdin (it reads EOF)."""
-        if not self._stdin_closed:
-            self._stdin_closed = True
-            await self._sendall(b"0:,")
+        """Close the program's stdin (it reads EOF after what was sent before)."""
+        async with self._send_lock:
+            if not self._stdin_closed:
+                self._stdin_closed = True
+                await self._sendall(CLOSE_STDIN)
 
     def __aiter__(self) -> AsyncSession:
         return self
@@ -173,8 +179,7 @@ async def arun(
         async with open_unix_session(target, argv) as session, trio.open_nursery() as nursery:
 
             async def feed() -> None:
-                for chunk in stdin_chunks(stdin):
-                    await session.send(chunk)
+                await session.send(stdin)
                 await session.close_stdin()
 
             nursery.start_soon(feed)
