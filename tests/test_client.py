@@ -36,7 +36,7 @@ from sockexec_py.events import Exited, Output
 from sockexec_py.netstring import Decoder
 from sockexec_py.protocol import encode_request
 
-from conftest import ROOT, Broker, pid_alive, wait_exit
+from conftest import ROOT, Broker, GatewayProcess, pid_alive, wait_exit
 
 BIG = 50_000_000
 
@@ -192,6 +192,22 @@ async def test_async_session_send_of_a_large_chunk_goes_out_in_bounded_netstring
             result = await session.wait()
     assert (len(result.stdout), result.stderr, result.exitcode) == (len(eight_mib), b"", 0)
     assert result.stdout == eight_mib
+
+
+def test_gateway_websocket_message_larger_than_max_frame(start_broker) -> None:  # type: ignore[no-untyped-def]
+    """The gateway hands each WebSocket message to ``AsyncSession.send``, which
+    splits it: one message longer than the broker's --max-frame still goes through."""
+    broker = start_broker("--max-frame", str(SMALL_FRAME))
+    gateway = GatewayProcess(broker.path)
+    try:
+        payload = random.Random(4).randbytes(4 * SMALL_FRAME + 1)
+        with open_session(gateway.base, ["wc", "-c"], timeout=60) as session:
+            session.send(payload)
+            session.close_stdin()
+            result = session.wait()
+    finally:
+        gateway.stop()
+    assert (result.stdout.strip(), result.exitcode) == (str(len(payload)).encode(), 0)
 
 
 def test_run_timeout_closes_the_connection_and_the_program_is_killed(
