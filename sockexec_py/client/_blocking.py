@@ -1,5 +1,7 @@
-"""The blocking flavour over the broker's Unix socket: plain sockets, no event loop,
-usable from threads and scripts. Parsing is the sans-IO ``ClientSession``.
+"""The blocking flavour: :func:`run` and :func:`open_session`. Over the broker's Unix
+socket it uses plain sockets, no event loop (usable from threads and scripts); the
+session is the sans-IO :class:`~._common.SessionState`. Gateway targets go to
+:mod:`sockexec_py.gateway_client`.
 
 Timeouts are one deadline over the whole session (connect included); when it passes
 the call raises :class:`Timeout` and the connection is closed, so the broker
@@ -13,26 +15,29 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from sockexec_py.errors import Timeout
-from sockexec_py.events import Exited, Output
-from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
+from sockexec_py.events import Exited
+from sockexec_py.protocol import encode_request
 
 from ._common import (
-    CLOSE_STDIN,
     RECV_CHUNK,
     Collector,
     Frame,
     OutputCallback,
     Result,
-    dispatch,
+    SessionState,
+    gateway_extra,
+    is_gateway,
     one_shot_request,
     parse_target,
-    stdin_netstrings,
     timeout_error,
     unavailable,
 )
+
+if TYPE_CHECKING:
+    from sockexec_py.gateway_client import GatewaySession
 
 # The broker may close while we still send stdin (the program exited without reading
 # it); MSG_NOSIGNAL keeps that an EPIPE error even where SIGPIPE is not ignored.
@@ -54,8 +59,12 @@ class _Deadline:
             return None
         left = self._at - time.monotonic()
         if left <= 0:
-            raise Timeout(timeout_error(self.timeout, self.what))
+            raise self.expired()
         return left
+
+    def expired(self) -> Timeout:
+        """The error to raise once the deadline has passed."""
+        return Timeout(timeout_error(self.timeout, self.what))
 
     def arm(self, sock: socket.socket) -> None:
         sock.settimeout(self.remaining())
@@ -131,38 +140,37 @@ class Session(_BlockingSession):
     ) -> None:
         self._sock = sock
         self._deadline = deadline
-        self._parser = ClientSession()
-        self._on_stdout, self._on_stderr = on_stdout, on_stderr
+        self._state = SessionState(on_stdout, on_stderr)
         # A send of many netstrings goes out whole before a close from another thread.
         self._send_lock = threading.Lock()
-        self._stdin_closed = False
-        #: How the program ended, once the last frame was read.
-        self.exited: Exited | None = None
+
+    @property
+    def exited(self) -> Exited | None:
+        """How the program ended, once the last frame was read."""
+        return self._state.exited
 
     def send(self, data: bytes) -> None:
         """Send stdin, any amount (in netstrings of at most 64 KiB); ignored after
         :meth:`close_stdin` or the program's end."""
         with self._send_lock:
-            for netstring in stdin_netstrings(data):
-                if self._stdin_closed:
-                    return
+            for netstring in self._state.stdin(data):
                 self._sendall(netstring)
 
     def close_stdin(self) -> None:
         """Close the program's stdin (it reads EOF after what was sent before)."""
         with self._send_lock:
-            if not self._stdin_closed:
-                self._stdin_closed = True
-                self._sendall(CLOSE_STDIN)
+            self._sendall(self._state.close_stdin())
 
     def _sendall(self, data: bytes) -> None:
+        if not data:
+            return
         try:
             self._deadline.arm(self._sock)
             self._sock.sendall(data, _SEND_FLAGS)
         except TimeoutError:
-            raise Timeout(timeout_error(self._deadline.timeout, self._deadline.what)) from None
+            raise self._deadline.expired() from None
         except _GONE:
-            self._stdin_closed = True  # the program is gone; its exit is on the way
+            self._state.stdin_gone()
 
     def __iter__(self) -> Iterator[Frame]:
         """Frames as they arrive; the last one is :class:`Exited`.
@@ -171,24 +179,18 @@ class Session(_BlockingSession):
         when the broker breaks the protocol or closes before the exit pair.
         """
         while self.exited is None:
-            event = self._parser.next_event()
-            if event is NEED_DATA:
-                try:
-                    self._deadline.arm(self._sock)
-                    data = self._sock.recv(RECV_CHUNK)
-                except TimeoutError:
-                    raise Timeout(
-                        timeout_error(self._deadline.timeout, self._deadline.what)
-                    ) from None
-                except ConnectionResetError:
-                    data = b""
-                self._parser.receive_data(data)
+            frame = self._state.next_frame()
+            if frame is not None:
+                yield frame
                 continue
-            assert isinstance(event, Output | Exited)
-            if isinstance(event, Exited):
-                self.exited = event
-            dispatch(event, self._on_stdout, self._on_stderr)
-            yield event
+            try:
+                self._deadline.arm(self._sock)
+                data = self._sock.recv(RECV_CHUNK)
+            except TimeoutError:
+                raise self._deadline.expired() from None
+            except ConnectionResetError:
+                data = b""
+            self._state.receive_data(data)
 
 
 def open_session(
@@ -198,8 +200,22 @@ def open_session(
     timeout: float | None = None,
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
-) -> Session:
-    """Connect, send ``argv`` and return the started :class:`Session`."""
+) -> Session | GatewaySession:
+    """Start ``argv`` and return a duplex session: ``send(data)``, ``close_stdin()``,
+    iterate its frames (``Output``, then ``Exited`` last), ``wait()`` for a
+    :class:`Result`.
+
+    Use it as a context manager: leaving it early terminates the program. ``timeout``
+    bounds the whole session (then :class:`Timeout`); ``on_stdout``/``on_stderr`` are
+    called with each chunk as it is iterated. Through the gateway the session is its
+    WebSocket, with the same methods.
+    """
+    if is_gateway(target):
+        with gateway_extra():
+            from sockexec_py.gateway_client import open_gateway_session
+        return open_gateway_session(
+            target, argv, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr
+        )
     request = encode_request(argv)
     deadline = _Deadline(timeout, "the session")
     sock = connect(target, deadline)
@@ -219,16 +235,34 @@ def run(
     stdin: bytes = b"",
     timeout: float | None = None,
 ) -> Result:
-    """One-shot over the Unix socket: one thread, a non-blocking socket and a selector,
-    so stdin is written while the output is read."""
+    """Run ``argv`` to the end: send ``stdin``, close it, collect the output.
+
+    Args:
+        target: the broker's socket (path or ``unix:/path``) or the gateway's URL.
+        argv: the program and its arguments (``str`` is encoded as UTF-8).
+        stdin: all of the program's stdin; it is written (in netstrings of at most
+            64 KiB) while the output is read, so any size goes through a program that
+            echoes it.
+        timeout: seconds for the whole run, connect included; ``None`` waits for ever.
+
+    Returns the :class:`Result` (call :meth:`Result.check` to raise on failure).
+    Raises :class:`BrokerUnavailable`, :class:`Timeout` or :class:`ProtocolError`.
+    """
+    if is_gateway(target):
+        with gateway_extra():
+            from sockexec_py.gateway_client import run_gateway
+        result: Result = run_gateway(target, argv, stdin=stdin, timeout=timeout)
+        return result
     request = one_shot_request(argv, stdin)
     pending = memoryview(next(request))  # argv: a bad one raises before connecting
     deadline = _Deadline(timeout, "the program")
-    parser, collector = ClientSession(), Collector()
+    state, collector = SessionState(), Collector()
+    # One thread, a non-blocking socket and a selector: stdin is written while the
+    # output is read.
     with connect(target, deadline) as sock, selectors.DefaultSelector() as selector:
         sock.setblocking(False)
         selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        while collector.exited is None:
+        while state.exited is None:
             for _, events in selector.select(deadline.remaining()):
                 if events & selectors.EVENT_WRITE:
                     try:
@@ -236,7 +270,7 @@ def run(
                     except BlockingIOError:
                         pass
                     except _GONE:
-                        request = iter([])  # the program ended early; its exit is coming
+                        request = iter(())  # the program ended early; its exit is coming
                         pending = memoryview(b"")
                     if not pending:
                         pending = memoryview(next(request, b""))
@@ -249,8 +283,7 @@ def run(
                         continue
                     except ConnectionResetError:
                         data = b""
-                    parser.receive_data(data)
-                    while (event := parser.next_event()) is not NEED_DATA:
-                        assert isinstance(event, Output | Exited)
-                        collector.add(event)
+                    state.receive_data(data)
+                    while (frame := state.next_frame()) is not None:
+                        collector.add(frame)
     return collector.result()

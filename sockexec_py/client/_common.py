@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sockexec_py.errors import BrokerUnavailable, SockexecError, describe_connect_error
 from sockexec_py.events import Exited, Output
 from sockexec_py.netstring import encode
-from sockexec_py.protocol import encode_request
+from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
 #: A frame of a session: program output, or its exit (always the last frame).
 Frame = Output | Exited
@@ -138,14 +139,77 @@ class Collector:
         )
 
 
-def dispatch(
-    frame: Frame, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None
-) -> None:
-    """Call the callback of an output frame's stream, if there is one."""
-    if isinstance(frame, Output):
-        callback = on_stdout if frame.kind == "stdout" else on_stderr
-        if callback is not None:
-            callback(frame.data)
+class SessionState:
+    """Both directions of a session over the broker's socket, sans-IO; the flavours
+    only move its bytes.
+
+    Stdin: :meth:`stdin` yields the netstrings to send for a chunk and stops once
+    stdin is closed, :meth:`close_stdin` gives the closing netstring once, and
+    :meth:`stdin_gone` records that the broker closed (the program ended: its exit is
+    on the way, further stdin is dropped). Output: :meth:`receive_data` takes the
+    broker's bytes, :meth:`next_frame` gives the frames; :attr:`exited` is set with
+    the last one, and ``on_stdout``/``on_stderr`` are called with each output frame
+    as it is taken.
+    """
+
+    def __init__(
+        self, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None
+    ) -> None:
+        self._parser = ClientSession()
+        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self._stdin_closed = False
+        #: How the program ended, once the last frame was taken.
+        self.exited: Exited | None = None
+
+    def stdin(self, data: bytes) -> Iterator[bytes]:
+        """The netstrings that send ``data`` (see :func:`stdin_netstrings`); none
+        after the close or once the broker is gone."""
+        for netstring in stdin_netstrings(data):
+            if self._stdin_closed:
+                return
+            yield netstring
+
+    def close_stdin(self) -> bytes:
+        """The netstring that closes stdin the first time; ``b""`` after that."""
+        if self._stdin_closed:
+            return b""
+        self._stdin_closed = True
+        return CLOSE_STDIN
+
+    def stdin_gone(self) -> None:
+        """The broker no longer takes stdin (it closed after the program's end)."""
+        self._stdin_closed = True
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes read from the broker; ``b""`` when it closed the connection."""
+        self._parser.receive_data(data)
+
+    def next_frame(self) -> Frame | None:
+        """The next frame, or None until more bytes are received.
+
+        Error handling: :class:`ProtocolError` when the broker broke the protocol or
+        closed before the exit pair.
+        """
+        event = self._parser.next_event()
+        if event is NEED_DATA:
+            return None
+        assert isinstance(event, Output | Exited)
+        if isinstance(event, Exited):
+            self.exited = event
+        elif (callback := self._callbacks[event.kind]) is not None:
+            callback(event.data)
+        return event
+
+
+@contextmanager
+def gateway_extra() -> Iterator[None]:
+    """Say what to install when the gateway transport's dependencies are missing."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise ImportError(
+            f"the gateway transport needs {exc.name}: pip install 'sockexec_py[gateway]'"
+        ) from exc
 
 
 def timeout_error(timeout: float | None, what: str = "the program") -> str:

@@ -1,5 +1,7 @@
-"""The trio flavour over the broker's Unix socket. Parsing is the sans-IO
-``ClientSession``, as in the blocking flavour; only the byte moving differs.
+"""The trio flavour: :func:`arun`, :func:`open_async_session` and, for the gateway's
+own way to the broker, :func:`open_unix_session` and :func:`check_broker`. Parsing
+is the sans-IO :class:`~._common.SessionState`, as in the blocking flavour; only the
+byte moving differs. Gateway targets go to :mod:`sockexec_py.gateway_client`.
 
 Timeouts are cancel scopes: :func:`deadline` turns the expiry of one into
 :class:`Timeout`. Leaving a session closes its socket, so the broker terminates the
@@ -11,27 +13,31 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING
 
 import trio
 
 from sockexec_py._io import single_errors
 from sockexec_py.errors import Timeout
-from sockexec_py.events import Exited, Output
-from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
+from sockexec_py.events import Exited
+from sockexec_py.protocol import encode_request
 
 from ._common import (
-    CLOSE_STDIN,
     RECV_CHUNK,
     Collector,
     Frame,
     OutputCallback,
     Result,
-    dispatch,
+    SessionState,
+    gateway_extra,
+    is_gateway,
     parse_target,
-    stdin_netstrings,
     timeout_error,
     unavailable,
 )
+
+if TYPE_CHECKING:
+    from sockexec_py.gateway_client import AsyncGatewaySession
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 
@@ -54,9 +60,9 @@ def deadline(timeout: float | None, what: str) -> Iterator[None]:
 
 class AsyncSession:
     """A duplex session over a trio socket: ``await send()``, ``await close_stdin()``,
-        ``async for frame in session``. Sending and iterating may run in different tasks
-    (one ``send`` goes out whole, before a later close);
-        ``on_stdout``/``on_stderr`` are called with each chunk as it is iterated.
+    ``async for frame in session``. Sending and iterating may run in different tasks
+    (one ``send`` goes out whole, before a later close); ``on_stdout``/``on_stderr``
+    are called with each chunk as it is iterated.
     """
 
     def __init__(
@@ -67,13 +73,14 @@ class AsyncSession:
         on_stderr: OutputCallback | None = None,
     ) -> None:
         self._sock = sock
-        self._parser = ClientSession()
+        self._state = SessionState(on_stdout, on_stderr)
         # A send of many netstrings goes out whole before a close from another task.
         self._send_lock = trio.Lock()
-        self._stdin_closed = False
-        self._on_stdout, self._on_stderr = on_stdout, on_stderr
-        #: How the program ended, once the last frame was read.
-        self.exited: Exited | None = None
+
+    @property
+    def exited(self) -> Exited | None:
+        """How the program ended, once the last frame was read."""
+        return self._state.exited
 
     async def _sendall(self, data: bytes) -> None:
         view = memoryview(data)
@@ -81,23 +88,19 @@ class AsyncSession:
             while view:
                 view = view[await self._sock.send(view, _SEND_FLAGS) :]
         except (BrokenPipeError, ConnectionResetError):
-            self._stdin_closed = True  # the program is gone; its exit is on the way
+            self._state.stdin_gone()
 
     async def send(self, data: bytes) -> None:
         """Send stdin, any amount (in netstrings of at most 64 KiB); ignored after
         :meth:`close_stdin` or the program's end."""
         async with self._send_lock:
-            for netstring in stdin_netstrings(data):
-                if self._stdin_closed:
-                    return
+            for netstring in self._state.stdin(data):
                 await self._sendall(netstring)
 
     async def close_stdin(self) -> None:
         """Close the program's stdin (it reads EOF after what was sent before)."""
         async with self._send_lock:
-            if not self._stdin_closed:
-                self._stdin_closed = True
-                await self._sendall(CLOSE_STDIN)
+            await self._sendall(self._state.close_stdin())
 
     def __aiter__(self) -> AsyncSession:
         return self
@@ -109,19 +112,14 @@ class AsyncSession:
         to finalise.
         """
         while self.exited is None:
-            event = self._parser.next_event()
-            if event is NEED_DATA:
-                try:
-                    data = await self._sock.recv(RECV_CHUNK)
-                except ConnectionResetError:
-                    data = b""
-                self._parser.receive_data(data)
-                continue
-            assert isinstance(event, Output | Exited)
-            if isinstance(event, Exited):
-                self.exited = event
-            dispatch(event, self._on_stdout, self._on_stderr)
-            return event
+            frame = self._state.next_frame()
+            if frame is not None:
+                return frame
+            try:
+                data = await self._sock.recv(RECV_CHUNK)
+            except ConnectionResetError:
+                data = b""
+            self._state.receive_data(data)
         raise StopAsyncIteration
 
     async def wait(self) -> Result:
@@ -167,6 +165,37 @@ async def open_unix_session(
         yield session
 
 
+@asynccontextmanager
+async def open_async_session(
+    target: str,
+    argv: Sequence[str | bytes],
+    *,
+    timeout: float | None = None,
+    on_stdout: OutputCallback | None = None,
+    on_stderr: OutputCallback | None = None,
+) -> AsyncIterator[AsyncSession | AsyncGatewaySession]:
+    """The trio flavour of :func:`~._blocking.open_session`: ``async with`` it,
+    ``await send()``, ``await close_stdin()``, ``async for frame in session``.
+
+    Leaving the block closes the connection (the broker terminates the program if it
+    still runs). ``timeout`` cancels the block and raises :class:`Timeout`; an outer
+    ``trio.move_on_after``/``fail_after`` works as usual.
+    """
+    with deadline(timeout, "the session"):
+        if is_gateway(target):
+            with gateway_extra():
+                from sockexec_py.gateway_client import open_async_gateway_session
+            async with open_async_gateway_session(
+                target, argv, on_stdout=on_stdout, on_stderr=on_stderr
+            ) as gateway_session:
+                yield gateway_session
+        else:
+            async with open_unix_session(
+                target, argv, on_stdout=on_stdout, on_stderr=on_stderr
+            ) as session:
+                yield session
+
+
 async def arun(
     target: str,
     argv: Sequence[str | bytes],
@@ -174,7 +203,16 @@ async def arun(
     stdin: bytes = b"",
     timeout: float | None = None,
 ) -> Result:
-    """One-shot over the Unix socket: a task sends stdin while the output is read."""
+    """The trio flavour of :func:`~._blocking.run`: a task sends stdin while the
+    output is read."""
+    if is_gateway(target):
+        with gateway_extra():
+            from sockexec_py.gateway_client import run_gateway
+        result: Result = await trio.to_thread.run_sync(
+            lambda: run_gateway(target, argv, stdin=stdin, timeout=timeout),
+            abandon_on_cancel=True,
+        )
+        return result
     with deadline(timeout, "the program"), single_errors():
         async with open_unix_session(target, argv) as session, trio.open_nursery() as nursery:
 
