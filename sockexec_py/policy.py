@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .protocol import printable
+
 #: Where bare program names are looked up when the policy does not say.
 DEFAULT_SEARCH_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
 #: The rlimits a rule may set, by their name in the file.
@@ -188,7 +190,7 @@ class Policy:
             if problem is None:
                 return Allowed(rule, path.encode(), argv, self.environment(rule))
             closest = closest or problem
-        return Denied(closest or f"program {_show(path.encode())} is not allowed")
+        return Denied(closest or f"program {printable(path.encode())} is not allowed")
 
     def _decide_command(
         self, rule: Rule, argv: tuple[bytes, ...], peer_uid: int, peer_gid: int
@@ -216,14 +218,14 @@ class Policy:
         try:
             name = program.decode()
         except UnicodeDecodeError:
-            return Denied(f"program {_show(program)} is not allowed")
+            return Denied(f"program {printable(program)} is not allowed")
         if name.startswith("/"):
             return os.path.normpath(name)
         if "/" in name:
-            return Denied(f"relative program path {_show(program)} is not allowed")
+            return Denied(f"relative program path {printable(program)} is not allowed")
         found = self.which(name)
         if found is None:
-            return Denied(f"program {_show(program)} is not in the policy's search path")
+            return Denied(f"program {printable(program)} is not in the policy's search path")
         return found
 
     def _program_path(self, rule: Rule) -> str | None:
@@ -286,6 +288,9 @@ class Policy:
                     lines.append("  any arguments")
             else:
                 lines.append(f"  runs {_show_list(rule.template)} with {rule.params} parameter(s)")
+                found = self._resolve_request(rule.template[0])
+                if isinstance(found, Denied) or not os.access(found, os.X_OK):
+                    lines.append("  program NOT FOUND or not executable")
                 if rule.params_regex is not None:
                     lines.append(f"  parameters matching {[p.pattern for p in rule.params_regex]}")
             lines.extend(f"  {line}" for line in _settings_lines(rule))
@@ -377,14 +382,8 @@ def _regex_problem(
     return None
 
 
-def _show(value: bytes) -> str:
-    """A byte string as one printable line (no newline can split a log or error line)."""
-    text = value.decode("utf-8", "backslashreplace")
-    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-
-
 def _show_list(values: Iterable[bytes]) -> str:
-    return "[" + ", ".join(repr(_show(v)) for v in values) + "]"
+    return "[" + ", ".join(repr(printable(v)) for v in values) + "]"
 
 
 # ---------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import trio
 
 from . import _io
 from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_REFUSED
+from .protocol import printable
 
 log = logging.getLogger("sockexec_py")
 
@@ -213,7 +214,7 @@ def spawn(
     not found, 126 when it cannot be executed, 125 when the server lacks resources.
     """
     parent_ends, child_ends = _make_pipes()
-    name = (path or argv[0]).decode("utf-8", "backslashreplace")
+    name = printable(path or argv[0])
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)]
     actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(extra_fds)]
     try:
@@ -302,8 +303,8 @@ async def finish_helper(spec: ExecSpec, status: socket.socket) -> None:
             while chunk := await _io.recv(status, 4096):
                 chunks.append(chunk)
     if chunks:
-        code, _, reason = b"".join(chunks).decode("utf-8", "replace").partition(" ")
-        raise SpawnError(reason, int(code) if code.isdigit() else EXIT_REFUSED)
+        code, _, reason = b"".join(chunks).partition(b" ")
+        raise SpawnError(printable(reason), int(code) if code.isdigit() else EXIT_REFUSED)
 
 
 class Supervisor:
@@ -466,7 +467,14 @@ class OrphanReaper:
 
     @staticmethod
     def enable() -> bool:
-        """Become a child subreaper; False where the platform cannot."""
+        """Become a child subreaper; False where the platform cannot.
+
+        Orphans are found through ``/proc/self/task/*/children`` (a kernel built with
+        CONFIG_PROC_CHILDREN): without it adopted orphans could not be told from our
+        programs, so the broker does not adopt them at all.
+        """
+        if not os.path.exists(f"/proc/self/task/{os.getpid()}/children"):
+            return False
         try:
             import ctypes
 

@@ -275,6 +275,17 @@ def encode_exit_pair(*, exitcode: int | None = None, termsig: bytes | None = Non
     return _TERMSIG + encode(termsig)
 
 
+def printable(value: bytes) -> str:
+    """Bytes as one printable line for logs and errors: a newline cannot split it.
+
+    Undecodable bytes appear as ``\\xff``, control characters as ``\\n``, ``\\x1b``…
+    """
+    text = value.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def encode_error_reply(reason: str, exitcode: int = EXIT_REFUSED) -> bytes:
     """An in-band error: a ``stderr`` pair ``sockexec_py: <reason>\\n``, then the exit pair."""
     line = f"sockexec_py: {reason}\n".encode("utf-8", "backslashreplace")

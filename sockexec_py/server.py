@@ -528,6 +528,9 @@ class Server:
 
     async def _refuse(self, conn: Connection, reason: str, exitcode: int = EXIT_REFUSED) -> None:
         log.debug("refuse conn=%d exitcode=%d reason=%s", conn.number, exitcode, reason)
+        conn.outcome = (
+            reason if reason.startswith("denied: ") else f"exitcode={exitcode} ({reason})"
+        )
         await conn.send_final(encode_error_reply(reason, exitcode))
 
     async def _serve_connection(self, conn: Connection) -> None:
@@ -550,8 +553,7 @@ class Server:
             conn.argv = argv
             verdict = self.policy.decide(argv, conn.peer_uid, conn.peer_gid)
             if isinstance(verdict, Denied):
-                conn.outcome = f"denied: {verdict.reason}"
-                await self._refuse(conn, conn.outcome)
+                await self._refuse(conn, f"denied: {verdict.reason}")
                 return
             decision = verdict
             conn.rule = decision.rule
@@ -562,8 +564,7 @@ class Server:
                 try:
                     await gate.acquire()
                 except QueueFull as exc:
-                    conn.outcome = f"queue full for {decision.rule.label} ({exc})"
-                    await self._refuse(conn, conn.outcome)
+                    await self._refuse(conn, f"queue full for {decision.rule.label} ({exc})")
                     return
                 conn.gate = gate  # released when the connection ends, or at reap
             await self.supervisor.acquire_slot()
@@ -590,7 +591,6 @@ class Server:
             else:
                 program = await self._spawn_allowed(conn, decision)
         except SpawnError as exc:
-            conn.outcome = f"refused: {exc}"
             await self._refuse(conn, str(exc), exc.exitcode)
             return
         conn.program = program
@@ -695,6 +695,12 @@ class Server:
             data = await _io.recv(conn.sock, _RECV_CHUNK)
         except ConnectionResetError:
             data = b""
+        except OSError:
+            # Woken as readable, then the session ended (exit pair sent, socket
+            # closed) before this task ran again: recv on the closed socket is EBADF.
+            if conn.closed:
+                raise trio.ClosedResourceError from None
+            raise
         conn.bytes_in += len(data)
         return data
 

@@ -321,6 +321,8 @@ class GatewayProcess:
         payload = (
             raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         )
+        if body is not None:  # what a JSON client sends (the gateway requires it)
+            headers = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, path, body=payload, headers=headers or {})
         response = conn.getresponse()
         data = response.read()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def test_allowed_and_denied(start_broker, tmp_path: Path) -> None:  # type: igno
     # Denied before anything ran: no child was ever spawned for these.
     log = broker.log()
     assert "audit conn=3 " in log and "outcome=denied: program /usr/bin/rm" in log
+    assert "rule=allow:echo argv=['echo', 'hi'] outcome=exitcode=0 " in log
 
 
 def test_without_policy_anything_runs(broker: Broker) -> None:
@@ -107,7 +109,7 @@ def test_cwd_umask_env_and_rlimits(start_broker, tmp_path: Path) -> None:  # typ
         tmp_path,
         f'[[allow]]\nprogram = "sh"\ncwd = "{workdir}"\numask = "027"\nenv = "clear"\n'
         'setenv = { GREETING = "hi there", PATH = "/usr/bin:/bin" }\n'
-        'rlimits = { nofile = 256, cpu = 7, as = "512M", fsize = "1M" }\n'
+        'rlimits = { nofile = 256, cpu = 7, as = "512M", fsize = "1M", nproc = 64 }\n'
         '[[allow]]\nprogram = "env"\nenv = "clear"\nsetenv = { ONLY = "this" }\n',
     )
     script = "pwd; umask; echo $GREETING; ulimit -n; ulimit -t; ulimit -v; ulimit -f; ulimit -a"
@@ -117,6 +119,7 @@ def test_cwd_umask_env_and_rlimits(start_broker, tmp_path: Path) -> None:  # typ
     assert lines[:7] == [str(workdir), "0027", "hi there", "256", "7", "524288", "2048"]
     # `ulimit -a` (dash says "nofiles", bash "open files") shows the same limits.
     assert any(re.match(r"(nofiles|open files).* 256$", line) for line in lines[7:]), lines
+    assert any(re.match(r"(process|max user processes).* 64$", line) for line in lines[7:])
     assert run(broker.path, ["env"]).stdout == b"ONLY=this\n"
 
 
@@ -205,6 +208,18 @@ class RawSession:
                 return event
 
 
+def _wait_queued(broker: Broker, number: int) -> None:
+    """Wait until connection ``number`` is in the queued state (SIGUSR1 reports)."""
+    deadline = time.monotonic() + 20
+    while True:
+        report = broker.dump_until(f"conn={number} ")
+        line = next(x for x in report.splitlines() if f"conn={number} " in x)
+        if line.endswith("state=queued"):
+            return
+        assert line.endswith("state=request"), line
+        assert time.monotonic() < deadline, f"conn={number} never queued: {line}"
+
+
 def test_concurrency_limit_queue_order_and_queue_full(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     journal = tmp_path / "journal"
     broker = start(
@@ -214,20 +229,22 @@ def test_concurrency_limit_queue_order_and_queue_full(start_broker, tmp_path: Pa
     )
     script = f'echo "start $0" >> {journal}; echo started; read line; echo "end $0" >> {journal}'
     sessions: list[RawSession] = []
-    for number in range(1, 6):
-        sessions.append(RawSession(broker.path, ["sh", "-c", script, str(number)]))
-        if number <= 2:
-            sessions[-1].read_until(b"started")
-        else:  # wait until the broker holds it in the rule's queue: arrival order is set
-            report = broker.dump_until(f"conn={number} ")
-            line = next(x for x in report.splitlines() if f"conn={number} " in x)
-            assert line.endswith("state=queued"), line
-    sixth = run(broker.path, ["sh", "-c", "echo never"])
-    assert sixth.exitcode == 125
-    assert sixth.stderr == b"sockexec_py: queue full for allow 'sh' (2 running, 3 waiting)\n"
-    for number, session in enumerate(sessions, 1):
-        session.read_until(b"started")  # it runs once those before it have finished
-        assert session.finish().exitcode == 0, number
+    try:
+        for number in range(1, 6):
+            sessions.append(RawSession(broker.path, ["sh", "-c", script, str(number)]))
+            if number <= 2:
+                sessions[-1].read_until(b"started")
+            else:  # wait until the broker holds it in the rule's queue: arrival order is set
+                _wait_queued(broker, number)
+        sixth = run(broker.path, ["sh", "-c", "echo never"])
+        assert sixth.exitcode == 125
+        assert sixth.stderr == b"sockexec_py: queue full for allow 'sh' (2 running, 3 waiting)\n"
+        for number, session in enumerate(sessions, 1):
+            session.read_until(b"started")  # it runs once those before it have finished
+            assert session.finish().exitcode == 0, number
+    finally:
+        for session in sessions:
+            session.sock.close()
     lines = journal.read_text().splitlines()
     running, most = 0, 0
     for line in lines:

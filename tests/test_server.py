@@ -356,3 +356,9 @@ def test_version_flag(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0
     assert proc.stdout.decode().startswith("sockexec-py ")
+
+
+def test_spawn_error_for_an_argv0_with_a_newline_is_one_line(broker: Broker) -> None:
+    result = run(broker.path, [b"no-such\nprogram\xff"])
+    assert result.exitcode == 127
+    assert result.stderr == b"sockexec_py: no-such\\nprogram\\xff: program not found\n"
