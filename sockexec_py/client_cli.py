@@ -2,7 +2,8 @@
 
 Its stdin goes to the program (unless it is a terminal), the program's stdout and
 stderr come out on its own as they arrive, and it exits with the program's status:
-128+n after a signal (with a note on stderr), 111 when the broker cannot be reached.
+128+n after a signal (with a note on stderr), 111 when the broker cannot be reached
+or breaks the protocol, 100 on a usage error.
 """
 
 from __future__ import annotations
@@ -13,22 +14,20 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .client import Session, open_session
-from .errors import BrokerUnavailable, ProtocolError, Timeout
+from .client import BrokerUnavailable, ProtocolError, Timeout, open_session
 from .events import Exited, Output
-from .gateway_client import GatewaySession
-
-if TYPE_CHECKING:  # the gateway transport needs the [gateway] extra: import it lazily
-    from .gateway_client import GatewaySession
 
 PROG = "sockexec-client"
 EXIT_USAGE = 100
 EXIT_SYSTEM = 111
+USAGE = f"usage: {PROG} SOCKET_OR_URL PROGRAM [ARGS...]"
 
 
-def _signal_number(termsig: str) -> int | None:
+def signal_number(termsig: str) -> int | None:
+    """The number of a signal as the broker names it: ``TERM`` (the default) or ``15``
+    (``--termsig-format number``); None for a name this system does not know."""
     if termsig.isdigit():
         return int(termsig)
     try:
@@ -37,49 +36,81 @@ def _signal_number(termsig: str) -> int | None:
         return None
 
 
-def _feed_stdin(session: Session | GatewaySession) -> None:
-    """Copy our stdin to the program's, then close it (runs in a thread)."""
+def signal_name(termsig: str) -> str:
+    """``TERM`` for ``TERM`` or ``15``: the name without ``SIG`` when it is known."""
+    number = signal_number(termsig)
+    try:
+        return termsig if number is None else signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return termsig
+
+
+class _StdinSink(Protocol):
+    """What :func:`_feed_stdin` needs of a session (Unix socket or gateway)."""
+
+    def send(self, data: bytes) -> None: ...
+    def close_stdin(self) -> None: ...
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _feed_stdin(session: _StdinSink) -> None:
+    """Copy our stdin to the program's, then close it (runs in a daemon thread)."""
     try:
         while data := os.read(0, 64 * 1024):
             session.send(data)
-    except OSError:
-        pass
+    except (OSError, Timeout):
+        pass  # our stdin is unreadable, or the session ended meanwhile
     finally:
         with contextlib.suppress(OSError, Timeout):
             session.close_stdin()
 
 
+def _run(target: str, argv: list[bytes]) -> Exited:
+    with open_session(target, argv) as session:
+        if os.isatty(0):
+            session.close_stdin()
+        else:
+            threading.Thread(target=_feed_stdin, args=(session,), daemon=True).start()
+        exited: Exited | None = None
+        for frame in session:
+            if isinstance(frame, Output):
+                _write_all(1 if frame.kind == "stdout" else 2, frame.data)
+            else:
+                exited = frame
+    assert exited is not None
+    return exited
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2 or args[0] in ("-h", "--help"):
-        sys.stderr.write(f"{PROG}: usage: {PROG} SOCKET_OR_URL PROGRAM [ARGS...]\n")
-        return 0 if args[:1] in (["-h"], ["--help"]) else EXIT_USAGE
-    target, program = args[0], args[1:]
+    if args[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if len(args) < 2:
+        sys.stderr.write(f"{PROG}: {USAGE}\n")
+        return EXIT_USAGE
+    # Arguments go out as the bytes we were given (os.fsencode undoes the
+    # surrogateescape of non-UTF-8 bytes in sys.argv).
+    target, program = args[0], [os.fsencode(arg) for arg in args[1:]]
     try:
-        with open_session(target, program) as session:
-            if os.isatty(0):
-                session.close_stdin()
-            else:
-                threading.Thread(target=_feed_stdin, args=(session,), daemon=True).start()
-            exited: Exited | None = None
-            for frame in session:
-                if isinstance(frame, Output):
-                    fd = 1 if frame.kind == "stdout" else 2
-                    view = memoryview(frame.data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                else:
-                    exited = frame
-    except BrokerUnavailable as exc:
+        exited = _run(target, program)
+    except (BrokerUnavailable, ProtocolError, Timeout, ImportError) as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return EXIT_SYSTEM
-    except (ProtocolError, Timeout) as exc:
-        sys.stderr.write(f"{PROG}: {exc}\n")
-        return EXIT_SYSTEM
-    assert exited is not None
+    except BrokenPipeError:
+        # Whoever reads our output went away: leaving the session stopped the
+        # program; end as a program killed by SIGPIPE would.
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
     if exited.termsig is not None:
-        sys.stderr.write(f"{PROG}: killed by signal {exited.termsig}\n")
-        number = _signal_number(exited.termsig)
+        number = signal_number(exited.termsig)
+        sys.stderr.write(f"{PROG}: killed by signal {signal_name(exited.termsig)}\n")
         return 128 + number if number is not None else EXIT_SYSTEM
     assert exited.exitcode is not None
     return exited.exitcode
