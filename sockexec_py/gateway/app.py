@@ -253,9 +253,7 @@ class Gateway:
             self.metrics.exits.labels(f"termsig {event.termsig}").inc()
 
     async def _send_stdin(self, session: AsyncSession, stdin: bytes) -> None:
-        chunk = 64 * 1024
-        for start in range(0, len(stdin), chunk):
-            await session.send(stdin[start : start + chunk])
+        await session.send(stdin)  # the session splits it into bounded netstrings
         self.metrics.bytes_in.inc(len(stdin))
         await session.close_stdin()
 
