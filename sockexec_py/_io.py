@@ -17,36 +17,73 @@ import trio
 
 # Errors meaning the other end is gone: the write side is broken for good.
 BROKEN_ERRORS = (BrokenPipeError, ConnectionResetError)
+# At most this many buffers per writev/sendmsg (Linux's IOV_MAX is 1024).
+_IOV_MAX = 1024
 
 
-async def read_fd(fd: int, size: int) -> bytes:
-    """Read up to ``size`` bytes from a non-blocking fd; ``b""`` at EOF."""
+class BufferPool:
+    """Reusable read buffers, so a stream of large reads allocates nothing.
+
+    A fresh 256 KiB ``bytes`` per read costs an allocation (often an ``mmap``), its
+    page faults and a free. Buffers are taken for one read-and-send and given back;
+    at most ``keep`` idle buffers stay, so memory follows the connections that are
+    actually moving data.
+    """
+
+    def __init__(self, size: int, keep: int = 8) -> None:
+        self.size = size
+        self._keep = keep
+        self._idle: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._idle.pop() if self._idle else bytearray(self.size)
+
+    def give(self, buffer: bytearray) -> None:
+        if len(self._idle) < self._keep:
+            self._idle.append(buffer)
+
+
+async def read_pooled(source: int | socket.socket, pool: BufferPool) -> tuple[bytearray, int]:
+    """Read from a non-blocking pipe fd or socket into a buffer of ``pool``.
+
+    Returns the buffer and the byte count (0 at EOF); the caller gives the buffer
+    back. No buffer is held while waiting, so idle connections cost none. A
+    checkpoint, like any read: a stream that is always ready still lets others run.
+    """
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
+        buffer = pool.take()
         try:
-            data = os.read(fd, size)
+            if isinstance(source, int):
+                count = os.readv(source, (buffer,))
+            else:  # a closed socket object fails (EBADF), where a bare fd could be reused
+                count = source.recv_into(buffer)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(fd)
+            pool.give(buffer)
+            await trio.lowlevel.wait_readable(source)
             continue
+        except BaseException:
+            pool.give(buffer)
+            raise
         await trio.lowlevel.cancel_shielded_checkpoint()
-        return data
+        return buffer, count
 
 
-async def write_fd_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to a non-blocking fd, waiting while the pipe is full.
+async def write_fd_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write all of ``chunks`` to a non-blocking fd (``writev``), waiting while full.
 
     Not a checkpoint when the pipe takes everything at once: the caller's read loop
     yields already, and one scheduling round per chunk is what throughput costs.
     Raises BrokenPipeError when the reader has gone away.
     """
-    view = memoryview(data)
-    while view:
+    pending = [memoryview(c) for c in chunks if c]
+    while pending:
         try:
-            written = os.write(fd, view)
+            written = os.writev(fd, pending[:_IOV_MAX])
         except BlockingIOError:
             await trio.lowlevel.wait_writable(fd)
             continue
-        view = view[written:]
+        _advance(pending, written)
 
 
 async def recv(sock: socket.socket, size: int) -> bytes:
@@ -71,18 +108,24 @@ def sendmsg_nowait(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -
     pending = [memoryview(b) for b in buffers if b]
     while pending:
         try:
-            sent = sock.sendmsg(pending)
+            sent = sock.sendmsg(pending[:_IOV_MAX])
         except BlockingIOError:
             break
-        while sent:
-            head = pending[0]
-            if sent >= len(head):
-                sent -= len(head)
-                pending.pop(0)
-            else:
-                pending[0] = head[sent:]
-                sent = 0
+        _advance(pending, sent)
     return pending
+
+
+def _advance(pending: list[memoryview], count: int) -> None:
+    """Drop ``count`` bytes from the front of ``pending``, in place."""
+    done = 0
+    for view in pending:
+        if count < len(view):
+            break
+        count -= len(view)
+        done += 1
+    del pending[:done]
+    if count:
+        pending[0] = pending[0][count:]
 
 
 async def sendmsg_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:

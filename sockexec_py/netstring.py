@@ -86,7 +86,7 @@ class Decoder:
 
     # -- input ------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Add bytes received from the peer; ``b""`` means the peer's input ended."""
         if self._eof:
             raise LocalProtocolError("feed() after the end of input")
@@ -155,7 +155,10 @@ class Decoder:
         length = self._frame_length
         available = len(self._buf) - self._pos
         take = min(available, self._remaining)
-        data = bytes(self._buf[self._pos : self._pos + take]) if take else b""
+        data = b""
+        if take:
+            with memoryview(self._buf) as view:  # one copy, not a bytearray slice + bytes()
+                data = bytes(view[self._pos : self._pos + take])
         self._pos += take
         self._remaining -= take
         if self._remaining == 0 and self._pos < len(self._buf):

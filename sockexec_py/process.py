@@ -108,12 +108,13 @@ class Program:
             return False
         return True
 
-    async def write_stdin(self, data: bytes) -> bool:
-        """Write to the program's stdin; False (data dropped) once it stopped reading."""
+    async def write_stdin(self, chunks: Sequence[bytes | memoryview]) -> bool:
+        """Write ``chunks`` to the program's stdin (one ``writev`` when the pipe has
+        room); False (data dropped) once the program stopped reading."""
         if self.stdin_fd is None:
             return False
         try:
-            await _io.write_fd_all(self.stdin_fd, data)
+            await _io.write_fd_all(self.stdin_fd, chunks)
         except BrokenPipeError:
             self.close_stdin()
             return False

@@ -149,7 +149,7 @@ class ServerSession:
     def state(self) -> str:
         return self._state.value
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | memoryview) -> None:
         """Feed bytes from the client; ``b""`` means it will send nothing more."""
         self._decoder.feed(data)
 

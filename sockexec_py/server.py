@@ -58,6 +58,10 @@ _RECV_CHUNK = 256 * 1024
 # holds barely three pairs, so a streaming program and its client ping-pong on it;
 # this roughly doubles throughput. It is kernel memory, bounded per connection.
 _SEND_BUFFER = 512 * 1024
+# Pipe and socket reads go into pooled buffers of this size (see _io.BufferPool).
+_BUFFERS = _io.BufferPool(_RECV_CHUNK)
+# Bytes of an output pair besides its data ("6:stdout," "65536:" ","), rounded up.
+_PAIR_OVERHEAD = 32
 # At most this many reads of already-queued input before close (1 MiB); a client
 # still sending past that gets its connection reset, as with any closed socket.
 _DISCARD_RECVS = 4
@@ -109,50 +113,79 @@ class Connection:
         #: Polls the socket for room (POLLOUT) without a scheduling round.
         self._room = select.poll()
         self._room.register(self.fd, select.POLLOUT)
+        #: Pair bytes the socket is known to take whole now (see _refill_credit).
+        self._credit = 0
+        self._send_buffer = 0
 
     @property
     def write_broken(self) -> bool:
         return self.hung_up or self.closed
 
     async def send_output(self, kind: OutputKind, data: bytes | memoryview) -> None:
-        """Send one output pair with one ``sendmsg``; dropped once the client is gone.
+        """Send ``data`` as output pairs of at most 64 KiB; dropped once the client is gone.
 
-        The common case costs no scheduling round: the pair fits the socket buffer
-        and goes out at once. Only a pair the socket cannot take whole holds the
-        send lock while it waits, so pairs of the two pumps never interleave.
+        Every pair leaves whole in one ``sendmsg`` (SPEC §3), several pairs in the same
+        call when the socket is known to have room for all of them; the send lock keeps
+        the two pumps' pairs from interleaving. A ``data`` that fits the socket now
+        costs no scheduling round.
         """
         if self.write_broken:
             return
-        buffers = encode_output_pair(kind, data)
+        lock = self._send_lock
         try:
-            if self._send_lock.locked():
-                async with self._send_lock:  # the other pump is finishing a pair
-                    if self.write_broken:
-                        return
-                    await _io.sendmsg_all(self.sock, buffers)
-            elif not self._room.poll(0):
-                # POLLOUT on a Unix stream socket means at least 3/4 of SO_SNDBUF is
-                # free, which a pair of at most 64 KiB always fits: wait for that rather
-                # than send part of the pair now and the rest later.
-                async with self._send_lock:
-                    if self.write_broken:
-                        return
-                    await trio.lowlevel.wait_writable(self.sock)
-                    await _io.sendmsg_all(self.sock, buffers)
-            else:
-                pending = _io.sendmsg_nowait(self.sock, buffers)
-                if pending:
-                    # Taken before any scheduling point: the other pump must not
-                    # slip a pair in after our partial one.
-                    self._send_lock.acquire_nowait()
-                    try:
-                        await _io.sendmsg_all(self.sock, pending)
-                    finally:
-                        self._send_lock.release()
+            lock.acquire_nowait()
+        except trio.WouldBlock:  # the other pump is finishing its pairs
+            await lock.acquire()
+        try:
+            await self._send_pairs(kind, data)
         except _io.BROKEN_ERRORS:
             self.hung_up = True
-            return
-        self.bytes_out += len(data)
+        finally:
+            lock.release()
+
+    async def _send_pairs(self, kind: OutputKind, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        total = len(view)
+        offset = 0
+        while offset < total and not self.write_broken:
+            if self._credit < min(total - offset, MAX_OUTPUT_CHUNK) + _PAIR_OVERHEAD:
+                await self._refill_credit()
+            batch: list[bytes | memoryview] = []
+            start = offset
+            while offset < total:
+                end = min(offset + MAX_OUTPUT_CHUNK, total)
+                cost = end - offset + _PAIR_OVERHEAD
+                if batch and cost > self._credit:
+                    break
+                batch += encode_output_pair(kind, view[offset:end])
+                self._credit -= cost
+                offset = end
+            pending = _io.sendmsg_nowait(self.sock, batch)
+            if pending:
+                # The estimate was wrong (another writer? a smaller buffer?): finish
+                # this call and trust only POLLOUT from now on.
+                self._credit = 0
+                await _io.sendmsg_all(self.sock, pending)
+            self.bytes_out += offset - start
+
+    async def _refill_credit(self) -> None:
+        """Wait for POLLOUT and turn it into a number of pair bytes to send whole.
+
+        POLLOUT on a Unix stream socket means the queued bytes' kernel footprint is at
+        most 1/4 of SO_SNDBUF, and a send fails for want of room only once that
+        footprint reaches SO_SNDBUF. Counting a footprint of 5/4 of the data, 3/4 of
+        the buffer less one pair stays clear of it, so no pair is split; it is never
+        less than one pair, which POLLOUT alone guarantees (the pre-credit rule).
+        """
+        if not self._room.poll(0):
+            await trio.lowlevel.wait_writable(self.sock)
+        if not self._send_buffer:
+            try:
+                self._send_buffer = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            except OSError:
+                self._send_buffer = 1  # unknown: one pair per POLLOUT
+        estimate = (self._send_buffer * 3 // 4) * 4 // 5 - MAX_OUTPUT_CHUNK
+        self._credit = max(estimate, MAX_OUTPUT_CHUNK + _PAIR_OVERHEAD)
 
     async def send_final(self, data: bytes) -> None:
         """Send the last bytes of the session and close the socket in the same step.
@@ -234,15 +267,15 @@ class _OutputPump:
             assert self.fd is not None
             while not self._stopped:
                 with trio.CancelScope() as self._read_scope:
-                    data = await _io.read_fd(self.fd, 4 * MAX_OUTPUT_CHUNK)
-                if self._read_scope.cancelled_caught or not data:
+                    buffer, count = await _io.read_pooled(self.fd, _BUFFERS)
+                if self._read_scope.cancelled_caught:
                     return
-                if len(data) <= MAX_OUTPUT_CHUNK:
-                    await self.conn.send_output(self.kind, data)
-                else:
-                    view = memoryview(data)
-                    for off in range(0, len(data), MAX_OUTPUT_CHUNK):
-                        await self.conn.send_output(self.kind, view[off : off + MAX_OUTPUT_CHUNK])
+                try:
+                    if not count:
+                        return
+                    await self.conn.send_output(self.kind, memoryview(buffer)[:count])
+                finally:
+                    _BUFFERS.give(buffer)
         finally:
             self.done.set()
 
@@ -739,8 +772,7 @@ class Server:
         while True:
             event = session.next_event()
             if event is NEED_DATA:
-                data = await self._recv(conn)
-                session.receive_data(data)
+                await self._receive(conn, session)
             elif isinstance(event, ArgvReady):
                 return event.argv
             elif isinstance(event, InputEnded):
@@ -748,21 +780,26 @@ class Server:
             else:  # pragma: no cover - the session never emits stdin events first
                 raise AssertionError(event)
 
-    async def _recv(self, conn: Connection) -> bytes:
+    async def _receive(self, conn: Connection, session: ServerSession) -> None:
+        """Read what the client sent (a pooled buffer) and feed it to the session."""
         if conn.closed:  # the exit pair went out and the socket closed under this pump
             raise trio.ClosedResourceError
         try:
-            data = await _io.recv(conn.sock, _RECV_CHUNK)
+            buffer, count = await _io.read_pooled(conn.sock, _BUFFERS)
         except ConnectionResetError:
-            data = b""
+            session.receive_data(b"")
+            return
         except OSError:
             # Woken as readable, then the session ended (exit pair sent, socket
-            # closed) before this task ran again: recv on the closed socket is EBADF.
+            # closed) before this task ran again: the read on the closed socket is EBADF.
             if conn.closed:
                 raise trio.ClosedResourceError from None
             raise
-        conn.bytes_in += len(data)
-        return data
+        try:
+            session.receive_data(memoryview(buffer)[:count] if count else b"")
+        finally:
+            _BUFFERS.give(buffer)
+        conn.bytes_in += count
 
     async def _run(self, conn: Connection, session: ServerSession, program: Program) -> None:
         conn.phase = Phase.RUNNING
@@ -812,16 +849,24 @@ class Server:
 
     async def _pump_stdin(self, conn: Connection, session: ServerSession, program: Program) -> None:
         try:
+            event = session.next_event()
             while True:
-                event = session.next_event()
                 if event is NEED_DATA:
-                    session.receive_data(await self._recv(conn))
+                    await self._receive(conn, session)
                 elif isinstance(event, StdinData):
-                    await program.write_stdin(event.data)
+                    # Every chunk already received goes to the program in one writev.
+                    chunks = [event.data]
+                    try:
+                        while isinstance(event := session.next_event(), StdinData):
+                            chunks.append(event.data)
+                    finally:
+                        await program.write_stdin(chunks)
+                    continue
                 elif isinstance(event, StdinClosed):
                     program.close_stdin()
                 elif isinstance(event, InputEnded):
                     return
+                event = session.next_event()
         except trio.ClosedResourceError:
             return  # the session is over: the exit pair was sent and the socket closed
         except RemoteProtocolError as exc:

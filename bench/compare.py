@@ -1,0 +1,81 @@
+"""A/B comparison of two brokers: ``python -m bench.compare BASE_DIR [NEW_DIR]``.
+
+Runs the chosen measures of ``python -m bench`` alternately against the
+``sockexec_py`` found in each directory (a ``git worktree`` of the base commit, say),
+several rounds, and prints the median of each measure's figure per broker. Alternating
+runs share the machine's state, so a change is told from the noise of a shared VM
+better than by two separate tables. The benchmark's own clients and limits come from
+this checkout for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The figure compared for each measure, and its unit.
+FIGURES = {
+    "1": ("runs_per_s", "runs/s"),
+    "2": ("runs_per_s", "runs/s"),
+    "3": ("mib_per_s", "MiB/s"),
+    "4": ("mib_per_s", "MiB/s"),
+    "5": ("growth_mib", "MiB RSS growth"),
+    "6": ("peak_rss_mib", "MiB peak RSS"),
+    "7": ("rate", "requests/s"),
+}
+CPU_FIELD = "cpu_broker"
+
+
+def run_once(pythonpath: Path, only: str, extra: Sequence[str]) -> dict[str, dict[str, float]]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, "-m", "bench", "--only", only, "--json", out.name]
+        cmd += ["--broker-pythonpath", str(pythonpath), *extra]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        rows = json.loads(Path(out.name).read_text())["rows"]
+    return {row["key"]: row["data"] for row in rows if row["data"]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__)
+    parser.add_argument("base", type=Path, help="directory holding the base sockexec_py")
+    parser.add_argument("new", type=Path, nargs="?", default=ROOT, help="(default: this one)")
+    parser.add_argument("--only", default="1,3,4", help="measures to compare (1,3,4)")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each broker (5)")
+    parser.add_argument("bench_args", nargs="*", help="after --: flags for python -m bench")
+    args = parser.parse_args(argv)
+    extra = args.bench_args or ["--quick"]
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {"base": {}, "new": {}}
+    for round_number in range(args.rounds):
+        for label, path in (("base", args.base), ("new", args.new)):
+            for key, data in run_once(path.resolve(), args.only, extra).items():
+                samples[label].setdefault(key, []).append(data)
+        sys.stderr.write(f"compare: round {round_number + 1}/{args.rounds} done\n")
+    print(f"medians of {args.rounds} alternating runs ({' '.join(extra)}); base={args.base}")
+    print("| # | figure | base | new | new/base | broker CPU % base -> new |")
+    print("|---|---|---|---|---|---|")
+    for key in sorted(samples["new"]):
+        field, unit = FIGURES[key]
+        medians = {}
+        cpus = {}
+        for label in ("base", "new"):
+            runs = samples[label].get(key, [])
+            medians[label] = statistics.median(r[field] for r in runs)
+            cpu = [r[CPU_FIELD] for r in runs if CPU_FIELD in r]
+            cpus[label] = f"{statistics.median(cpu) * 100:.0f}" if cpu else "-"
+        ratio = medians["new"] / medians["base"] if medians["base"] else float("nan")
+        print(
+            f"| {key} | {unit} | {medians['base']:.1f} | {medians['new']:.1f} | "
+            f"{ratio:.2f}x | {cpus['base']} -> {cpus['new']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
