@@ -42,6 +42,8 @@ _NOT_FOUND_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, 
 _RESOURCE_ERRNOS = frozenset((errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE))
 # How often to check whether a terminated group still has members.
 _GROUP_POLL_INTERVAL = 0.05
+# The least time between two scans for orphans to reap.
+_ORPHAN_SCAN_INTERVAL = 0.05
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 # Larger stdin/stdout pipes mean fewer wake-ups when data streams (Linux only). Only
 # for root: an unprivileged user's pipes share a 64 MiB budget (pipe-user-pages-soft),
@@ -504,6 +506,10 @@ class OrphanReaper:
             self.reap_orphans()
             async for _ in signals:
                 self.reap_orphans()
+                # Every program's exit is a SIGCHLD too: scanning /proc for each would
+                # cost more than the rest of a short session. SIGCHLDs arriving during
+                # the pause are coalesced into one more scan; an orphan waits that long.
+                await trio.sleep(_ORPHAN_SCAN_INTERVAL)
 
     def reap_orphans(self) -> None:
         """Reap every exited child that is not a program the supervisor tracks."""

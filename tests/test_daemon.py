@@ -19,7 +19,17 @@ from hypothesis import strategies as st
 
 from sockexec_py.protocol import encode_request
 
-from conftest import MISC, Broker, connect, parse_reply, pid_alive, read_all, run, run_raw
+from conftest import (
+    MISC,
+    Broker,
+    connect,
+    parse_reply,
+    pid_alive,
+    read_all,
+    run,
+    run_raw,
+    wait_until,
+)
 
 
 def _start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -232,6 +242,30 @@ def test_many_runs_leak_no_fd_and_leave_no_zombie(broker: Broker) -> None:
     fds_after, zombies = _fd_and_zombie_count(broker)
     assert len(fds_after) == len(fds_before), (fds_before, fds_after)
     assert zombies == [] and broker.children() == []
+
+
+def test_orphans_of_programs_are_adopted_and_reaped(broker: Broker) -> None:
+    """A program's background child outlives it: the broker (a child subreaper) adopts
+    it and reaps it when it exits, instead of leaving a zombie behind."""
+    if not os.path.exists(f"/proc/{broker.pid}/task/{broker.pid}/children"):
+        pytest.skip("this kernel has no /proc/<pid>/task/<tid>/children: no subreaper")
+    # The background job's end is in the test's hands: it ends once its fifo is opened
+    # for writing and closed again.
+    orphans = []
+    for _ in range(3):  # several, so scans coalesced by the broker miss none
+        script = 'exec 3>&1 >/dev/null 2>&1 </dev/null; cat "$0" 3>&- & echo $! >&3'
+        fifo = Path(broker.path).parent / f"orphan-{len(orphans)}.fifo"
+        os.mkfifo(fifo)
+        result = run(broker.path, ["sh", "-c", script, str(fifo)])
+        assert result.exitcode == 0, result
+        orphans.append((int(result.stdout), fifo))
+    for pid, _ in orphans:
+        wait_until(lambda pid=pid: pid in broker.children(), 10, f"{pid} adopted by the broker")
+    for _, fifo in orphans:
+        with open(fifo, "w"):
+            pass  # the orphan's cat reads EOF: it exits and turns into a zombie
+    for pid, _ in orphans:
+        wait_until(lambda pid=pid: pid not in broker.children(), 10, f"{pid} reaped")
 
 
 def test_five_hundred_concurrent_idle_sessions_all_complete(start_broker) -> None:  # type: ignore[no-untyped-def]
