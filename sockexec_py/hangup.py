@@ -19,7 +19,8 @@ _FALLBACK_POLL_INTERVAL = 0.25
 
 
 class HangupMonitor:
-    """Calls a callback once when a watched socket's peer has fully closed.
+    """Calls a callback once when a watched socket's peer has fully closed
+    (and, on request, once when it has input: :meth:`watch_input`).
 
     Resource handling: :meth:`unwatch` must be called before the socket is closed
     (fd numbers are reused). :meth:`run` is the task that dispatches callbacks.
@@ -27,6 +28,7 @@ class HangupMonitor:
 
     def __init__(self) -> None:
         self._callbacks: dict[int, Callable[[], None]] = {}
+        self._on_input: dict[int, Callable[[], None]] = {}
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
@@ -34,7 +36,21 @@ class HangupMonitor:
         if self._epoll is not None:
             self._epoll.register(fd, 0)
 
+    def watch_input(self, fd: int, callback: Callable[[], None]) -> bool:
+        """Also call ``callback`` once when a watched socket has input (or EOF).
+
+        Lets a connection whose client sent everything it had start its stdin task
+        only if more arrives, instead of keeping a task waiting on every socket.
+        False where this cannot be done (no epoll): the caller waits itself.
+        """
+        if self._epoll is None or fd not in self._callbacks:
+            return False
+        self._on_input[fd] = callback
+        self._epoll.modify(fd, select.EPOLLIN)
+        return True
+
     def unwatch(self, fd: int) -> None:
+        self._on_input.pop(fd, None)
         if self._callbacks.pop(fd, None) is not None and self._epoll is not None:
             self._epoll.unregister(fd)
 
@@ -50,8 +66,12 @@ class HangupMonitor:
             return
         while True:
             await trio.lowlevel.wait_readable(self._epoll.fileno())
-            for fd, _events in self._epoll.poll(0):
-                self._fire(fd)
+            for fd, events in self._epoll.poll(0):
+                if events & (select.EPOLLHUP | select.EPOLLERR):
+                    self._fire(fd)
+                elif (callback := self._on_input.pop(fd, None)) is not None:
+                    self._epoll.modify(fd, 0)
+                    callback()
 
     def _fire(self, fd: int) -> None:
         callback = self._callbacks.get(fd)

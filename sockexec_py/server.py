@@ -805,7 +805,7 @@ class Server:
         conn.phase = Phase.RUNNING
         pumps = [_OutputPump(conn, program, "stdout"), _OutputPump(conn, program, "stderr")]
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump_stdin, conn, session, program)
+            self._start_stdin(conn, session, program, nursery)
             for pump in pumps:
                 nursery.start_soon(pump.run)
             with trio.move_on_at(conn.deadline):
@@ -847,9 +847,45 @@ class Server:
             )
             log.debug("exit conn=%d pid=%d %s", conn.number, program.pid, how)
 
-    async def _pump_stdin(self, conn: Connection, session: ServerSession, program: Program) -> None:
+    def _start_stdin(
+        self, conn: Connection, session: ServerSession, program: Program, nursery: trio.Nursery
+    ) -> None:
+        """Hand what the client already sent to the program, and start the stdin task
+        once there is more to read. Most clients send the request and ``0:,`` at once
+        and then only read: for them no task waits on the socket."""
         try:
             event = session.next_event()
+            if isinstance(event, StdinClosed):
+                program.close_stdin()
+                event = session.next_event()
+        except RemoteProtocolError as exc:
+            self._stdin_protocol_error(conn, program, exc)
+            return
+        if event is NEED_DATA:
+
+            def on_input() -> None:
+                if not conn.closed:
+                    nursery.start_soon(self._pump_stdin, conn, session, program)
+
+            if self.hangups.watch_input(conn.fd, on_input):
+                return
+        nursery.start_soon(self._pump_stdin, conn, session, program, event)
+
+    def _stdin_protocol_error(
+        self, conn: Connection, program: Program, exc: RemoteProtocolError
+    ) -> None:
+        log.debug("protocol error conn=%d: %s", conn.number, exc)
+        program.close_stdin()
+        self._terminate(conn, "protocol error")
+
+    async def _pump_stdin(
+        self,
+        conn: Connection,
+        session: ServerSession,
+        program: Program,
+        event: object = NEED_DATA,
+    ) -> None:
+        try:
             while True:
                 if event is NEED_DATA:
                     await self._receive(conn, session)
@@ -870,9 +906,7 @@ class Server:
         except trio.ClosedResourceError:
             return  # the session is over: the exit pair was sent and the socket closed
         except RemoteProtocolError as exc:
-            log.debug("protocol error conn=%d: %s", conn.number, exc)
-            program.close_stdin()
-            self._terminate(conn, "protocol error")
+            self._stdin_protocol_error(conn, program, exc)
 
 
 async def _release_at_exit(program: Program, gate: RuleGate) -> None:

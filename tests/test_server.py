@@ -52,6 +52,46 @@ def test_cat_is_interactive(broker: Broker) -> None:
         assert read_all(sock) == b"8:exitcode,1:0,"
 
 
+def test_stdin_sent_after_a_pause_reaches_the_program(broker: Broker) -> None:
+    """The request alone first (no stdin task waits on the socket then); stdin later."""
+    with connect(broker.path, timeout=10) as sock:
+        sock.sendall(encode_request(["sh", "-c", "echo ready; exec cat"]))
+        assert sock.recv(100) == b"6:stdout,6:ready\n,"  # the program runs, stdin is idle
+        sock.sendall(b"5:hello,")
+        assert sock.recv(100) == b"6:stdout,5:hello,"
+        sock.sendall(b"0:,")
+        assert read_all(sock) == b"8:exitcode,1:0,"
+
+
+@pytest.mark.parametrize(
+    "request_bytes, later",
+    [
+        # Garbage in the stdin phase, after the program started.
+        (encode_request(["sleep", "100"]), b"xyz"),
+        # Anything after the end of stdin (`0:,`) is a protocol error too.
+        (encode_request(["sleep", "100"]) + b"0:,", b"1:a,"),
+    ],
+    ids=["garbage-in-stdin", "data-after-end-of-stdin"],
+)
+def test_a_protocol_error_after_the_start_terminates_the_program(
+    broker: Broker, request_bytes: bytes, later: bytes
+) -> None:
+    """SPEC §4: logged, the program terminated as on disconnect, the exit pair says how."""
+    with connect(broker.path, timeout=10) as sock:
+        sock.sendall(request_bytes)
+        broker.dump_until("state=running")  # the program runs: the garbage comes after the start
+        sock.sendall(later)
+        result = parse_reply(read_all(sock))
+    assert (result.exitcode, result.termsig) == (None, "TERM")
+
+
+def test_half_close_after_end_of_stdin_keeps_the_session(broker: Broker) -> None:
+    """A client that sent `0:,` and then shut down its write side still gets it all."""
+    argv = [str(MISC / "slow-print"), "3", "50"]
+    reply = run_raw(broker.path, encode_request(argv) + b"0:,", half_close=True)
+    assert parse_reply(reply).stdout == b"line 1\nline 2\nline 3\n"
+
+
 def test_five_megabytes_of_random_bytes_through_cat(broker: Broker) -> None:
     payload = random.Random(7).randbytes(5_000_000)
     chunks = [payload[i : i + 300_000] for i in range(0, len(payload), 300_000)]
