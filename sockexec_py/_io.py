@@ -19,6 +19,8 @@ import trio
 BROKEN_ERRORS = (BrokenPipeError, ConnectionResetError)
 # At most this many buffers per writev/sendmsg (Linux's IOV_MAX is 1024).
 _IOV_MAX = 1024
+#: Reads smaller than this are copied out of the pool's buffer (see read_pooled).
+COPY_BELOW = 32 * 1024
 
 
 class BufferPool:
@@ -43,12 +45,16 @@ class BufferPool:
             self._idle.append(buffer)
 
 
-async def read_pooled(source: int | socket.socket, pool: BufferPool) -> tuple[bytearray, int]:
-    """Read from a non-blocking pipe fd or socket into a buffer of ``pool``.
+async def read_pooled(
+    source: int | socket.socket, pool: BufferPool
+) -> tuple[bytes | memoryview, bytearray | None]:
+    """Read from a non-blocking pipe fd or socket, into a buffer of ``pool``.
 
-    Returns the buffer and the byte count (0 at EOF); the caller gives the buffer
-    back. No buffer is held while waiting, so idle connections cost none. A
-    checkpoint, like any read: a stream that is always ready still lets others run.
+    Returns the data (empty at EOF) and the buffer it lies in, which the caller gives
+    back once done with the data; or None when the read was small and was copied out
+    (the buffer went back at once). So a buffer is held only by a read of at least
+    :data:`COPY_BELOW` bytes, never while waiting, and a thousand connections each
+    reading a line hold no pool buffer. A checkpoint, like any read.
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
@@ -65,8 +71,16 @@ async def read_pooled(source: int | socket.socket, pool: BufferPool) -> tuple[by
         except BaseException:
             pool.give(buffer)
             raise
+        data: bytes | memoryview
+        if count < COPY_BELOW:
+            with memoryview(buffer) as view:
+                data = view[:count].tobytes()
+            pool.give(buffer)
+            held: bytearray | None = None
+        else:
+            data, held = memoryview(buffer)[:count], buffer
         await trio.lowlevel.cancel_shielded_checkpoint()
-        return buffer, count
+        return data, held
 
 
 async def write_fd_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:

@@ -267,15 +267,16 @@ class _OutputPump:
             assert self.fd is not None
             while not self._stopped:
                 with trio.CancelScope() as self._read_scope:
-                    buffer, count = await _io.read_pooled(self.fd, _BUFFERS)
+                    data, buffer = await _io.read_pooled(self.fd, _BUFFERS)
                 if self._read_scope.cancelled_caught:
                     return
                 try:
-                    if not count:
+                    if not data:
                         return
-                    await self.conn.send_output(self.kind, memoryview(buffer)[:count])
+                    await self.conn.send_output(self.kind, data)
                 finally:
-                    _BUFFERS.give(buffer)
+                    if buffer is not None:
+                        _BUFFERS.give(buffer)
         finally:
             self.done.set()
 
@@ -785,7 +786,7 @@ class Server:
         if conn.closed:  # the exit pair went out and the socket closed under this pump
             raise trio.ClosedResourceError
         try:
-            buffer, count = await _io.read_pooled(conn.sock, _BUFFERS)
+            data, buffer = await _io.read_pooled(conn.sock, _BUFFERS)
         except ConnectionResetError:
             session.receive_data(b"")
             return
@@ -796,10 +797,11 @@ class Server:
                 raise trio.ClosedResourceError from None
             raise
         try:
-            session.receive_data(memoryview(buffer)[:count] if count else b"")
+            session.receive_data(data)
         finally:
-            _BUFFERS.give(buffer)
-        conn.bytes_in += count
+            if buffer is not None:
+                _BUFFERS.give(buffer)
+        conn.bytes_in += len(data)
 
     async def _run(self, conn: Connection, session: ServerSession, program: Program) -> None:
         conn.phase = Phase.RUNNING

@@ -269,18 +269,24 @@ def test_orphans_of_programs_are_adopted_and_reaped(broker: Broker) -> None:
 
 
 def test_five_hundred_concurrent_idle_sessions_all_complete(start_broker) -> None:  # type: ignore[no-untyped-def]
+    """...in bounded memory: 500 programs ending together, each with a line of output,
+    must not each hold a read buffer (256 KiB) at once."""
     broker = start_broker("-m", "1000")
+    assert run(broker.path, ["true"]).exitcode == 0  # warm up: the first session's imports
+    rss_before = broker.rss_kib()
     socks = []
     try:
         for _ in range(500):
             sock = connect(broker.path, timeout=60)
-            sock.sendall(encode_request(["sleep", "1"]) + b"0:,")
+            sock.sendall(encode_request(["sh", "-c", "sleep 1; echo done"]) + b"0:,")
             socks.append(sock)
         replies = [read_all(sock) for sock in socks]
     finally:
         for sock in socks:
             sock.close()
-    assert replies == [b"8:exitcode,1:0,"] * 500
+    assert replies == [b"6:stdout,5:done\n,8:exitcode,1:0,"] * 500
+    growth_mib = (broker.rss_kib("VmHWM") - rss_before) / 1024
+    assert growth_mib < 32, f"peak RSS grew by {growth_mib:.1f} MiB for 500 sessions"
 
 
 VALID_SESSION = b"1:2,3:cat,2:-u,5:hello,3:abc,0:,"
