@@ -147,6 +147,8 @@ class _WebSocketProtocol:
         extra = [(k.encode(), v.encode()) for k, v in _headers(token).items()]
         self.handshake = self._ws.send(Request(host=parts.netloc, target=path, extra_headers=extra))
         self.accepted = False
+        #: A refusal's HTTP status and body, while its body arrives.
+        self._refusal: tuple[int, bytearray] | None = None
 
     def receive(self, data: bytes | bytearray) -> list[Output | Exited] | bytes:
         """Feed bytes; returns the frames decoded, or (once, on acceptance) the bytes
@@ -157,12 +159,23 @@ class _WebSocketProtocol:
             if isinstance(event, AcceptConnection):
                 self.accepted = True
                 return self._ws.send(TextMessage(data=json.dumps({"argv": self._argv})))
-            if isinstance(event, RejectConnection | RejectData):
-                raise BrokerUnavailable(f"the gateway at {self.url} refused the WebSocket")
+            if isinstance(event, RejectConnection):
+                # The gateway answered the upgrade with an HTTP error: the same typed
+                # error as a one-shot request gets (401, 403, 421, 503...), once its
+                # JSON body has arrived.
+                self._refusal = (event.status_code, bytearray())
+                if not event.has_body:
+                    _raise_for(event.status_code, b"")
+            elif isinstance(event, RejectData) and self._refusal is not None:
+                self._refusal[1].extend(event.data)
+                if event.body_finished:
+                    _raise_for(self._refusal[0], bytes(self._refusal[1]))
             if isinstance(event, TextMessage):
                 frames.append(_frame(json.loads(event.data)))
             elif isinstance(event, CloseConnection) and not frames:
                 raise ProtocolError(f"gateway closed the session ({event.code}) before the exit")
+        if not data and self._refusal is not None:  # closed before the whole body came
+            _raise_for(self._refusal[0], bytes(self._refusal[1]))
         if not data and not frames:
             raise ProtocolError(f"the gateway at {self.url} closed the connection")
         return frames

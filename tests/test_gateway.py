@@ -172,19 +172,27 @@ def test_one_shot_output_past_max_output_is_413_and_ends_the_program(
         gateway.stop()
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "lots"])
-def test_max_output_must_be_a_positive_number_of_bytes(broker: Broker, value: str) -> None:
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        *(("--max-output", v) for v in ("0", "-1", "lots")),
+        *(("--max-body", v) for v in ("0", "-5", "1e6")),
+        *(("--max-timeout", v) for v in ("0", "-1", "nan", "inf")),
+        *(("--default-timeout", v) for v in ("0", "-3", "nan")),
+    ],
+)
+def test_limits_must_be_positive(broker: Broker, flag: str, value: str) -> None:
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "sockexec_py.gateway"),
-            *("--socket", str(broker.path), "--max-output", value),
+            *("--socket", str(broker.path), flag, value),
         ],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert proc.returncode == 100, proc.stderr
-    assert "--max-output" in proc.stderr
+    assert flag in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
 # Leaving after close_stdin, while the program prints nothing: only the client socket
@@ -386,8 +394,23 @@ def test_host_must_be_a_loopback_name_without_tokens(gateway: GatewayProcess) ->
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
             b"Sec-WebSocket-Version: 13\r\n\r\n"
         )
-        reply = sock.recv(65536)
-    assert reply.startswith(b"HTTP/1.1 403"), reply
+        reply = b""
+        while b"}" not in reply and (data := sock.recv(65536)):  # headers, then the body
+            reply += data
+    # The same answer as a POST gets: 421 with the JSON error, not a bare 403.
+    assert reply.startswith(b"HTTP/1.1 421"), reply
+    assert b"misdirected_request" in reply, reply
+    # No Host at all (HTTP/1.0): not a browser, so no rebinding; an empty one is refused.
+    for request, expected in (
+        (b"GET /healthz HTTP/1.0\r\n\r\n", b"HTTP/1.1 200"),
+        (b"GET /healthz HTTP/1.0\r\nHost: \r\n\r\n", b"HTTP/1.1 421"),
+    ):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=30) as sock:
+            sock.sendall(request)
+            reply = b""
+            while data := sock.recv(65536):
+                reply += data
+        assert reply.startswith(expected), (request, reply)
 
 
 def test_any_host_is_fine_with_tokens(broker: Broker, tmp_path: Path) -> None:

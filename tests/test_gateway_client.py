@@ -85,8 +85,40 @@ def test_token_from_the_environment(broker: Broker, tmp_path: Path, monkeypatch)
         with open_session(gateway.base, ["true"], timeout=30) as session:
             session.close_stdin()
             assert session.wait().ok
+        # A refused WebSocket is the same typed error as a refused one-shot request.
+        monkeypatch.setenv("SOCKEXEC_TOKEN", "wrong")
+        with (
+            pytest.raises(ProtocolError, match="401 unauthorized") as info,
+            open_session(gateway.base, ["true"], timeout=30),
+        ):
+            pass
+        assert not isinstance(info.value, BrokerUnavailable)
     finally:
         gateway.stop()
+
+
+async def test_refused_websockets_raise_what_one_shot_requests_raise(
+    broker: Broker, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The trio flavour: refused before the handshake (401), or after it (503)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\n")
+    gateway = GatewayProcess(broker.path, "--token-file", str(tokens))
+    down = GatewayProcess(tmp_path / "no-broker.sock")
+    try:
+        monkeypatch.setenv("SOCKEXEC_TOKEN", "wrong")
+        with pytest.raises(ProtocolError, match="401 unauthorized") as info:
+            async with open_async_session(gateway.base, ["true"]):
+                pass
+        assert not isinstance(info.value, BrokerUnavailable)
+        monkeypatch.delenv("SOCKEXEC_TOKEN")
+        with pytest.raises(BrokerUnavailable, match="503 broker_unavailable"):
+            async with open_async_session(down.base, ["true"]) as session:
+                await session.close_stdin()
+                await session.wait()
+    finally:
+        gateway.stop()
+        down.stop()
 
 
 def test_command_line_client_accepts_a_url(gateway: GatewayProcess) -> None:

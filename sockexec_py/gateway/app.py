@@ -262,8 +262,11 @@ class Gateway:
         mode = "websocket"
         try:
             self._screen(websocket.headers, auth=True)
-        except HTTPError as exc:  # closed before the handshake: the client sees a 403
-            await websocket.close(code=4000 + exc.status, reason=exc.detail)
+        except HTTPError as exc:
+            # Refused before the handshake: an HTTP answer with the real status and the
+            # JSON error body, as a POST gets (ASGI's WebSocket denial response, which
+            # hypercorn supports; a bare close would show every client a 403).
+            await websocket.send_denial_response(error_response(exc))
             self.metrics.requests.labels(mode, str(exc.status)).inc()
             return
         await websocket.accept()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -45,13 +46,28 @@ def _byte_count(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"takes a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="HTTP/WebSocket gateway to a sockexec_py broker.")
     add = parser.add_argument
     add("--socket", required=True, help="the broker's Unix socket")
     add("--listen", type=_listen, default=("127.0.0.1", 8080), help="HOST:PORT (127.0.0.1:8080)")
     add("--token-file", help="bearer tokens, one per line (required off loopback)")
-    add("--max-body", type=int, default=8 << 20, help="largest request body in bytes (8 MiB)")
+    add(
+        "--max-body",
+        type=_byte_count,
+        default=8 << 20,
+        help="largest request body in bytes (8 MiB)",
+    )
     add(
         "--max-output",
         type=_byte_count,
@@ -59,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest output (stdout+stderr) of a one-shot request in bytes, 413 past it "
         "(16 MiB; streams are not limited)",
     )
-    add("--max-timeout", type=float, default=3600.0, help="largest timeout a request may ask")
-    add("--default-timeout", type=float, default=60.0, help="timeout of a request without one")
+    add("--max-timeout", type=_seconds, default=3600.0, help="largest timeout a request may ask")
+    add("--default-timeout", type=_seconds, default=60.0, help="timeout of a request without one")
     return parser
 
 

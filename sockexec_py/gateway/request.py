@@ -41,8 +41,11 @@ def refuse_foreign_host(headers: Any) -> None:
     to the gateway as its own origin, with ``Host: evil.example`` (and a browser may
     leave ``Origin`` out of a same-origin GET). A token-less gateway listens on
     loopback only, so its clients name it ``localhost`` or a loopback address.
+    A request without any ``Host`` (HTTP/1.0 tools) cannot come from a browser, which
+    always sends one: it is let through.
     """
-    if not _loopback_host(headers.get("host")):
+    host = headers.get("host")
+    if host is not None and not _loopback_host(host):
         raise HTTPError(
             421,
             "misdirected_request",
