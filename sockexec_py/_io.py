@@ -46,7 +46,7 @@ class BufferPool:
 
 
 async def read_pooled(
-    source: int | socket.socket, pool: BufferPool
+    source: int | socket.socket, pool: BufferPool, *, reschedule: bool = True
 ) -> tuple[bytes | memoryview, bytearray | None]:
     """Read from a non-blocking pipe fd or socket, into a buffer of ``pool``.
 
@@ -54,7 +54,11 @@ async def read_pooled(
     back once done with the data; or None when the read was small and was copied out
     (the buffer went back at once). So a buffer is held only by a read of at least
     :data:`COPY_BELOW` bytes, never while waiting, and a thousand connections each
-    reading a line hold no pool buffer. A checkpoint, like any read.
+    reading a line hold no pool buffer.
+
+    A checkpoint, like any read: a stream that is always ready still lets others run.
+    Except at EOF (the reader stops there anyway) and with ``reschedule=False``, where
+    data found at once costs no scheduling round (cancellation is still checked).
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     while True:
@@ -79,7 +83,8 @@ async def read_pooled(
             held: bytearray | None = None
         else:
             data, held = memoryview(buffer)[:count], buffer
-        await trio.lowlevel.cancel_shielded_checkpoint()
+        if count and reschedule:
+            await trio.lowlevel.cancel_shielded_checkpoint()
         return data, held
 
 

@@ -68,6 +68,8 @@ _DISCARD_RECVS = 4
 # accept() errors that mean "overloaded": log, wait a little, try again.
 _ACCEPT_RETRY_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _ACCEPT_RETRY_DELAY = 0.1
+# How far the listen queue may be from its ideal size while admission slots are free.
+_BACKLOG_SLACK = 16
 _UCRED = struct.Struct("3i")
 
 
@@ -490,9 +492,13 @@ class Server:
         only wait in the kernel's queue; a queue of just ``-q`` would then overflow, and
         nginx gets EAGAIN for a server that is merely busy. Once admission is full the
         queue is ``-q`` exactly, the reference's meaning. Linux resizes a listening
-        socket's queue on a second ``listen``.
+        socket's queue on a second ``listen``. While slots are free it is resized only
+        when it is off by :data:`_BACKLOG_SLACK` (not twice per connection).
         """
-        backlog = self.config.backlog + self._admission.value
+        free = self._admission.value
+        backlog = self.config.backlog + free
+        if free and abs(backlog - self._backlog) < _BACKLOG_SLACK:
+            return
         if backlog != self._backlog and self.listener.fileno() >= 0:
             self.listener.listen(backlog)
             self._backlog = backlog
@@ -773,7 +779,7 @@ class Server:
         while True:
             event = session.next_event()
             if event is NEED_DATA:
-                await self._receive(conn, session)
+                await self._receive(conn, session, running=False)
             elif isinstance(event, ArgvReady):
                 return event.argv
             elif isinstance(event, InputEnded):
@@ -781,12 +787,19 @@ class Server:
             else:  # pragma: no cover - the session never emits stdin events first
                 raise AssertionError(event)
 
-    async def _receive(self, conn: Connection, session: ServerSession) -> None:
-        """Read what the client sent (a pooled buffer) and feed it to the session."""
+    async def _receive(
+        self, conn: Connection, session: ServerSession, *, running: bool = True
+    ) -> None:
+        """Read what the client sent (a pooled buffer) and feed it to the session.
+
+        Before the program runs (``running=False``) a read that found data goes on
+        without a scheduling round: the request is bounded (--max-argv-bytes), and a
+        round per read is what a one-shot session's latency is made of.
+        """
         if conn.closed:  # the exit pair went out and the socket closed under this pump
             raise trio.ClosedResourceError
         try:
-            data, buffer = await _io.read_pooled(conn.sock, _BUFFERS)
+            data, buffer = await _io.read_pooled(conn.sock, _BUFFERS, reschedule=running)
         except ConnectionResetError:
             session.receive_data(b"")
             return
