@@ -196,13 +196,19 @@ class Connection:
         no scheduling point between the last ``sendmsg`` and ``close``.
         """
         if not self.write_broken:
-            async with self._send_lock:
-                try:
-                    await _io.sendmsg_all(self.sock, [data])
-                except _io.BROKEN_ERRORS:
-                    self.hung_up = True
-                else:
-                    self.bytes_out += len(data)
+            lock = self._send_lock
+            try:
+                lock.acquire_nowait()  # `async with` would cost a scheduling round
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
+                await _io.sendmsg_all(self.sock, [data])
+            except _io.BROKEN_ERRORS:
+                self.hung_up = True
+            else:
+                self.bytes_out += len(data)
+            finally:
+                lock.release()
         self.close()
 
     def close(self) -> None:
