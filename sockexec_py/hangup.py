@@ -10,12 +10,14 @@ client socket, and trio waits on that single fd.
 
 from __future__ import annotations
 
+import logging
 import select
 from collections.abc import Callable
 
 import trio
 
 _FALLBACK_POLL_INTERVAL = 0.25
+log = logging.getLogger("sockexec_py")
 
 
 class HangupMonitor:
@@ -49,6 +51,11 @@ class HangupMonitor:
         self._epoll.modify(fd, select.EPOLLIN)
         return True
 
+    def unwatch_input(self, fd: int) -> None:
+        """Forget the input callback of :meth:`watch_input` (the hang-up watch stays)."""
+        if self._on_input.pop(fd, None) is not None and self._epoll is not None:
+            self._epoll.modify(fd, 0)
+
     def unwatch(self, fd: int) -> None:
         self._on_input.pop(fd, None)
         if self._callbacks.pop(fd, None) is not None and self._epoll is not None:
@@ -71,13 +78,13 @@ class HangupMonitor:
                     self._fire(fd)
                 elif (callback := self._on_input.pop(fd, None)) is not None:
                     self._epoll.modify(fd, 0)
-                    callback()
+                    _call(callback)
 
     def _fire(self, fd: int) -> None:
         callback = self._callbacks.get(fd)
         if callback is not None:
             self.unwatch(fd)
-            callback()
+            _call(callback)
 
     async def _run_portable(self) -> None:
         # Without epoll, poll(2) reports POLLHUP the same way; check periodically.
@@ -89,3 +96,12 @@ class HangupMonitor:
             for fd, events in poller.poll(0):
                 if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     self._fire(fd)
+
+
+def _call(callback: Callable[[], None]) -> None:
+    """Run a callback; a failing one is logged, never the end of the monitor (and of
+    every connection it watches)."""
+    try:
+        callback()
+    except Exception:
+        log.exception("internal error in a hang-up or input callback")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import functools
 import itertools
 import logging
@@ -26,6 +27,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 import time
 from typing import TextIO
 
@@ -62,6 +64,17 @@ _SEND_BUFFER = 512 * 1024
 _BUFFERS = _io.BufferPool(_RECV_CHUNK)
 # Bytes of an output pair besides its data ("6:stdout," "65536:" ","), rounded up.
 _PAIR_OVERHEAD = 32
+# The ioctl giving a socket's send queue in kernel memory (Linux: SIOCOUTQ).
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+_INT_ZERO = bytes(4)
+
+
+def _footprint(data_length: int) -> int:
+    """An upper bound of the kernel memory one output pair takes in a send queue:
+    its bytes plus a quarter, plus the buffers' own overhead (a short pair costs ~1 KiB)."""
+    return (data_length + _PAIR_OVERHEAD) * 5 // 4 + 2048
+
+
 # At most this many reads of already-queued input before close (1 MiB); a client
 # still sending past that gets its connection reset, as with any closed socket.
 _DISCARD_RECVS = 4
@@ -113,11 +126,10 @@ class Connection:
         self.outcome = "client left"
         self._send_lock = trio.Lock()
         #: Polls the socket for room (POLLOUT) without a scheduling round.
-        self._room = select.poll()
-        self._room.register(self.fd, select.POLLOUT)
-        #: Pair bytes the socket is known to take whole now (see _refill_credit).
-        self._credit = 0
-        self._send_buffer = 0
+        self._room_poll = select.poll()
+        self._room_poll.register(self.fd, select.POLLOUT)
+        #: SO_SNDBUF once read; -1 where the send queue cannot be measured.
+        self._send_buffer = 0 if _SIOCOUTQ is not None else -1
 
     @property
     def write_broken(self) -> bool:
@@ -150,44 +162,59 @@ class Connection:
         total = len(view)
         offset = 0
         while offset < total and not self.write_broken:
-            if self._credit < min(total - offset, MAX_OUTPUT_CHUNK) + _PAIR_OVERHEAD:
-                await self._refill_credit()
+            room = self._room()
             batch: list[bytes | memoryview] = []
             start = offset
             while offset < total:
                 end = min(offset + MAX_OUTPUT_CHUNK, total)
-                cost = end - offset + _PAIR_OVERHEAD
-                if batch and cost > self._credit:
+                cost = _footprint(end - offset)
+                if room is None:
+                    # The queue cannot be measured here: one pair per POLLOUT, which
+                    # guarantees it fits (at most 1/4 of the buffer is in use then).
+                    if batch or not self._room_poll.poll(0):
+                        break
+                elif cost > room:
                     break
+                else:
+                    room -= cost
                 batch += encode_output_pair(kind, view[offset:end])
-                self._credit -= cost
+                offset = end
+            if not batch:
+                # The reader has to make room first: POLLOUT once 3/4 of it is free.
+                await trio.lowlevel.wait_writable(self.sock)
+                end = min(offset + MAX_OUTPUT_CHUNK, total)
+                room = self._room()
+                if room is not None and _footprint(end - offset) <= room:
+                    continue
+                # Unmeasured, or a buffer smaller than our pessimistic estimate wants:
+                # one pair, which POLLOUT alone guarantees to fit.
+                batch = list(encode_output_pair(kind, view[offset:end]))
                 offset = end
             pending = _io.sendmsg_nowait(self.sock, batch)
-            if pending:
-                # The estimate was wrong (another writer? a smaller buffer?): finish
-                # this call and trust only POLLOUT from now on.
-                self._credit = 0
+            if pending:  # not expected: the room was measured
                 await _io.sendmsg_all(self.sock, pending)
             self.bytes_out += offset - start
 
-    async def _refill_credit(self) -> None:
-        """Wait for POLLOUT and turn it into a number of pair bytes to send whole.
+    def _room(self) -> int | None:
+        """Kernel memory the socket's send queue may still grow by, or None if unknown.
 
-        POLLOUT on a Unix stream socket means the queued bytes' kernel footprint is at
-        most 1/4 of SO_SNDBUF, and a send fails for want of room only once that
-        footprint reaches SO_SNDBUF. Counting a footprint of 5/4 of the data, 3/4 of
-        the buffer less one pair stays clear of it, so no pair is split; it is never
-        less than one pair, which POLLOUT alone guarantees (the pre-credit rule).
+        A Unix stream send takes a new buffer (at most ~36 KiB of data) only while the
+        queue's kernel footprint (SIOCOUTQ, which counts whole buffers, so a short pair
+        weighs far more than its bytes) is below SO_SNDBUF; a pair sent past that
+        point is cut, and lua-resty-exec fails on a cut pair (SPEC §3). So every batch
+        is measured against the queue as it is now.
         """
-        if not self._room.poll(0):
-            await trio.lowlevel.wait_writable(self.sock)
-        if not self._send_buffer:
-            try:
+        request = _SIOCOUTQ
+        if request is None or self._send_buffer < 0:
+            return None
+        try:
+            if not self._send_buffer:
                 self._send_buffer = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            except OSError:
-                self._send_buffer = 1  # unknown: one pair per POLLOUT
-        estimate = (self._send_buffer * 3 // 4) * 4 // 5 - MAX_OUTPUT_CHUNK
-        self._credit = max(estimate, MAX_OUTPUT_CHUNK + _PAIR_OVERHEAD)
+            queued = int.from_bytes(fcntl.ioctl(self.fd, request, _INT_ZERO), sys.byteorder)
+        except OSError:
+            self._send_buffer = -1  # no SIOCOUTQ here: one pair per POLLOUT
+            return None
+        return self._send_buffer - queued - 1
 
     async def send_final(self, data: bytes) -> None:
         """Send the last bytes of the session and close the socket in the same step.
@@ -826,29 +853,35 @@ class Server:
         conn.phase = Phase.RUNNING
         pumps = [_OutputPump(conn, program, "stdout"), _OutputPump(conn, program, "stderr")]
         async with trio.open_nursery() as nursery:
-            self._start_stdin(conn, session, program, nursery)
-            for pump in pumps:
-                nursery.start_soon(pump.run)
-            with trio.move_on_at(conn.deadline):
-                await program.exited.wait()
-            if program.status is None:
-                self._terminate(conn, "timeout")
-                await program.exited.wait()
-            conn.phase = Phase.DRAINING
-            # Output still in the pipes belongs before the exit pair; a background
-            # descendant holding them open gets --drain-timeout seconds, no more.
-            if not all(pump.done.is_set() for pump in pumps):
-                with trio.move_on_after(self.config.drain_timeout):
+            try:
+                self._start_stdin(conn, session, program, nursery)
+                for pump in pumps:
+                    nursery.start_soon(pump.run)
+                with trio.move_on_at(conn.deadline):
+                    await program.exited.wait()
+                if program.status is None:
+                    self._terminate(conn, "timeout")
+                    await program.exited.wait()
+                conn.phase = Phase.DRAINING
+                # Output still in the pipes belongs before the exit pair; a background
+                # descendant holding them open gets --drain-timeout seconds, no more.
+                if not all(pump.done.is_set() for pump in pumps):
+                    with trio.move_on_after(self.config.drain_timeout):
+                        for pump in pumps:
+                            await pump.done.wait()
+                    for pump in pumps:
+                        pump.stop()
                     for pump in pumps:
                         await pump.done.wait()
-                for pump in pumps:
-                    pump.stop()
-                for pump in pumps:
-                    await pump.done.wait()
-            conn.phase = Phase.CLOSING
-            self._log_exit(conn, program)
-            await conn.send_final(self._exit_pair(program))
-            nursery.cancel_scope.cancel()
+                conn.phase = Phase.CLOSING
+                self._log_exit(conn, program)
+                await conn.send_final(self._exit_pair(program))
+                nursery.cancel_scope.cancel()
+            finally:
+                # Before the nursery can close: a late input callback must not start a
+                # task in a closed nursery (once closed, the socket has no watch left).
+                if not conn.closed:
+                    self.hangups.unwatch_input(conn.fd)
 
     def _exit_pair(self, program: Program) -> bytes:
         signum = program.termsig
@@ -913,11 +946,9 @@ class Server:
                 elif isinstance(event, StdinData):
                     # Every chunk already received goes to the program in one writev.
                     chunks = [event.data]
-                    try:
-                        while isinstance(event := session.next_event(), StdinData):
-                            chunks.append(event.data)
-                    finally:
-                        await program.write_stdin(chunks)
+                    while isinstance(event := session.next_event(), StdinData):
+                        chunks.append(event.data)  # a protocol error: terminated, unwritten
+                    await program.write_stdin(chunks)
                     continue
                 elif isinstance(event, StdinClosed):
                     program.close_stdin()

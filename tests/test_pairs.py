@@ -4,18 +4,24 @@ A send may carry several whole pairs; it never carries part of one."""
 
 from __future__ import annotations
 
+import fcntl
+import math
 import selectors
 import socket
+import sys
+import termios
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio.testing
 
 from sockexec_py.config import ServerConfig
-from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
-from sockexec_py.server import Server
+from sockexec_py.hangup import HangupMonitor
+from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair, encode_request
+from sockexec_py.server import _SEND_BUFFER, Connection, Server
 
 from conftest import MISC, Broker
 
@@ -69,6 +75,59 @@ async def test_each_pair_is_handed_to_the_socket_in_a_single_send(tmp_path: Path
     # 1,000,000 + 300,000 bytes in pairs of at most 64 KiB, and the exit pair.
     assert pairs >= 16 + 5 + 1
     assert b"".join(sends) == bytes(reply)
+
+
+async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue() -> None:
+    """A client reading late: short pairs fill the send queue, whose kernel footprint is
+    far above their bytes (~1 KiB each); a large output must then wait for room rather
+    than go out cut at the point where the kernel stops taking buffers."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sends: list[tuple[int, int]] = []
+
+    class Spy(socket.socket):
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            sent = super().sendmsg(buffers, *args)
+            sends.append((sum(len(b) for b in buffers), sent))
+            return sent
+
+    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+    send_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    conn = Connection(1, sock, math.inf, HangupMonitor())
+    while _queued(sock) < send_buffer - 20_000:  # short lines nobody reads yet
+        await conn.send_output("stdout", b"x" * 100)
+    short = len(sends)
+    received = bytearray()
+    chunks = [b"x" * 100] * short + [b"B" * 65536] * 4 + [b"B" * (300_000 - 4 * 65536)]
+    expected = sum(len(b) for c in chunks for b in encode_output_pair("stdout", c))
+
+    async def late_reader() -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits for room now
+        theirs.setblocking(False)
+        while len(received) < expected:
+            await trio.lowlevel.wait_readable(theirs)
+            received.extend(theirs.recv(1 << 20))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late_reader)
+            await conn.send_output("stdout", b"B" * 300_000)
+    assert sends[short:], "the large output was not sent"
+    assert all(sent == wanted for wanted, sent in sends), sends[short:]
+    session = ClientSession()
+    session.receive_data(bytes(received))
+    data = b""
+    while (event := session.next_event()) is not NEED_DATA:
+        data += event.data  # type: ignore[union-attr]
+    assert data == b"x" * 100 * short + b"B" * 300_000
+    conn.close()
+    theirs.close()
+
+
+def _queued(sock: socket.socket) -> int:
+    """The send queue's kernel footprint (SIOCOUTQ)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder)
 
 
 def _pair_lengths(data: bytes) -> list[int]:

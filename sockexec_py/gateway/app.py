@@ -266,7 +266,10 @@ class Gateway:
             # Refused before the handshake: an HTTP answer with the real status and the
             # JSON error body, as a POST gets (ASGI's WebSocket denial response, which
             # hypercorn supports; a bare close would show every client a 403).
-            await websocket.send_denial_response(error_response(exc))
+            if "websocket.http.response" in websocket.scope.get("extensions", {}):
+                await websocket.send_denial_response(error_response(exc))
+            else:  # an ASGI server without the extension: the client sees a 403
+                await websocket.close(code=4000 + exc.status, reason=exc.detail)
             self.metrics.requests.labels(mode, str(exc.status)).inc()
             return
         await websocket.accept()
