@@ -72,7 +72,7 @@ _INT_ZERO = bytes(4)
 def _footprint(data_length: int) -> int:
     """An upper bound of the kernel memory one output pair takes in a send queue:
     its bytes plus a quarter, plus the buffers' own overhead (a short pair costs ~1 KiB)."""
-    return (data_length + _PAIR_OVERHEAD) * 5 // 4 + 2048
+    return (data_length + _PAIR_OVERHEAD) * 5 // 4 + 2560
 
 
 # At most this many reads of already-queued input before close (1 MiB); a client
@@ -128,8 +128,9 @@ class Connection:
         #: Polls the socket for room (POLLOUT) without a scheduling round.
         self._room_poll = select.poll()
         self._room_poll.register(self.fd, select.POLLOUT)
-        #: SO_SNDBUF once read; -1 where the send queue cannot be measured.
-        self._send_buffer = 0 if _SIOCOUTQ is not None else -1
+        #: SO_SNDBUF once read (see _chunk_limit); whether SIOCOUTQ works here.
+        self._send_buffer = 0
+        self._measurable = _SIOCOUTQ is not None
 
     @property
     def write_broken(self) -> bool:
@@ -161,12 +162,13 @@ class Connection:
         view = memoryview(data)
         total = len(view)
         offset = 0
+        chunk = self._chunk_limit()
         while offset < total and not self.write_broken:
             room = self._room()
             batch: list[bytes | memoryview] = []
             start = offset
             while offset < total:
-                end = min(offset + MAX_OUTPUT_CHUNK, total)
+                end = min(offset + chunk, total)
                 cost = _footprint(end - offset)
                 if room is None:
                     # The queue cannot be measured here: one pair per POLLOUT, which
@@ -182,7 +184,7 @@ class Connection:
             if not batch:
                 # The reader has to make room first: POLLOUT once 3/4 of it is free.
                 await trio.lowlevel.wait_writable(self.sock)
-                end = min(offset + MAX_OUTPUT_CHUNK, total)
+                end = min(offset + chunk, total)
                 room = self._room()
                 if room is not None and _footprint(end - offset) <= room:
                     continue
@@ -205,16 +207,25 @@ class Connection:
         is measured against the queue as it is now.
         """
         request = _SIOCOUTQ
-        if request is None or self._send_buffer < 0:
+        if request is None or not self._measurable:
             return None
         try:
-            if not self._send_buffer:
-                self._send_buffer = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             queued = int.from_bytes(fcntl.ioctl(self.fd, request, _INT_ZERO), sys.byteorder)
         except OSError:
-            self._send_buffer = -1  # no SIOCOUTQ here: one pair per POLLOUT
+            self._measurable = False  # no SIOCOUTQ here: one pair per POLLOUT
             return None
         return self._send_buffer - queued - 1
+
+    def _chunk_limit(self) -> int:
+        """The most data per pair: 64 KiB, less where SO_SNDBUF is so small (under
+        ~128 KiB, a tiny net.core.wmem_max) that a 64 KiB pair could be cut even from
+        a queue at the POLLOUT mark. A pair within half of SO_SNDBUF never can."""
+        if not self._send_buffer:
+            try:
+                self._send_buffer = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            except OSError:
+                self._send_buffer = 4 * MAX_OUTPUT_CHUNK  # unknown: assume a usual one
+        return max(min(MAX_OUTPUT_CHUNK, self._send_buffer // 2 - 64 - _PAIR_OVERHEAD), 512)
 
     async def send_final(self, data: bytes) -> None:
         """Send the last bytes of the session and close the socket in the same step.

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -77,10 +78,14 @@ async def test_each_pair_is_handed_to_the_socket_in_a_single_send(tmp_path: Path
     assert b"".join(sends) == bytes(reply)
 
 
-async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue() -> None:
+@pytest.mark.parametrize("measured", [True, False], ids=["siocoutq", "pollout-only"])
+async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue(
+    measured: bool,
+) -> None:
     """A client reading late: short pairs fill the send queue, whose kernel footprint is
     far above their bytes (~1 KiB each); a large output must then wait for room rather
-    than go out cut at the point where the kernel stops taking buffers."""
+    than go out cut at the point where the kernel stops taking buffers. Also where the
+    queue cannot be measured (no SIOCOUTQ): one pair per POLLOUT."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sends: list[tuple[int, int]] = []
 
@@ -95,8 +100,14 @@ async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue() ->
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
     send_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     conn = Connection(1, sock, math.inf, HangupMonitor())
+    short_pair = b"".join(encode_output_pair("stdout", b"x" * 100))
     while _queued(sock) < send_buffer - 20_000:  # short lines nobody reads yet
-        await conn.send_output("stdout", b"x" * 100)
+        if measured:
+            await conn.send_output("stdout", b"x" * 100)
+        else:  # one pair per POLLOUT could not fill the queue this far: send directly
+            sock.sendmsg([short_pair])
+    if not measured:
+        conn._measurable = False  # as on a system without SIOCOUTQ
     short = len(sends)
     received = bytearray()
     chunks = [b"x" * 100] * short + [b"B" * 65536] * 4 + [b"B" * (300_000 - 4 * 65536)]
@@ -122,6 +133,49 @@ async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue() ->
         data += event.data  # type: ignore[union-attr]
     assert data == b"x" * 100 * short + b"B" * 300_000
     conn.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("requested", [2048, 16384, 32768])  # the kernel doubles it
+async def test_pairs_stay_whole_with_a_tiny_send_buffer(requested: int) -> None:
+    """Where net.core.wmem_max is tiny, a 64 KiB pair would need more kernel buffers
+    than the socket allows at once: pairs get smaller instead of being cut."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sends: list[tuple[int, int]] = []
+
+    class Spy(socket.socket):
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            sent = super().sendmsg(buffers, *args)
+            sends.append((sum(len(b) for b in buffers), sent))
+            return sent
+
+    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, requested)
+    conn = Connection(1, sock, math.inf, HangupMonitor())
+    received = bytearray()
+    theirs.setblocking(False)
+
+    async def reader() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(theirs)
+            data = theirs.recv(1 << 20)
+            if not data:
+                return
+            received.extend(data)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await conn.send_output("stdout", b"B" * 300_000)
+            conn.close()
+    assert sends and all(sent == wanted for wanted, sent in sends), sends
+    session = ClientSession()
+    session.receive_data(bytes(received))
+    data = b""
+    while (event := session.next_event()) is not NEED_DATA:
+        data += event.data  # type: ignore[union-attr]
+    assert data == b"B" * 300_000
     theirs.close()
 
 
