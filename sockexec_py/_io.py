@@ -1,8 +1,8 @@
 """Non-blocking syscalls on raw fds and sockets, awaited the trio way.
 
 The server drives plain file descriptors itself instead of trio's stream wrappers so
-that it controls exactly when a syscall happens: one ``sendmsg`` per pair, and the
-final pair followed by ``close`` with no scheduling point in between (SPEC §3).
+that it controls exactly when a syscall happens: whole pairs in each ``sendmsg``, and
+the final pair followed by ``close`` with no scheduling point in between (SPEC §3).
 Each helper tries the syscall first and only waits when the kernel says EAGAIN.
 """
 
