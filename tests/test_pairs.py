@@ -86,18 +86,8 @@ async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue(
     far above their bytes (~1 KiB each); a large output must then wait for room rather
     than go out cut at the point where the kernel stops taking buffers. Also where the
     queue cannot be measured (no SIOCOUTQ): one pair per POLLOUT."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sends: list[tuple[int, int]] = []
-
-    class Spy(socket.socket):
-        def sendmsg(self, buffers: Any, *args: Any) -> int:
-            sent = super().sendmsg(buffers, *args)
-            sends.append((sum(len(b) for b in buffers), sent))
-            return sent
-
-    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+    sock, theirs = _spied_socketpair(sends, _SEND_BUFFER)
     send_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     conn = Connection(1, sock, math.inf, HangupMonitor())
     short_pair = b"".join(encode_output_pair("stdout", b"x" * 100))
@@ -126,11 +116,7 @@ async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue(
             await conn.send_output("stdout", b"B" * 300_000)
     assert sends[short:], "the large output was not sent"
     assert all(sent == wanted for wanted, sent in sends), sends[short:]
-    session = ClientSession()
-    session.receive_data(bytes(received))
-    data = b""
-    while (event := session.next_event()) is not NEED_DATA:
-        data += event.data  # type: ignore[union-attr]
+    data = _stdout_of(bytes(received))
     assert data == b"x" * 100 * short + b"B" * 300_000
     conn.close()
     theirs.close()
@@ -140,18 +126,8 @@ async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue(
 async def test_pairs_stay_whole_with_a_tiny_send_buffer(requested: int) -> None:
     """Where net.core.wmem_max is tiny, a 64 KiB pair would need more kernel buffers
     than the socket allows at once: pairs get smaller instead of being cut."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sends: list[tuple[int, int]] = []
-
-    class Spy(socket.socket):
-        def sendmsg(self, buffers: Any, *args: Any) -> int:
-            sent = super().sendmsg(buffers, *args)
-            sends.append((sum(len(b) for b in buffers), sent))
-            return sent
-
-    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, requested)
+    sock, theirs = _spied_socketpair(sends, requested)
     conn = Connection(1, sock, math.inf, HangupMonitor())
     received = bytearray()
     theirs.setblocking(False)
@@ -170,13 +146,37 @@ async def test_pairs_stay_whole_with_a_tiny_send_buffer(requested: int) -> None:
             await conn.send_output("stdout", b"B" * 300_000)
             conn.close()
     assert sends and all(sent == wanted for wanted, sent in sends), sends
+    data = _stdout_of(bytes(received))
+    assert data == b"B" * 300_000
+    theirs.close()
+
+
+def _spied_socketpair(
+    sends: list[tuple[int, int]], send_buffer: int
+) -> tuple[socket.socket, socket.socket]:
+    """A non-blocking socketpair whose first end records each sendmsg as (asked, sent)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    class Spy(socket.socket):
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            sent = super().sendmsg(buffers, *args)
+            sends.append((sum(len(b) for b in buffers), sent))
+            return sent
+
+    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    return sock, theirs
+
+
+def _stdout_of(reply: bytes) -> bytes:
+    """The stdout data of a stream of output pairs."""
     session = ClientSession()
-    session.receive_data(bytes(received))
+    session.receive_data(reply)
     data = b""
     while (event := session.next_event()) is not NEED_DATA:
         data += event.data  # type: ignore[union-attr]
-    assert data == b"B" * 300_000
-    theirs.close()
+    return data
 
 
 def _queued(sock: socket.socket) -> int:
