@@ -5,7 +5,6 @@ networking code at all; the server and the clients drive the same state machines
 """
 
 from ._version import __version__
-from .config import ServerConfig
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError, SockexecError
 from .events import ArgvReady, Exited, InputEnded, Output, StdinClosed, StdinData
 from .netstring import Decoder
@@ -21,7 +20,6 @@ __all__ = [
     "Output",
     "ProtocolError",
     "RemoteProtocolError",
-    "ServerConfig",
     "ServerLimits",
     "ServerSession",
     "SockexecError",

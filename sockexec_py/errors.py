@@ -8,6 +8,9 @@ machine: that is a bug, never the peer's doing, and it propagates.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 #: Exit code for a request the broker refused (protocol error, limit, policy).
 EXIT_REFUSED = 125
 #: Exit code for a program that was found but could not be executed.
@@ -55,3 +58,19 @@ def describe_connect_error(path: str, exc: OSError) -> str:
     if isinstance(exc, BlockingIOError):
         return f"the broker's backlog on {path} is full"
     return f"cannot connect to {path}: {exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def single_errors() -> Iterator[None]:
+    """Re-raise a nursery's lone exception as itself, not in an ExceptionGroup.
+
+    trio wraps every error that leaves a nursery in a group; callers of our APIs
+    expect ``except ProtocolError`` (or HTTPError, Timeout…) to work. A group of
+    several errors is left as it is.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group
+        raise

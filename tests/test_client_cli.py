@@ -22,7 +22,7 @@ Client = Callable[..., list[str]]
 
 
 def python_client(target: object, *argv: str) -> list[str]:
-    return [sys.executable, "-m", "sockexec_py.client_cli", str(target), *argv]
+    return [sys.executable, "-m", "sockexec_py.client.cli", str(target), *argv]
 
 
 def socat_client(target: object, *argv: str) -> list[str]:

@@ -123,7 +123,7 @@ async def test_refused_websockets_raise_what_one_shot_requests_raise(
 
 def test_command_line_client_accepts_a_url(gateway: GatewayProcess) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "sockexec_py.client_cli", gateway.base, "tr", "a-z", "A-Z"],
+        [sys.executable, "-m", "sockexec_py.client.cli", gateway.base, "tr", "a-z", "A-Z"],
         input=b"hello",
         capture_output=True,
         timeout=60,

@@ -7,7 +7,7 @@ import socket
 import trio
 import trio.testing
 
-from sockexec_py.hangup import HangupMonitor
+from sockexec_py.broker.hangup import HangupMonitor
 
 
 async def test_full_close_fires_half_close_does_not_and_input_fires_once() -> None:

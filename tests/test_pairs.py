@@ -19,10 +19,10 @@ import pytest
 import trio
 import trio.testing
 
-from sockexec_py.config import ServerConfig
-from sockexec_py.hangup import HangupMonitor
+from sockexec_py.broker.config import ServerConfig
+from sockexec_py.broker.hangup import HangupMonitor
+from sockexec_py.broker.server import _SEND_BUFFER, Connection, Server
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair, encode_request
-from sockexec_py.server import _SEND_BUFFER, Connection, Server
 
 from conftest import MISC, Broker
 

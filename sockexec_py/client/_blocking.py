@@ -1,7 +1,7 @@
 """The blocking flavour: :func:`run` and :func:`open_session`. Over the broker's Unix
 socket it uses plain sockets, no event loop (usable from threads and scripts); the
 session is the sans-IO :class:`~._common.SessionState`. Gateway targets go to
-:mod:`sockexec_py.gateway_client`.
+:mod:`._gateway`.
 
 Timeouts are one deadline over the whole session (connect included); when it passes
 the call raises :class:`Timeout` and the connection is closed, so the broker
@@ -37,7 +37,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from sockexec_py.gateway_client import GatewaySession
+    from ._gateway import GatewaySession
 
 # The broker may close while we still send stdin (the program exited without reading
 # it); MSG_NOSIGNAL keeps that an EPIPE error even where SIGPIPE is not ignored.
@@ -212,7 +212,7 @@ def open_session(
     """
     if is_gateway(target):
         with gateway_extra():
-            from sockexec_py.gateway_client import open_gateway_session
+            from ._gateway import open_gateway_session
         return open_gateway_session(
             target, argv, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr
         )
@@ -250,7 +250,7 @@ def run(
     """
     if is_gateway(target):
         with gateway_extra():
-            from sockexec_py.gateway_client import run_gateway
+            from ._gateway import run_gateway
         result: Result = run_gateway(target, argv, stdin=stdin, timeout=timeout)
         return result
     request = one_shot_request(argv, stdin)

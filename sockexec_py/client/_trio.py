@@ -1,7 +1,7 @@
 """The trio flavour: :func:`arun`, :func:`open_async_session` and, for the gateway's
 own way to the broker, :func:`open_unix_session` and :func:`check_broker`. Parsing
 is the sans-IO :class:`~._common.SessionState`, as in the blocking flavour; only the
-byte moving differs. Gateway targets go to :mod:`sockexec_py.gateway_client`.
+byte moving differs. Gateway targets go to :mod:`._gateway`.
 
 Timeouts are cancel scopes: :func:`deadline` turns the expiry of one into
 :class:`Timeout`. Leaving a session closes its socket, so the broker terminates the
@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from sockexec_py._io import single_errors
-from sockexec_py.errors import Timeout
+from sockexec_py.errors import Timeout, single_errors
 from sockexec_py.events import Exited
 from sockexec_py.protocol import encode_request
 
@@ -37,7 +36,7 @@ from ._common import (
 )
 
 if TYPE_CHECKING:
-    from sockexec_py.gateway_client import AsyncGatewaySession
+    from ._gateway import AsyncGatewaySession
 
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 
@@ -184,7 +183,7 @@ async def open_async_session(
     with deadline(timeout, "the session"):
         if is_gateway(target):
             with gateway_extra():
-                from sockexec_py.gateway_client import open_async_gateway_session
+                from ._gateway import open_async_gateway_session
             async with open_async_gateway_session(
                 target, argv, on_stdout=on_stdout, on_stderr=on_stderr
             ) as gateway_session:
@@ -207,7 +206,7 @@ async def arun(
     output is read."""
     if is_gateway(target):
         with gateway_extra():
-            from sockexec_py.gateway_client import run_gateway
+            from ._gateway import run_gateway
         result: Result = await trio.to_thread.run_sync(
             lambda: run_gateway(target, argv, stdin=stdin, timeout=timeout),
             abandon_on_cancel=True,

@@ -22,9 +22,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from sockexec_py._io import single_errors
 from sockexec_py.client import AsyncSession, _Collector, check_broker, open_unix_session
-from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout
+from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout, single_errors
 from sockexec_py.events import Exited, Output
 
 from .auth import TokenStore

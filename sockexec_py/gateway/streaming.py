@@ -13,7 +13,7 @@ import trio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from sockexec_py._io import single_errors
+from sockexec_py.errors import single_errors
 from sockexec_py.events import Exited, Output
 
 from .request import ExecRequest, HTTPError

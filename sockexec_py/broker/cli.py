@@ -18,10 +18,11 @@ from typing import NoReturn
 
 import trio
 
-from ._version import __version__
+from sockexec_py._version import __version__
+from sockexec_py.policy import PolicyError, load_policy
+
 from .config import ServerConfig
 from .listener import ListenerError, notify_ready, open_listener
-from .policy import PolicyError, load_policy
 from .server import Server
 
 PROG = "sockexec-py"

@@ -33,15 +33,10 @@ from typing import TextIO
 
 import trio
 
-from . import _io
-from .config import ServerConfig
-from .errors import EXIT_REFUSED, RemoteProtocolError
-from .events import ArgvReady, InputEnded, OutputKind, StdinClosed, StdinData
-from .gates import QueueFull, RuleGate
-from .hangup import HangupMonitor
-from .policy import RLIMITS, Allowed, Denied, Policy, PolicyError, Rule, load_policy
-from .process import ExecSpec, OrphanReaper, Program, SpawnError, Supervisor
-from .protocol import (
+from sockexec_py.errors import EXIT_REFUSED, RemoteProtocolError
+from sockexec_py.events import ArgvReady, InputEnded, OutputKind, StdinClosed, StdinData
+from sockexec_py.policy import RLIMITS, Allowed, Denied, Policy, PolicyError, Rule, load_policy
+from sockexec_py.protocol import (
     MAX_OUTPUT_CHUNK,
     NEED_DATA,
     ServerSession,
@@ -50,6 +45,12 @@ from .protocol import (
     encode_output_pair,
     termsig_text,
 )
+
+from . import _io
+from .admission import QueueFull, RuleGate
+from .config import ServerConfig
+from .hangup import HangupMonitor
+from .spawn import ExecSpec, OrphanReaper, Program, SpawnError, Supervisor
 
 log = logging.getLogger("sockexec_py")
 

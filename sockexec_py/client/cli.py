@@ -16,8 +16,9 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-from .client import BrokerUnavailable, ProtocolError, Timeout, open_session
-from .events import Exited, Output
+from sockexec_py.events import Exited, Output
+
+from . import BrokerUnavailable, ProtocolError, Timeout, open_session
 
 PROG = "sockexec-client"
 EXIT_USAGE = 100

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .protocol import ServerLimits
+from sockexec_py.protocol import ServerLimits
 
 
 @dataclass(frozen=True, slots=True)

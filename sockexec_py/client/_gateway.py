@@ -32,9 +32,12 @@ from wsproto.events import (
     TextMessage,
 )
 
-from .client import Result, _BlockingSession, _Collector
-from .errors import BrokerUnavailable, LocalProtocolError, ProtocolError, Timeout
-from .events import Exited, Output
+from sockexec_py.errors import BrokerUnavailable, LocalProtocolError, ProtocolError, Timeout
+from sockexec_py.events import Exited, Output
+
+from ._blocking import _BlockingSession
+from ._common import Collector as _Collector
+from ._common import Result
 
 _RECV_CHUNK = 256 * 1024
 

@@ -8,10 +8,9 @@ Each helper tries the syscall first and only waits when the kernel says EAGAIN.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import trio
 
@@ -157,19 +156,3 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]
     while pending:
         await trio.lowlevel.wait_writable(sock)
         pending = sendmsg_nowait(sock, pending)
-
-
-@contextlib.contextmanager
-def single_errors() -> Iterator[None]:
-    """Re-raise a nursery's lone exception as itself, not in an ExceptionGroup.
-
-    trio wraps every error that leaves a nursery in a group; callers of our APIs
-    expect ``except ProtocolError`` (or HTTPError, Timeout…) to work. A group of
-    several errors is left as it is.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from group
-        raise

@@ -28,9 +28,10 @@ from dataclasses import dataclass
 
 import trio
 
+from sockexec_py.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_REFUSED
+from sockexec_py.protocol import printable
+
 from . import _io
-from .errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_REFUSED
-from .protocol import printable
 
 log = logging.getLogger("sockexec_py")
 
