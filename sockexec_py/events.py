@@ -60,6 +60,12 @@ class Exited:
         if (self.exitcode is None) == (self.termsig is None):
             raise ValueError("Exited needs exactly one of exitcode or termsig")
 
+    def describe(self) -> str:
+        """``exitcode=0`` or ``termsig=TERM``: how logs and audit lines say it."""
+        if self.termsig is not None:
+            return f"termsig={self.termsig}"
+        return f"exitcode={self.exitcode}"
+
 
 ServerEvent = ArgvReady | StdinData | StdinClosed | InputEnded
 ClientEvent = Output | Exited

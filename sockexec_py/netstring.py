@@ -106,11 +106,6 @@ class Decoder:
         """Bytes fed but not yet returned (for bounds and diagnostics)."""
         return len(self._buf) - self._pos
 
-    @property
-    def at_boundary(self) -> bool:
-        """True when no partial frame is pending."""
-        return self._frame_length is None and self.buffered == 0
-
     # -- output -----------------------------------------------------------------
 
     def next_frame(

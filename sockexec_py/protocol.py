@@ -17,6 +17,7 @@ Rules of the protocol, all enforced here and nowhere else:
 from __future__ import annotations
 
 import enum
+import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Protocol, TypeVar
@@ -41,9 +42,11 @@ __all__ = [
     "ServerLimits",
     "ServerSession",
     "encode_error_reply",
+    "encode_exit",
     "encode_exit_pair",
     "encode_output_pair",
     "encode_request",
+    "exit_event",
     "termsig_text",
 ]
 
@@ -253,6 +256,22 @@ def termsig_text(signum: int, fmt: Literal["name", "number"] = "name") -> bytes:
     except ValueError:
         return b"%d" % signum
     return name.removeprefix("SIG").encode("ascii")
+
+
+def exit_event(wait_status: int, termsig_format: Literal["name", "number"] = "name") -> Exited:
+    """How a program ended, from its raw wait status: the one value the exit pair, the
+    debug log and the audit line are all rendered from."""
+    if os.WIFSIGNALED(wait_status):
+        signum = os.WTERMSIG(wait_status)
+        return Exited(termsig=termsig_text(signum, termsig_format).decode("ascii"))
+    return Exited(exitcode=os.WEXITSTATUS(wait_status))
+
+
+def encode_exit(exited: Exited) -> bytes:
+    """The exit pair for ``exited`` (``exitcode`` or ``termsig``)."""
+    if exited.termsig is not None:
+        return encode_exit_pair(termsig=exited.termsig.encode("ascii"))
+    return encode_exit_pair(exitcode=exited.exitcode)
 
 
 def encode_output_pair(

@@ -4,25 +4,19 @@ A send may carry several whole pairs; it never carries part of one."""
 
 from __future__ import annotations
 
-import fcntl
-import math
 import selectors
 import socket
-import sys
-import termios
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
 from sockexec_py.broker.config import ServerConfig
-from sockexec_py.broker.hangup import HangupMonitor
-from sockexec_py.broker.server import _SEND_BUFFER, Connection, Server
-from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair, encode_request
+from sockexec_py.broker.server import Server
+from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
 from conftest import MISC, Broker
 
@@ -76,112 +70,6 @@ async def test_each_pair_is_handed_to_the_socket_in_a_single_send(tmp_path: Path
     # 1,000,000 + 300,000 bytes in pairs of at most 64 KiB, and the exit pair.
     assert pairs >= 16 + 5 + 1
     assert b"".join(sends) == bytes(reply)
-
-
-@pytest.mark.parametrize("measured", [True, False], ids=["siocoutq", "pollout-only"])
-async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue(
-    measured: bool,
-) -> None:
-    """A client reading late: short pairs fill the send queue, whose kernel footprint is
-    far above their bytes (~1 KiB each); a large output must then wait for room rather
-    than go out cut at the point where the kernel stops taking buffers. Also where the
-    queue cannot be measured (no SIOCOUTQ): one pair per POLLOUT."""
-    sends: list[tuple[int, int]] = []
-    sock, theirs = _spied_socketpair(sends, _SEND_BUFFER)
-    send_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    conn = Connection(1, sock, math.inf, HangupMonitor())
-    short_pair = b"".join(encode_output_pair("stdout", b"x" * 100))
-    while _queued(sock) < send_buffer - 20_000:  # short lines nobody reads yet
-        if measured:
-            await conn.send_output("stdout", b"x" * 100)
-        else:  # one pair per POLLOUT could not fill the queue this far: send directly
-            sock.sendmsg([short_pair])
-    if not measured:
-        conn._measurable = False  # as on a system without SIOCOUTQ
-    short = len(sends)
-    received = bytearray()
-    chunks = [b"x" * 100] * short + [b"B" * 65536] * 4 + [b"B" * (300_000 - 4 * 65536)]
-    expected = sum(len(b) for c in chunks for b in encode_output_pair("stdout", c))
-
-    async def late_reader() -> None:
-        await trio.testing.wait_all_tasks_blocked()  # the writer waits for room now
-        theirs.setblocking(False)
-        while len(received) < expected:
-            await trio.lowlevel.wait_readable(theirs)
-            received.extend(theirs.recv(1 << 20))
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(late_reader)
-            await conn.send_output("stdout", b"B" * 300_000)
-    assert sends[short:], "the large output was not sent"
-    assert all(sent == wanted for wanted, sent in sends), sends[short:]
-    data = _stdout_of(bytes(received))
-    assert data == b"x" * 100 * short + b"B" * 300_000
-    conn.close()
-    theirs.close()
-
-
-@pytest.mark.parametrize("requested", [2048, 16384, 32768])  # the kernel doubles it
-async def test_pairs_stay_whole_with_a_tiny_send_buffer(requested: int) -> None:
-    """Where net.core.wmem_max is tiny, a 64 KiB pair would need more kernel buffers
-    than the socket allows at once: pairs get smaller instead of being cut."""
-    sends: list[tuple[int, int]] = []
-    sock, theirs = _spied_socketpair(sends, requested)
-    conn = Connection(1, sock, math.inf, HangupMonitor())
-    received = bytearray()
-    theirs.setblocking(False)
-
-    async def reader() -> None:
-        while True:
-            await trio.lowlevel.wait_readable(theirs)
-            data = theirs.recv(1 << 20)
-            if not data:
-                return
-            received.extend(data)
-
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            await conn.send_output("stdout", b"B" * 300_000)
-            conn.close()
-    assert sends and all(sent == wanted for wanted, sent in sends), sends
-    data = _stdout_of(bytes(received))
-    assert data == b"B" * 300_000
-    theirs.close()
-
-
-def _spied_socketpair(
-    sends: list[tuple[int, int]], send_buffer: int
-) -> tuple[socket.socket, socket.socket]:
-    """A non-blocking socketpair whose first end records each sendmsg as (asked, sent)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-
-    class Spy(socket.socket):
-        def sendmsg(self, buffers: Any, *args: Any) -> int:
-            sent = super().sendmsg(buffers, *args)
-            sends.append((sum(len(b) for b in buffers), sent))
-            return sent
-
-    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-    return sock, theirs
-
-
-def _stdout_of(reply: bytes) -> bytes:
-    """The stdout data of a stream of output pairs."""
-    session = ClientSession()
-    session.receive_data(reply)
-    data = b""
-    while (event := session.next_event()) is not NEED_DATA:
-        data += event.data  # type: ignore[union-attr]
-    return data
-
-
-def _queued(sock: socket.socket) -> int:
-    """The send queue's kernel footprint (SIOCOUTQ)."""
-    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder)
 
 
 def _pair_lengths(data: bytes) -> list[int]:

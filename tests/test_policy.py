@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import resource
 import tomllib
 from pathlib import Path
 
@@ -12,7 +13,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockexec_py.policy import Allowed, Denied, Policy, PolicyError, load_policy, parse_policy
+from sockexec_py.policy import (
+    Allowed,
+    Denied,
+    Policy,
+    PolicyError,
+    describe,
+    load_policy,
+    parse_policy,
+)
 
 ROOT = 0
 ENV = {b"PATH": b"/usr/bin:/bin", b"LANG": b"C.UTF-8", b"SECRET": b"s3"}
@@ -44,15 +53,15 @@ ECHO = '[[allow]]\nprogram = "echo"\n'
 def test_allow_by_name_resolves_in_the_search_path_and_executes_that_path() -> None:
     p = policy(ECHO)
     verdict = allowed(decide(p, "echo", "hi"))
-    assert verdict.path == b"/usr/bin/echo"
-    assert verdict.argv == (b"echo", b"hi")  # argv[0] is the client's
-    assert allowed(decide(p, "/usr/bin/echo")).path == b"/usr/bin/echo"
+    assert verdict.spec.path == b"/usr/bin/echo"
+    assert verdict.spec.argv == (b"echo", b"hi")  # argv[0] is the client's
+    assert allowed(decide(p, "/usr/bin/echo")).spec.path == b"/usr/bin/echo"
 
 
 def test_allow_by_absolute_path_matches_the_name_that_resolves_to_it() -> None:
     p = policy('[[allow]]\nprogram = "/usr/bin/echo"\n')
-    assert allowed(decide(p, "echo")).path == b"/usr/bin/echo"
-    assert allowed(decide(p, "/usr/bin/../bin/echo")).path == b"/usr/bin/echo"
+    assert allowed(decide(p, "echo")).spec.path == b"/usr/bin/echo"
+    assert allowed(decide(p, "/usr/bin/../bin/echo")).spec.path == b"/usr/bin/echo"
 
 
 def test_everything_else_is_denied_with_a_reason() -> None:
@@ -70,7 +79,7 @@ def test_search_path_is_the_policy_s_not_the_server_s(tmp_path: Path) -> None:
     tool.write_text("#!/bin/sh\n")
     tool.chmod(0o755)
     p = policy(f'path = ["{tmp_path}", "/usr/bin"]\n' + ECHO)
-    assert allowed(decide(p, "echo")).path == str(tool).encode()
+    assert allowed(decide(p, "echo")).spec.path == str(tool).encode()
     assert denied(decide(p, "/usr/bin/echo")) == "program /usr/bin/echo is not allowed"
 
 
@@ -122,8 +131,8 @@ argv = ["/usr/bin/printf", "%s|", "--", "@@1", "x=@@2", "@@1"]
 def test_named_command_substitutes_parameters_as_whole_arguments() -> None:
     p = policy(COMMAND)
     verdict = allowed(decide(p, "greet", "a b", "c"))
-    assert verdict.path == b"/usr/bin/printf"
-    assert verdict.argv == (b"/usr/bin/printf", b"%s|", b"--", b"a b", b"x=c", b"a b")
+    assert verdict.spec.path == b"/usr/bin/printf"
+    assert verdict.spec.argv == (b"/usr/bin/printf", b"%s|", b"--", b"a b", b"x=c", b"a b")
     assert "takes 2 parameter(s), got 1" in denied(decide(p, "greet", "a"))
     assert "takes 2 parameter(s), got 3" in denied(decide(p, "greet", "a", "b", "c"))
 
@@ -142,7 +151,7 @@ def test_hostile_parameters_arrive_as_single_literal_arguments(params: list[str 
     p = policy(COMMAND)
     one, two = (x.encode() if isinstance(x, str) else x for x in params)
     verdict = allowed(decide(p, "greet", one, two))
-    assert verdict.argv == (b"/usr/bin/printf", b"%s|", b"--", one, b"x=" + two, one)
+    assert verdict.spec.argv == (b"/usr/bin/printf", b"%s|", b"--", one, b"x=" + two, one)
 
 
 def test_named_command_parameter_patterns_and_peers() -> None:
@@ -165,9 +174,9 @@ def test_environment_modes() -> None:
         'keepenv = ["LANG", "MISSING"]\nsetenv = { A = "1" }\n'
         '[[allow]]\nname = "m"\nprogram = "env"\nargs = ["m"]\nenv = "minimal"\n'
     )
-    assert allowed(decide(p, "env", "i")).env == {**ENV, b"A": b"1"}
-    assert allowed(decide(p, "env", "c")).env == {b"LANG": b"C.UTF-8", b"A": b"1"}
-    minimal = allowed(decide(p, "env", "m")).env
+    assert allowed(decide(p, "env", "i")).spec.env == {**ENV, b"A": b"1"}
+    assert allowed(decide(p, "env", "c")).spec.env == {b"LANG": b"C.UTF-8", b"A": b"1"}
+    minimal = allowed(decide(p, "env", "m")).spec.env
     assert set(minimal) == {b"PATH", b"HOME", b"USER", b"LOGNAME", b"SHELL"}
     assert minimal[b"PATH"] == b"/usr/local/bin:/usr/bin:/bin"
 
@@ -179,9 +188,9 @@ def test_switching_user_defaults_to_a_minimal_environment_of_that_user() -> None
     rule = verdict.rule
     assert (rule.uid, rule.gid) == (nobody.pw_uid, nobody.pw_gid)
     assert rule.groups == tuple(os.getgrouplist("nobody", nobody.pw_gid))
-    assert verdict.env[b"HOME"] == nobody.pw_dir.encode()
-    assert verdict.env[b"USER"] == b"nobody"
-    assert b"SECRET" not in verdict.env
+    assert verdict.spec.env[b"HOME"] == nobody.pw_dir.encode()
+    assert verdict.spec.env[b"USER"] == b"nobody"
+    assert b"SECRET" not in verdict.spec.env
 
 
 def test_user_and_group_together_set_the_groups_from_the_group() -> None:
@@ -197,9 +206,10 @@ def test_switching_user_needs_root() -> None:
         policy(f'{ECHO}user = "nobody"\n', euid=1000)
     # Naming the user the broker already runs as is fine, and switches nothing.
     nobody = pwd.getpwnam("nobody").pw_uid
-    rule = allowed(decide(policy(f'{ECHO}user = "nobody"\n', euid=nobody), "echo")).rule
-    assert rule.uid is None and rule.groups is None and not rule.needs_helper
-    assert rule.env_mode == "minimal"
+    verdict = allowed(decide(policy(f'{ECHO}user = "nobody"\n', euid=nobody), "echo"))
+    assert verdict.rule.uid is None and verdict.rule.groups is None
+    assert (verdict.spec.uid, verdict.spec.gid, verdict.spec.groups) == (None, None, None)
+    assert verdict.rule.env_mode == "minimal"
 
 
 def test_settings_are_parsed() -> None:
@@ -215,10 +225,14 @@ def test_settings_are_parsed() -> None:
         "nofile": 256,
         "as": 512 << 20,
         "cpu": 7,
-        "core": __import__("resource").RLIM_INFINITY,
+        "core": resource.RLIM_INFINITY,
     }
-    assert rule.needs_helper
-    assert not policy(ECHO).rules[0].needs_helper
+    spec = allowed(decide(p, "echo")).spec
+    assert (spec.cwd, spec.umask) == ("/tmp", 0o27)
+    assert ("nofile", resource.RLIMIT_NOFILE, 256) in spec.rlimits
+    assert ("as", resource.RLIMIT_AS, 512 << 20) in spec.rlimits
+    plain = allowed(decide(policy(ECHO), "echo")).spec
+    assert (plain.cwd, plain.umask, plain.rlimits, plain.uid) == (None, None, (), None)
 
 
 @pytest.mark.parametrize(
@@ -280,7 +294,7 @@ def test_the_example_policy_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "misc" / "policy.example.toml"
     p = load_policy(str(example), euid=ROOT)
     assert p.rules
-    text = "\n".join(p.describe())
+    text = "\n".join(describe(p))
     for rule in p.rules:
         assert re.search(re.escape(rule.label), text)
 

@@ -96,7 +96,7 @@ def test_policy_example_is_a_valid_policy(tmp_path: Path) -> None:
     assert not isinstance(verdict, Allowed)  # the parameter pattern refuses it
     verdict = policy.decide((b"thumbnail", b"a.png", b"b.png"), 0, 0)
     assert isinstance(verdict, Allowed)
-    assert verdict.argv[2:] == (b"a.png", b"-resize", b"128x128", b"b.png")
+    assert verdict.spec.argv[2:] == (b"a.png", b"-resize", b"128x128", b"b.png")
     (commands,) = _shell_blocks(_section("Policy"))
     check = next(line for line in commands.splitlines() if "--check-policy" in line)
     proc = subprocess.run(

@@ -44,6 +44,12 @@ class BufferPool:
             self._idle.append(buffer)
 
 
+#: Pipe and socket reads of every connection go into buffers of this shared pool:
+#: as large as an output pair's data times four, for throughput; held only while a
+#: large read is being sent on (see :func:`read_pooled`).
+BUFFERS = BufferPool(256 * 1024)
+
+
 async def read_pooled(
     source: int | socket.socket, pool: BufferPool, *, reschedule: bool = True
 ) -> tuple[bytes | memoryview, bytearray | None]:

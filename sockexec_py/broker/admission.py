@@ -1,14 +1,21 @@
-"""Per-rule admission: at most ``max_running`` programs of a rule, a bounded queue.
+"""Admission: the decision, then a place among the programs allowed to run.
 
-A gate sits in front of the server's global slots (``-m``): a request first passes its
-rule's gate, in arrival order, then waits for a global slot. Gates are kept by rule
-key (kind and name) across policy reloads, and a reload resizes them, so a reloaded
-limit counts the programs already running under the old policy.
+A request is decided by the policy (or :data:`~sockexec_py.policy.ALLOW_ALL`), then
+waits, in arrival order, at its rule's gate (``max_running``, with a bounded queue:
+past it the request is :class:`Denied`), then for one of the server's ``-m`` slots.
+What it holds is its :class:`Ticket`, released exactly once: when its program is
+reaped, or when its connection ends without a program.
+
+Gates are kept by rule key (kind and name) across policy reloads, and a reload
+resizes them, so a reloaded limit counts the programs already running under the old
+policy; a request still waiting is decided again under the new one.
 """
 
 from __future__ import annotations
 
 import trio
+
+from sockexec_py.policy import AllowAll, Allowed, Denied, Policy, Rule
 
 
 class QueueFull(Exception):
@@ -55,3 +62,115 @@ class RuleGate:
         while self._waiters and self.running < self.max_running:
             self.running += 1
             self._waiters.unpark()
+
+
+class Ticket:
+    """What one request holds: its rule's gate slot (if the rule has one) and a
+    server slot. :meth:`release` gives back whatever was taken, once."""
+
+    def __init__(self, slots: trio.Semaphore) -> None:
+        self._slots = slots
+        self.gate: RuleGate | None = None
+        self.slot = False
+        #: Where it waits now (for the message when the deadline passes).
+        self.waiting_at: tuple[Rule, RuleGate] | None = None
+
+    def release(self) -> None:
+        if self.gate is not None:
+            gate, self.gate = self.gate, None
+            gate.release()
+        if self.slot:
+            self.slot = False
+            self._slots.release()
+
+
+class Admission:
+    """Decides requests and holds them until they may run (see the module docstring).
+
+    Args:
+        max_running: the server's ``-m``: programs running at once.
+        policy: the policy file's rules, or :data:`~sockexec_py.policy.ALLOW_ALL`.
+    """
+
+    def __init__(self, max_running: int, policy: Policy | AllowAll) -> None:
+        self.max_running = max_running
+        self.policy = policy
+        self._slots = trio.Semaphore(max_running)
+        self._gates: dict[str, RuleGate] = {}
+
+    def ticket(self) -> Ticket:
+        return Ticket(self._slots)
+
+    async def admit(
+        self, ticket: Ticket, argv: tuple[bytes, ...], peer_uid: int, peer_gid: int
+    ) -> Allowed | Denied:
+        """Decide ``argv`` for this peer, then wait for a place to run (FIFO).
+
+        Returns the decision; an :class:`Allowed` once ``ticket`` holds its places.
+        A request waiting in its rule's queue when the policy is reloaded is decided
+        again under the new policy. Cancellation (the ``-t`` deadline, a hang-up)
+        leaves ``ticket`` holding what it took so far: release it.
+        """
+        verdict = await self._pass_gate(ticket, argv, peer_uid, peer_gid)
+        if isinstance(verdict, Denied):
+            return verdict
+        try:
+            self._slots.acquire_nowait()  # the common case: no scheduling round
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        ticket.slot = True
+        return verdict
+
+    async def _pass_gate(
+        self, ticket: Ticket, argv: tuple[bytes, ...], peer_uid: int, peer_gid: int
+    ) -> Allowed | Denied:
+        while True:
+            policy = self.policy
+            verdict = policy.decide(argv, peer_uid, peer_gid)
+            if isinstance(verdict, Denied):
+                return verdict
+            gate = self._gate(verdict.rule)
+            if ticket.gate is not None and ticket.gate is not gate:
+                ticket.gate.release()  # a reload moved the request to another rule
+                ticket.gate = None
+            if gate is None or ticket.gate is gate:
+                return verdict
+            ticket.waiting_at = (verdict.rule, gate)
+            try:
+                await gate.acquire()
+            except QueueFull as exc:
+                return Denied(f"queue full for {verdict.rule.label} ({exc})", by_policy=False)
+            ticket.waiting_at = None
+            ticket.gate = gate
+            if self.policy is policy:
+                return verdict
+
+    def waiting_for(self, ticket: Ticket) -> str:
+        """What a request still waits for, in words: its rule's queue or a slot."""
+        if ticket.waiting_at is not None:
+            rule, gate = ticket.waiting_at
+            return f"in the queue of {rule.label} ({gate.running} of {gate.max_running} running)"
+        return f"for a free slot ({self.max_running} programs running)"
+
+    def _gate(self, rule: Rule) -> RuleGate | None:
+        if rule.max_running is None:
+            return None
+        gate = self._gates.get(rule.key)
+        if gate is None:
+            gate = self._gates[rule.key] = RuleGate(rule.max_running, rule.max_queue)
+        return gate
+
+    def reload(self, policy: Policy) -> None:
+        """A new policy: new limits apply to the gates in place; gates of rules that lost
+        their limit let their waiters through (to be decided again) and go."""
+        self.policy = policy
+        limited = {r.key: r for r in policy.rules if r.max_running is not None}
+        for key, gate in list(self._gates.items()):
+            rule = limited.get(key)
+            if rule is not None:
+                assert rule.max_running is not None
+                gate.resize(rule.max_running, rule.max_queue)
+            else:
+                gate.resize(gate.running + gate.waiting, None)
+                if gate.idle:
+                    del self._gates[key]

@@ -9,48 +9,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import resource
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 import trio
 
+from sockexec_py._cli import EXIT_SYSTEM, EXIT_USAGE, UsageParser, number
 from sockexec_py._version import __version__
-from sockexec_py.policy import PolicyError, load_policy
+from sockexec_py.policy import ALLOW_ALL, AllowAll, Policy, PolicyError, describe, load_policy
 
 from .config import ServerConfig
 from .listener import ListenerError, notify_ready, open_listener
 from .server import Server
 
 PROG = "sockexec-py"
-EXIT_USAGE = 100
-EXIT_SYSTEM = 111
 USAGE = (
     f"{PROG} [-v] [-d] [-q backlog] [-M mode] [-m max_connections] [-t timeout] "
     "[-k kill_timeout] [--policy FILE] /path/to/socket | --check-policy FILE"
 )
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: usage error: {message}; usage: {USAGE}\n")
-        sys.exit(EXIT_USAGE)
-
-
-def _number(kind: type[int] | type[float], minimum: float, what: str) -> argparse.FileType:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {text!r}")
-        return value
-
-    return parse  # type: ignore[return-value]
 
 
 def _mode(text: str) -> int:
@@ -64,60 +42,62 @@ def _mode(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, usage=USAGE, description="A sockexec-compatible exec broker.")
+    parser = UsageParser(
+        PROG, f"usage: {USAGE}", usage=USAGE, description="A sockexec-compatible exec broker."
+    )
     add = parser.add_argument
     add("-v", "--version", action="version", version=f"{PROG} {__version__}")
     add("-d", "--debug", action="store_true", help="log one line per event to stderr")
-    add("-q", "--backlog", type=_number(int, 1, "backlog"), default=100, help="listen backlog")
+    add("-q", "--backlog", type=number(int, 1, "backlog"), default=100, help="listen backlog")
     add("-M", "--mode", type=_mode, default=0o660, help="socket permissions, octal (0660)")
     add(
         "-m",
         "--max-connections",
-        type=_number(int, 1, "max_connections"),
+        type=number(int, 1, "max_connections"),
         default=100,
         help="programs running at once (100)",
     )
     add(
         "-t",
         "--timeout",
-        type=_number(float, 0, "timeout"),
+        type=number(float, 0, "timeout"),
         default=60.0,
         help="seconds a connection may last from accept, 0 = unlimited (60)",
     )
     add(
         "-k",
         "--kill-timeout",
-        type=_number(float, 1, "kill_timeout"),
+        type=number(float, 1, "kill_timeout"),
         default=10.0,
         help="seconds between TERM and KILL (10)",
     )
     add(
         "--max-queued",
-        type=_number(int, 0, "max_queued"),
+        type=number(int, 0, "max_queued"),
         default=1000,
         help="connections accepted and waiting for a slot (1000)",
     )
     add(
         "--max-frame",
-        type=_number(int, 1, "max_frame"),
+        type=number(int, 1, "max_frame"),
         default=64 << 20,
         help="longest netstring accepted, in bytes (64 MiB)",
     )
     add(
         "--max-args",
-        type=_number(int, 1, "max_args"),
+        type=number(int, 1, "max_args"),
         default=10_000,
         help="largest argc accepted (10000)",
     )
     add(
         "--max-argv-bytes",
-        type=_number(int, 1, "max_argv_bytes"),
+        type=number(int, 1, "max_argv_bytes"),
         default=2 << 20,
         help="total size of the argv, in bytes (2 MiB)",
     )
     add(
         "--drain-timeout",
-        type=_number(float, 0, "drain_timeout"),
+        type=number(float, 0, "drain_timeout"),
         default=2.0,
         help="seconds to wait for output EOF after the program exits (2)",
     )
@@ -129,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--notify-fd",
-        type=_number(int, 0, "notify_fd"),
+        type=number(int, 0, "notify_fd"),
         default=None,
         help="write a newline to this fd once listening (s6 readiness)",
     )
@@ -182,7 +162,7 @@ def _check_policy(path: str) -> int:
     except PolicyError as exc:
         sys.stderr.write(f"{PROG}: invalid policy: {exc}\n")
         return 1
-    sys.stdout.write("".join(f"{line}\n" for line in policy.describe()))
+    sys.stdout.write("".join(f"{line}\n" for line in describe(policy)))
     return 0
 
 
@@ -193,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_policy(args.check_policy)
     if args.socket is None:
         parser.error("the socket path is required")
-    policy = None
+    policy: Policy | AllowAll = ALLOW_ALL
     if args.policy is not None:
         try:
             policy = load_policy(args.policy)

@@ -1,13 +1,12 @@
-"""Spawning, terminating and reaping programs.
+"""Starting a program: pipes, ``posix_spawn``, and the exec helper for what it cannot do.
 
-Programs are started with ``posix_spawnp`` (vfork-style: no page-table copy, no
-Python code in the child) in a new process group, with default signal dispositions,
-an empty signal mask and only fds 0/1/2: every fd the server opens is close-on-exec.
+Programs are started with ``posix_spawn`` (vfork-style: no page-table copy, no Python
+code in the child) in a new process group, with default signal dispositions, an empty
+signal mask and only fds 0/1/2: every fd the server opens is close-on-exec.
 
-The :class:`Supervisor` owns every program from spawn to reap: its watcher task reaps
-the program however its connection ended, and termination (TERM to the group, KILL
-``kill_timeout`` seconds later if anything is still alive) runs there too, so a
-connection can close at once while the escalation goes on.
+A policy rule may also set a user, groups, a working directory, a umask or rlimits,
+which ``posix_spawn`` cannot: then the exec helper (``_exec_helper.py``) is spawned
+instead, in the same way, sets them up and execs the program (same pid, same group).
 """
 
 from __future__ import annotations
@@ -17,18 +16,16 @@ import errno
 import fcntl
 import logging
 import marshal
-import math
 import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
 from sockexec_py.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_REFUSED
+from sockexec_py.policy import ExecSpec
 from sockexec_py.protocol import printable
 
 from . import _io
@@ -41,11 +38,6 @@ _NOT_FOUND_ERRNOS = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, 
 # Failures of the server itself (no memory, no fds, no processes): the request was
 # refused, the program was not at fault.
 _RESOURCE_ERRNOS = frozenset((errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE))
-# How often to check whether a terminated group still has members.
-_GROUP_POLL_INTERVAL = 0.05
-# The least time between two scans for orphans to reap.
-_ORPHAN_SCAN_INTERVAL = 0.05
-_HAS_PIDFD = hasattr(os, "pidfd_open")
 # Larger stdin/stdout pipes mean fewer wake-ups when data streams (Linux only). Only
 # for root: an unprivileged user's pipes share a 64 MiB budget (pipe-user-pages-soft),
 # past which Linux gives every new pipe a single page, and big pipes reach it sooner.
@@ -63,11 +55,12 @@ class SpawnError(Exception):
 
 
 class Program:
-    """A running program: its pid (also its process group id) and its pipe ends.
+    """A started program: its pid (also its process group id) and its pipe ends.
 
     ``stdin_fd``/``stdout_fd``/``stderr_fd`` are the server's non-blocking ends; the
-    connection closes them with :meth:`close_stdin` and :meth:`close_fds`. The status
-    is set by the supervisor once the program has been reaped.
+    connection closes them with :meth:`close_stdin` and :meth:`close_fds`. The
+    supervisor sets :attr:`status` once the program has been reaped, then runs the
+    :meth:`on_exit` callbacks and sets :attr:`exited`.
     """
 
     def __init__(self, pid: int, argv: Sequence[bytes], fds: tuple[int, int, int]) -> None:
@@ -76,25 +69,25 @@ class Program:
         self.stdin_fd: int | None = fds[0]
         self.stdout_fd: int | None = fds[1]
         self.stderr_fd: int | None = fds[2]
-        self.started = time.monotonic()
         self.exited = trio.Event()
         #: Raw wait status once reaped.
         self.status: int | None = None
         self.terminating = False
+        self._exit_callbacks: list[Callable[[], None]] = []
 
-    @property
-    def returncode(self) -> int | None:
-        """Exit status for a normal exit (None otherwise or while running)."""
-        if self.status is None or not os.WIFEXITED(self.status):
-            return None
-        return os.WEXITSTATUS(self.status)
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the program has been reaped (a slot to free...)."""
+        self._exit_callbacks.append(callback)
 
-    @property
-    def termsig(self) -> int | None:
-        """The signal number that killed the program (None otherwise or while running)."""
-        if self.status is None or not os.WIFSIGNALED(self.status):
-            return None
-        return os.WTERMSIG(self.status)
+    def reaped(self, status: int | None) -> None:
+        """Record the wait status; for the supervisor's reaper only."""
+        self.status = status
+        callbacks, self._exit_callbacks = self._exit_callbacks, []
+        try:
+            for callback in callbacks:
+                callback()
+        finally:
+            self.exited.set()
 
     def signal_group(self, signum: int) -> bool:
         """Send ``signum`` to the program's process group; False if the group is gone.
@@ -140,47 +133,16 @@ class Program:
             os.close(fd)
 
 
-_ENV_SNAPSHOT: dict[bytes, bytes] | None = None
-
-
-def _environ() -> dict[bytes, bytes]:
-    """The server's environment as a plain dict, converted once (not per spawn)."""
-    global _ENV_SNAPSHOT
-    if _ENV_SNAPSHOT is None:
-        _ENV_SNAPSHOT = dict(os.environb)
-    return _ENV_SNAPSHOT
-
-
-@dataclass(frozen=True)
-class ExecSpec:
-    """A program to start under a policy rule: what to run, and how to set it up.
-
-    ``path`` is absolute (no PATH search); ``argv[0]`` is what the program sees. The
-    ``uid``/``gid``/``groups``/``cwd``/``umask``/``rlimits`` settings need the exec
-    helper (see :attr:`needs_helper`); the rest goes straight to ``posix_spawn``.
-    """
-
-    path: bytes
-    argv: tuple[bytes, ...]
-    env: dict[bytes, bytes]
-    uid: int | None = None
-    gid: int | None = None
-    groups: tuple[int, ...] | None = None
-    cwd: str | None = None
-    umask: int | None = None
-    #: (name, RLIMIT_* number, value) triples.
-    rlimits: tuple[tuple[str, int, int], ...] = ()
-
-    @property
-    def needs_helper(self) -> bool:
-        return (
-            self.uid is not None
-            or self.gid is not None
-            or self.groups is not None
-            or self.cwd is not None
-            or self.umask is not None
-            or bool(self.rlimits)
-        )
+def needs_helper(spec: ExecSpec) -> bool:
+    """Whether starting ``spec`` needs more than ``posix_spawn`` can do."""
+    return (
+        spec.uid is not None
+        or spec.gid is not None
+        or spec.groups is not None
+        or spec.cwd is not None
+        or spec.umask is not None
+        or bool(spec.rlimits)
+    )
 
 
 def _make_pipes() -> tuple[list[int], list[int]]:
@@ -205,7 +167,7 @@ def _make_pipes() -> tuple[list[int], list[int]]:
 
 def spawn(
     argv: Sequence[bytes],
-    env: dict[bytes, bytes] | None = None,
+    env: Mapping[bytes, bytes],
     *,
     path: bytes | None = None,
     extra_fds: Sequence[int] = (),
@@ -225,7 +187,7 @@ def spawn(
         pid = (os.posix_spawnp if path is None else os.posix_spawn)(
             argv[0] if path is None else path,
             list(argv),
-            _environ() if env is None else env,
+            env,
             file_actions=actions,
             setpgroup=0,
             setsigmask=(),
@@ -291,7 +253,7 @@ async def finish_helper(spec: ExecSpec, status: socket.socket) -> None:
             {
                 "path": spec.path,
                 "argv": list(spec.argv),
-                "env": spec.env,
+                "env": dict(spec.env),
                 "uid": spec.uid,
                 "gid": spec.gid,
                 "groups": list(spec.groups) if spec.groups is not None else None,
@@ -316,220 +278,3 @@ async def finish_helper(spec: ExecSpec, status: socket.socket) -> None:
         raise SpawnError("the exec helper died before starting the program", EXIT_REFUSED)
     code, _, reason = answer.removeprefix(b"X").partition(b" ")
     raise SpawnError(printable(reason), int(code) if code.isdigit() else EXIT_REFUSED)
-
-
-class Supervisor:
-    """Owns programs from spawn to reap, and bounds how many run at once.
-
-    Resource handling: each program gets a watcher task in the supervisor's nursery
-    that reaps it and frees its slot; :meth:`terminate` starts the TERM→KILL
-    escalation in the same nursery. The nursery's owner waits for both, so no program
-    outlives the server unreaped.
-    """
-
-    def __init__(self, nursery: trio.Nursery, max_running: int, kill_timeout: float) -> None:
-        self._nursery = nursery
-        self._slots = trio.Semaphore(max_running)
-        self.kill_timeout = kill_timeout
-        self.running: set[Program] = set()
-
-    async def acquire_slot(self) -> None:
-        """Wait (FIFO) until fewer than ``max_running`` programs run."""
-        try:
-            self._slots.acquire_nowait()  # the common case: no scheduling round
-        except trio.WouldBlock:
-            await self._slots.acquire()
-
-    def release_slot(self) -> None:
-        """Give back a slot taken with :meth:`acquire_slot` that did not spawn."""
-        self._slots.release()
-
-    def spawn(
-        self,
-        argv: Sequence[bytes],
-        env: dict[bytes, bytes] | None = None,
-        *,
-        path: bytes | None = None,
-    ) -> Program:
-        """Spawn ``argv`` in an acquired slot; the slot is freed when it is reaped.
-
-        On :class:`SpawnError` the slot is released before the error propagates.
-        """
-        try:
-            program = spawn(argv, env, path=path)
-        except BaseException:
-            self._slots.release()
-            raise
-        self._track(program)
-        return program
-
-    async def spawn_spec(
-        self, spec: ExecSpec, started: Callable[[Program], None] | None = None
-    ) -> Program:
-        """Spawn a policy rule's program in an acquired slot (see :meth:`spawn`).
-
-        Settings ``posix_spawn`` cannot apply go through the exec helper: a failure
-        there (no such directory, a limit refused, program not found) raises
-        :class:`SpawnError` once the helper is reaped, like a failed spawn.
-        ``started`` is called as soon as the process exists, before the helper has
-        exec'd, so a client leaving meanwhile can have it terminated.
-        """
-        if not spec.needs_helper:
-            return self.spawn(spec.argv, spec.env, path=spec.path)
-        try:
-            program, status = spawn_helper(spec)
-        except BaseException:
-            self._slots.release()
-            raise
-        self._track(program)
-        if started is not None:
-            started(program)
-        try:
-            await finish_helper(spec, status)
-        except SpawnError:
-            program.close_fds()
-            with trio.CancelScope(shield=True):
-                await program.exited.wait()  # it exits right after saying why
-            raise
-        except BaseException:
-            program.close_fds()
-            self.terminate(program)
-            raise
-        return program
-
-    def _track(self, program: Program) -> None:
-        self.running.add(program)
-        self._nursery.start_soon(self._reap, program)
-
-    def terminate(self, program: Program) -> None:
-        """Terminate the program's group: TERM now, KILL after ``kill_timeout``.
-
-        Idempotent, returns at once; the escalation runs in the supervisor's nursery.
-        """
-        if program.terminating or program.exited.is_set():
-            return  # a reaped leader's group number may already be someone else's
-        program.terminating = True
-        self._nursery.start_soon(self._escalate, program)
-
-    async def _escalate(self, program: Program) -> None:
-        program.signal_group(signal.SIGTERM)
-        program.signal_group(signal.SIGCONT)  # a stopped program must see its TERM
-        with trio.move_on_after(self.kill_timeout):
-            await program.exited.wait()
-            # The leader is gone; wait for the rest of its group, if any, to follow.
-            while program.signal_group(0):
-                await trio.sleep(_GROUP_POLL_INTERVAL)
-            return
-        program.signal_group(signal.SIGKILL)
-
-    async def _reap(self, program: Program) -> None:
-        # Shielded: even when the server is cancelled, every child gets reaped.
-        with trio.CancelScope(shield=True):
-            try:
-                program.status = await _wait_for_exit(program.pid)
-            finally:
-                self.running.discard(program)
-                self._slots.release()
-                program.exited.set()
-
-
-async def _wait_for_exit(pid: int) -> int:
-    """Wait for ``pid`` to exit and reap it; returns the raw wait status.
-
-    A pidfd where the kernel has them (Linux 5.3+, and not refused by a seccomp
-    profile); else a thread per program, without trio's default cap of 40 threads,
-    which would leave the 41st program unreaped.
-    """
-    pidfd = -1
-    if _HAS_PIDFD:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            pidfd = -1
-    if pidfd >= 0:
-        try:
-            while True:
-                reaped, status = os.waitpid(pid, os.WNOHANG)
-                if reaped:
-                    return status
-                await trio.lowlevel.wait_readable(pidfd)
-        finally:
-            os.close(pidfd)
-    _, status = await trio.to_thread.run_sync(
-        os.waitpid, pid, 0, abandon_on_cancel=False, limiter=_UNLIMITED_THREADS
-    )
-    return status
-
-
-_UNLIMITED_THREADS = trio.CapacityLimiter(math.inf)
-
-
-def deadline_after(seconds: float) -> float:
-    """A trio deadline ``seconds`` from now; 0 or less means none."""
-    return trio.current_time() + seconds if seconds > 0 else math.inf
-
-
-class OrphanReaper:
-    """Adopts and reaps the orphans of our programs (Linux child subreaper).
-
-    A program's background children outlive it; reparented to init they may linger
-    as zombies (containers often have no reaping init) and keep a terminated group
-    "alive" for the whole ``-k`` delay. As a subreaper the broker adopts them and
-    reaps them itself. Only for the daemon process: in a process that has other
-    children (a test runner) it would reap those too.
-    """
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._supervisor = supervisor
-
-    @staticmethod
-    def enable() -> bool:
-        """Become a child subreaper; False where the platform cannot.
-
-        Orphans are found through ``/proc/self/task/*/children`` (a kernel built with
-        CONFIG_PROC_CHILDREN): without it adopted orphans could not be told from our
-        programs, so the broker does not adopt them at all.
-        """
-        if not os.path.exists(f"/proc/self/task/{os.getpid()}/children"):
-            return False
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_child_subreaper = 36
-            return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
-        except (OSError, AttributeError):
-            return False
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
-            task_status.started()
-            self.reap_orphans()
-            async for _ in signals:
-                self.reap_orphans()
-                # Every program's exit is a SIGCHLD too: scanning /proc for each would
-                # cost more than the rest of a short session. SIGCHLDs arriving during
-                # the pause are coalesced into one more scan; an orphan waits that long.
-                await trio.sleep(_ORPHAN_SCAN_INTERVAL)
-
-    def reap_orphans(self) -> None:
-        """Reap every exited child that is not a program the supervisor tracks."""
-        tracked = {program.pid for program in self._supervisor.running}
-        for pid in _children() - tracked:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-
-
-def _children() -> set[int]:
-    pids: set[int] = set()
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return pids
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids.update(int(p) for p in f.read().split())
-        except OSError:
-            continue
-    return pids

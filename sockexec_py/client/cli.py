@@ -16,13 +16,12 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
+from sockexec_py._cli import EXIT_SYSTEM, EXIT_USAGE
 from sockexec_py.events import Exited, Output
 
 from . import BrokerUnavailable, ProtocolError, Timeout, open_session
 
 PROG = "sockexec-client"
-EXIT_USAGE = 100
-EXIT_SYSTEM = 111
 USAGE = f"usage: {PROG} SOCKET_OR_URL PROGRAM [ARGS...]"
 
 

@@ -1,7 +1,4 @@
-"""The HTTP/WebSocket gateway: the broker's one-shot, streaming and duplex modes over
-HTTP, through the same Unix-socket protocol (it spawns nothing itself)."""
-
-from .app import Gateway
-from .settings import GatewaySettings
-
-__all__ = ["Gateway", "GatewaySettings"]
+"""The HTTP/WebSocket gateway (``sockexec-gateway``): the broker's one-shot, streaming
+and duplex modes over HTTP, through the same Unix-socket protocol (it spawns nothing
+itself). Needs the ``[gateway]`` extra; :mod:`.app` holds the ASGI application.
+"""

@@ -8,29 +8,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 
-from .app import Gateway
-from .auth import TokenFileError
+from sockexec_py._cli import EXIT_SYSTEM, EXIT_USAGE, UsageParser, number
+
 from .settings import GatewaySettings
 
 PROG = "sockexec-gateway"
-EXIT_USAGE = 100
-EXIT_SYSTEM = 111
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: usage error: {message}; see {PROG} --help\n")
-        sys.exit(EXIT_USAGE)
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -40,48 +28,56 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _byte_count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"takes a positive number of bytes, got {text!r}")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"takes a positive number of seconds, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="HTTP/WebSocket gateway to a sockexec_py broker.")
+    parser = UsageParser(
+        PROG, f"see {PROG} --help", description="HTTP/WebSocket gateway to a sockexec_py broker."
+    )
     add = parser.add_argument
     add("--socket", required=True, help="the broker's Unix socket")
     add("--listen", type=_listen, default=("127.0.0.1", 8080), help="HOST:PORT (127.0.0.1:8080)")
     add("--token-file", help="bearer tokens, one per line (required off loopback)")
     add(
         "--max-body",
-        type=_byte_count,
+        type=number(int, 1, "max_body"),
         default=8 << 20,
         help="largest request body in bytes (8 MiB)",
     )
     add(
         "--max-output",
-        type=_byte_count,
+        type=number(int, 1, "max_output"),
         default=16 << 20,
         help="largest output (stdout+stderr) of a one-shot request in bytes, 413 past it "
         "(16 MiB; streams are not limited)",
     )
-    add("--max-timeout", type=_seconds, default=3600.0, help="largest timeout a request may ask")
-    add("--default-timeout", type=_seconds, default=60.0, help="timeout of a request without one")
+    add(
+        "--max-timeout",
+        type=number(float, 0, "max_timeout", above=True),
+        default=3600.0,
+        help="largest timeout a request may ask",
+    )
+    add(
+        "--default-timeout",
+        type=number(float, 0, "default_timeout", above=True),
+        default=60.0,
+        help="timeout of a request without one",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        from hypercorn.config import Config
+        from hypercorn.trio import serve
+
+        from .app import Gateway
+        from .auth import TokenFileError
+    except ModuleNotFoundError as exc:  # installed without the [gateway] extra
+        sys.stderr.write(
+            f"{PROG}: the gateway needs the package {exc.name}: "
+            "pip install 'sockexec_py[gateway]'\n"
+        )
+        return EXIT_SYSTEM
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format=f"{PROG}: %(message)s")
     host, port = args.listen
     settings = GatewaySettings(

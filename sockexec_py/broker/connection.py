@@ -1,0 +1,397 @@
+"""One client connection, from accept to close: request → queue → spawn → run.
+
+Each phase is bounded by the ``-t`` deadline counted from accept (a rule's own
+``timeout`` replaces it once its program starts):
+
+* *request* — read argc and the argv;
+* *queued* — the decision, then wait (FIFO) for a place to run (:mod:`.admission`);
+* *running* — the program's output pumps, its stdin pump and the wait for its exit;
+* *draining* — output still in the pipes goes out (``--drain-timeout`` at most);
+* *closing* — the exit pair, and the socket closed in the same step.
+
+Errors before the program runs are answered in-band (``stderr`` line + ``exitcode``
+125/126/127). A connection is cut short in one way only, :meth:`Connection.abandon`:
+the client left (hang-up, a failed send) or the server shuts down.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from sockexec_py.errors import EXIT_REFUSED, RemoteProtocolError
+from sockexec_py.events import ArgvReady, Exited, InputEnded
+from sockexec_py.policy import Allowed, Rule
+from sockexec_py.protocol import (
+    NEED_DATA,
+    ServerSession,
+    encode_error_reply,
+    encode_exit,
+    exit_event,
+    printable,
+)
+
+from . import _io
+from .admission import Admission
+from .config import ServerConfig
+from .hangup import HangupMonitor
+from .pairs import PairWriter
+from .pumps import OutputPump, StdinPump
+from .spawn import Program, SpawnError
+from .supervisor import Supervisor
+
+log = logging.getLogger("sockexec_py")
+_UCRED = struct.Struct("3i")
+
+
+class Phase(enum.Enum):
+    REQUEST = "request"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DRAINING = "draining"
+    CLOSING = "closing"
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What a connection uses of its server."""
+
+    config: ServerConfig
+    admission: Admission
+    supervisor: Supervisor
+    hangups: HangupMonitor
+    shutting_down: Callable[[], bool]
+
+
+class Connection:
+    """One client connection: its socket, its peer, its program, how it ended.
+
+    Resource handling: :meth:`serve` runs the phases; :meth:`finish` (always, in the
+    server's ``finally``) closes the socket, gives back the admission ticket if no
+    program took it over, and terminates a program still running.
+    """
+
+    def __init__(
+        self, number: int, sock: socket.socket, deadline: float, services: Services
+    ) -> None:
+        self.number = number
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.deadline = deadline
+        self.accepted = time.monotonic()
+        self.peer_pid, self.peer_uid, self.peer_gid = _peer_credentials(sock)
+        self._services = services
+        self.writer = PairWriter(
+            sock,
+            before_close=lambda: services.hangups.unwatch(self.fd),
+            on_broken=lambda: self.abandon("client hung up", client_gone=True),
+        )
+        self.phase = Phase.REQUEST
+        self.program: Program | None = None
+        self.bytes_in = 0
+        #: Why the connection was cut short (client gone, shutdown), once it was.
+        self.abandoned: str | None = None
+        self.client_gone = False
+        #: Cancelled when the connection is abandoned in the request or queued phase.
+        self.phase_scope: trio.CancelScope | None = None
+        #: The connection's last-resort bound (moved when a rule sets its own timeout).
+        self.hard_scope: trio.CancelScope | None = None
+        self.ticket = services.admission.ticket()
+        #: The request and the rule that allowed it, once known.
+        self.argv: tuple[bytes, ...] | None = None
+        self.rule: Rule | None = None
+        #: How it ended, for the audit line: the exit, a refusal, or the client leaving.
+        self.outcome = "client left"
+        self._exited: Exited | None = None
+
+    # -- cutting short -------------------------------------------------------------
+
+    def abandon(self, reason: str, *, client_gone: bool = False) -> None:
+        """The one way to cut a connection short: the client left, or the server stops.
+
+        Stops waiting for the request or a slot, and terminates the program if one
+        runs (or as soon as one exists). Without ``client_gone`` the client still gets
+        an answer: a refusal, or the exit pair of the terminated program.
+        """
+        if client_gone and not self.client_gone:
+            self.client_gone = True
+            self.writer.broken = True  # nothing can reach the client: drop what is left
+            log.debug("hangup conn=%d", self.number)
+        if self.abandoned is None:
+            self.abandoned = reason
+        if self.phase_scope is not None:
+            self.phase_scope.cancel()
+        self.terminate(reason)
+
+    def terminate(self, reason: str) -> None:
+        """Terminate the program if one runs (TERM, then KILL after ``-k``)."""
+        program = self.program
+        if program is not None and program.status is None and not program.terminating:
+            log.debug("terminate conn=%d pid=%d reason=%s", self.number, program.pid, reason)
+            self._services.supervisor.terminate(program)
+
+    # -- the phases ----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Request → queue → spawn → run; every answer, refusals included, is sent."""
+        services = self._services
+        session = ServerSession(services.config.limits())
+        with trio.move_on_at(self.deadline) as self.phase_scope:
+            try:
+                argv = await self._read_argv(session)
+            except RemoteProtocolError as exc:
+                await self._refuse(str(exc))
+                return
+        if self.phase_scope.cancelled_caught:
+            await self._refuse_cut("timed out waiting for the request")
+            return
+        if argv is None:
+            return  # the client left without asking anything
+        self.phase = Phase.QUEUED
+        self.argv = argv
+        with trio.move_on_at(self.deadline) as self.phase_scope:
+            verdict = await services.admission.admit(
+                self.ticket, argv, self.peer_uid, self.peer_gid
+            )
+        if self.phase_scope.cancelled_caught:
+            await self._refuse_cut(
+                f"timed out waiting {services.admission.waiting_for(self.ticket)}"
+            )
+            return
+        self.phase_scope = None
+        if not isinstance(verdict, Allowed):
+            await self._refuse(verdict.message, denied=verdict.by_policy)
+            return
+        self.rule = verdict.rule
+        if self.abandoned is not None or services.shutting_down():
+            await self._refuse_cut("")
+            return
+        try:
+            program = await self._spawn(verdict)
+        except SpawnError as exc:
+            await self._refuse(str(exc), exitcode=exc.exitcode)
+            return
+        if log.isEnabledFor(logging.DEBUG):  # the argv list costs: build it only for -d
+            log.debug(
+                "spawn conn=%d pid=%d argv=%s",
+                self.number,
+                program.pid,
+                [a.decode("utf-8", "backslashreplace") for a in argv],
+            )
+        await self._run(session, program)
+
+    async def _read_argv(self, session: ServerSession) -> tuple[bytes, ...] | None:
+        """Read until the argv is complete; None if the client left before asking."""
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA:
+                await self.receive(session, running=False)
+            elif isinstance(event, ArgvReady):
+                return event.argv
+            elif isinstance(event, InputEnded):
+                return None
+            else:  # pragma: no cover - the session never emits stdin events first
+                raise AssertionError(event)
+
+    async def receive(self, session: ServerSession, *, running: bool = True) -> None:
+        """Read what the client sent (a pooled buffer) and feed it to the session.
+
+        Before the program runs (``running=False``) a read that found data goes on
+        without a scheduling round: the request is bounded (--max-argv-bytes), and a
+        round per read is what a one-shot session's latency is made of.
+        """
+        if self.writer.closed:  # the exit pair went out and the socket closed
+            raise trio.ClosedResourceError
+        try:
+            data, buffer = await _io.read_pooled(self.sock, _io.BUFFERS, reschedule=running)
+        except ConnectionResetError:
+            session.receive_data(b"")
+            return
+        except OSError:
+            # Woken as readable, then the session ended (exit pair sent, socket
+            # closed) before this task ran again: the read on the closed socket is EBADF.
+            if self.writer.closed:
+                raise trio.ClosedResourceError from None
+            raise
+        try:
+            session.receive_data(data)
+        finally:
+            if buffer is not None:
+                _io.BUFFERS.give(buffer)
+        self.bytes_in += len(data)
+
+    async def _spawn(self, verdict: Allowed) -> Program:
+        """Start what was allowed; from the moment the process exists, it holds the
+        admission ticket and an abandon terminates it."""
+        services = self._services
+
+        def started(program: Program) -> None:
+            self.program = program
+            program.on_exit(self.ticket.release)  # freed at reap, however the client left
+            if self.abandoned is not None:
+                self.terminate(self.abandoned)
+
+        try:
+            with trio.move_on_at(self.deadline) as scope:
+                program = await services.supervisor.spawn(verdict.spec, started)
+            if scope.cancelled_caught:
+                raise SpawnError("timed out starting the program", EXIT_REFUSED)
+        except SpawnError:
+            self.program = None  # the exec helper is reaped: nothing of it is left to run
+            raise
+        rule = verdict.rule
+        if not rule.stdin:
+            program.close_stdin()  # the program reads EOF; the client's stdin is dropped
+        if rule.timeout is not None:
+            config = services.config
+            self.deadline = trio.current_time() + rule.timeout
+            assert self.hard_scope is not None
+            self.hard_scope.deadline = (
+                self.deadline + config.kill_timeout + config.drain_timeout + 1
+            )
+        return program
+
+    async def _run(self, session: ServerSession, program: Program) -> None:
+        self.phase = Phase.RUNNING
+        hangups = self._services.hangups
+        writer = self.writer
+        pumps = [OutputPump(writer, program, "stdout"), OutputPump(writer, program, "stderr")]
+        stdin = StdinPump(
+            session, program, lambda: self.receive(session), self._stdin_protocol_error
+        )
+        async with trio.open_nursery() as nursery:
+
+            def on_input() -> None:
+                if not writer.closed:
+                    nursery.start_soon(stdin.run)
+
+            try:
+                event = stdin.first_event()
+                # The stdin task starts only if the client sends more than its request.
+                lazy = event is NEED_DATA and hangups.watch_input(self.fd, on_input)
+                if event is not None and not lazy:
+                    nursery.start_soon(stdin.run, event)
+                for pump in pumps:
+                    nursery.start_soon(pump.run)
+                with trio.move_on_at(self.deadline):
+                    await program.exited.wait()
+                if program.status is None:
+                    self.terminate("timeout")
+                    await program.exited.wait()
+                self.phase = Phase.DRAINING
+                # Output still in the pipes belongs before the exit pair; a background
+                # descendant holding them open gets --drain-timeout seconds, no more.
+                if not all(pump.done.is_set() for pump in pumps):
+                    with trio.move_on_after(self._services.config.drain_timeout):
+                        for pump in pumps:
+                            await pump.done.wait()
+                    for pump in pumps:
+                        pump.stop()
+                    for pump in pumps:
+                        await pump.done.wait()
+                self.phase = Phase.CLOSING
+                await self._send_exit(program)
+                nursery.cancel_scope.cancel()
+            finally:
+                # Before the nursery can close: a late input callback must not start a
+                # task in a closed nursery (once closed, the socket has no watch left).
+                if not self.writer.closed:
+                    hangups.unwatch_input(self.fd)
+
+    def _stdin_protocol_error(self, exc: RemoteProtocolError) -> None:
+        log.debug("protocol error conn=%d: %s", self.number, exc)
+        if self.program is not None:
+            self.program.close_stdin()
+        self.terminate("protocol error")
+
+    def exited(self) -> Exited | None:
+        """How the program ended, once it was reaped: the one value the exit pair, the
+        ``-d`` log line and the audit line are rendered from."""
+        program = self.program
+        if self._exited is None and program is not None and program.status is not None:
+            self._exited = exit_event(program.status, self._services.config.termsig_format)
+            self.outcome = self._exited.describe()
+        return self._exited
+
+    async def _send_exit(self, program: Program) -> None:
+        exited = self.exited()
+        assert exited is not None
+        log.debug("exit conn=%d pid=%d %s", self.number, program.pid, self.outcome)
+        await self.writer.send_final(encode_exit(exited))
+
+    async def _refuse(
+        self, message: str, exitcode: int = EXIT_REFUSED, *, denied: bool = False
+    ) -> None:
+        """Answer in-band: a ``stderr`` line with ``message``, then ``exitcode``."""
+        log.debug("refuse conn=%d exitcode=%d reason=%s", self.number, exitcode, message)
+        self.outcome = message if denied else f"exitcode={exitcode} ({message})"
+        await self.writer.send_final(encode_error_reply(message, exitcode))
+
+    async def _refuse_cut(self, timeout_reason: str) -> None:
+        """A connection cut before its program started: tell the client why, unless it
+        is gone (shutdown, or the ``-t`` deadline)."""
+        if self.client_gone:
+            return
+        shutting = self._services.shutting_down() or self.abandoned is not None
+        await self._refuse("the server is shutting down" if shutting else timeout_reason)
+
+    # -- the end ---------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Close everything the connection holds (always called, once)."""
+        self.writer.close()
+        self.ticket.release()  # a no-op once a program took it over (freed at reap)
+        program = self.program
+        if program is not None:
+            program.close_fds()
+            if program.status is None:
+                self.terminate("connection ended")
+        if self.argv is not None and self._services.admission.policy.audited:
+            self._audit()
+        log.debug("close conn=%d in=%d out=%d", self.number, self.bytes_in, self.writer.bytes_out)
+
+    def _audit(self) -> None:
+        """One info line per request under a policy: who, what, which rule, outcome."""
+        assert self.argv is not None
+        rule = self.rule
+        self.exited()  # the outcome is the program's exit, once it is known
+        log.info(
+            "audit conn=%d peer_uid=%d peer_pid=%d rule=%s argv=%s outcome=%s duration=%.3fs",
+            self.number,
+            self.peer_uid,
+            self.peer_pid,
+            f"{rule.kind}:{rule.name}" if rule else "-",
+            [a.decode("utf-8", "backslashreplace") for a in self.argv],
+            self.outcome,
+            time.monotonic() - self.accepted,
+        )
+
+    def describe(self) -> str:
+        """One line for the SIGUSR1 dump."""
+        program = self.program
+        pid = program.pid if program else "-"
+        argv0 = printable(program.argv[0]) if program else "-"
+        return (
+            f"conn={self.number} peer_pid={self.peer_pid} peer_uid={self.peer_uid} "
+            f"pid={pid} argv0={argv0} age={time.monotonic() - self.accepted:.1f}s "
+            f"in={self.bytes_in} out={self.writer.bytes_out} state={self.phase.value}"
+        )
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer from SO_PEERCRED; -1s where unavailable."""
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if so_peercred is None:
+        return -1, -1, -1
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, so_peercred, _UCRED.size))
+    except OSError:
+        return -1, -1, -1
+    return pid, uid, gid

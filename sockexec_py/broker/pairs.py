@@ -1,0 +1,208 @@
+"""Writing pairs to a client: each pair whole in one ``sendmsg``, the last one closing.
+
+lua-resty-exec reads the netstring after a type with a 1 ms timeout and fails the
+nginx request when a pair arrives in two pieces (SPEC §3). A Unix stream send takes
+a new kernel buffer (at most ~36 KiB of data) only while the queue's kernel footprint
+is below SO_SNDBUF: a pair sent past that point is cut. So before each batch of
+pairs the queue is measured (SIOCOUTQ, which counts whole buffers: a short pair
+weighs far more than its bytes), and where it cannot be, one pair goes per POLLOUT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import select
+import socket
+import sys
+import termios
+from collections.abc import Callable
+
+import trio
+
+from sockexec_py.events import OutputKind
+from sockexec_py.protocol import MAX_OUTPUT_CHUNK, encode_output_pair
+
+from . import _io
+
+# Bytes of an output pair besides its data ("6:stdout," "65536:" ","), rounded up.
+_PAIR_OVERHEAD = 32
+# The ioctl giving a socket's send queue in kernel memory (Linux: SIOCOUTQ).
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
+_INT_ZERO = bytes(4)
+# At most this many reads of already-queued input before close (1 MiB); a client
+# still sending past that gets its connection reset, as with any closed socket.
+_DISCARD_RECVS = 4
+_DISCARD_CHUNK = 256 * 1024
+
+
+def footprint(data_length: int) -> int:
+    """An upper bound of the kernel memory one output pair takes in a send queue:
+    its bytes plus a quarter, plus the buffers' own overhead (a short pair costs ~1 KiB)."""
+    return (data_length + _PAIR_OVERHEAD) * 5 // 4 + 2560
+
+
+class PairWriter:
+    """The sending side of one client socket.
+
+    Args:
+        sock: the connected, non-blocking client socket; the writer closes it.
+        before_close: called right before the socket is closed (to drop it from an
+            epoll set while its fd number is still ours).
+
+    Error handling: once a send fails because the client is gone (EPIPE, ECONNRESET)
+    :attr:`broken` is set, ``on_broken`` runs once, and further output is dropped.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        before_close: Callable[[], None] = lambda: None,
+        on_broken: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.bytes_out = 0
+        self.broken = False
+        self.closed = False
+        self._before_close = before_close
+        self._on_broken = on_broken
+        self._lock = trio.Lock()
+        #: Polls the socket for room (POLLOUT) without a scheduling round.
+        self._room_poll = select.poll()
+        self._room_poll.register(self.fd, select.POLLOUT)
+        #: SO_SNDBUF once read (see chunk_limit); whether SIOCOUTQ works here.
+        self._send_buffer = 0
+        self.measurable = _SIOCOUTQ is not None
+
+    @property
+    def usable(self) -> bool:
+        return not (self.broken or self.closed)
+
+    async def send_output(self, kind: OutputKind, data: bytes | memoryview) -> None:
+        """Send ``data`` as output pairs of at most 64 KiB; dropped once unusable.
+
+        Every pair leaves whole in one ``sendmsg``, several pairs in the same call when
+        the socket is known to have room for all of them; the lock keeps two callers'
+        pairs from interleaving. A ``data`` that fits the socket now costs no
+        scheduling round.
+        """
+        if not self.usable:
+            return
+        await self._acquire()
+        try:
+            await self._send_pairs(kind, data)
+        except _io.BROKEN_ERRORS:
+            self._broke()
+        finally:
+            self._lock.release()
+
+    async def send_final(self, data: bytes) -> None:
+        """Send the last bytes of the session and close the socket in the same step.
+
+        lua-resty-exec waits about 1 ms for the close after the exit pair, so there is
+        no scheduling point between the last ``sendmsg`` and ``close``.
+        """
+        if self.usable:
+            await self._acquire()
+            try:
+                await _io.sendmsg_all(self.sock, [data])
+            except _io.BROKEN_ERRORS:
+                self._broke()
+            else:
+                self.bytes_out += len(data)
+            finally:
+                self._lock.release()
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket (idempotent); tasks blocked on it get ClosedResourceError."""
+        if not self.closed:
+            self.closed = True
+            self._before_close()
+            self._discard_unread()
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+    async def _acquire(self) -> None:
+        try:
+            self._lock.acquire_nowait()  # `async with` would cost a scheduling round
+        except trio.WouldBlock:  # the other pump is finishing its pairs
+            await self._lock.acquire()
+
+    def _broke(self) -> None:
+        if not self.broken:
+            self.broken = True
+            self._on_broken()
+
+    async def _send_pairs(self, kind: OutputKind, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        total = len(view)
+        offset = 0
+        chunk = self.chunk_limit()
+        while offset < total and self.usable:
+            room = self.room()
+            batch: list[bytes | memoryview] = []
+            start = offset
+            while offset < total:
+                end = min(offset + chunk, total)
+                cost = footprint(end - offset)
+                if room is None:
+                    # The queue cannot be measured here: one pair per POLLOUT, which
+                    # guarantees it fits (at most 1/4 of the buffer is in use then).
+                    if batch or not self._room_poll.poll(0):
+                        break
+                elif cost > room:
+                    break
+                else:
+                    room -= cost
+                batch += encode_output_pair(kind, view[offset:end])
+                offset = end
+            if not batch:
+                # The reader has to make room first: POLLOUT once 3/4 of it is free.
+                await trio.lowlevel.wait_writable(self.sock)
+                end = min(offset + chunk, total)
+                room = self.room()
+                if room is not None and footprint(end - offset) <= room:
+                    continue
+                # Unmeasured, or a buffer smaller than our pessimistic estimate wants:
+                # one pair, which POLLOUT alone guarantees to fit.
+                batch = list(encode_output_pair(kind, view[offset:end]))
+                offset = end
+            pending = _io.sendmsg_nowait(self.sock, batch)
+            if pending:  # not expected: the room was measured
+                await _io.sendmsg_all(self.sock, pending)
+            self.bytes_out += offset - start
+
+    def room(self) -> int | None:
+        """Kernel memory the send queue may still grow by, or None where unknown."""
+        request = _SIOCOUTQ
+        if request is None or not self.measurable:
+            return None
+        try:
+            queued = int.from_bytes(fcntl.ioctl(self.fd, request, _INT_ZERO), sys.byteorder)
+        except OSError:
+            self.measurable = False  # no SIOCOUTQ here: one pair per POLLOUT
+            return None
+        return self._send_buffer - queued - 1
+
+    def chunk_limit(self) -> int:
+        """The most data per pair: 64 KiB, less where SO_SNDBUF is so small (under
+        ~128 KiB, a tiny net.core.wmem_max) that a 64 KiB pair could be cut even from
+        a queue at the POLLOUT mark. A pair within half of SO_SNDBUF never can."""
+        if not self._send_buffer:
+            try:
+                self._send_buffer = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            except OSError:
+                self._send_buffer = 4 * MAX_OUTPUT_CHUNK  # unknown: assume a usual one
+        return max(min(MAX_OUTPUT_CHUNK, self._send_buffer // 2 - 64 - _PAIR_OVERHEAD), 512)
+
+    def _discard_unread(self) -> None:
+        """Read away input already queued (stdin a program never took, bytes after a
+        refused request): closing over unread data makes the kernel reset the
+        connection, and the client then sees ECONNRESET after our reply, not EOF."""
+        with contextlib.suppress(OSError):
+            for _ in range(_DISCARD_RECVS):
+                if not self.sock.recv(_DISCARD_CHUNK, socket.MSG_DONTWAIT):
+                    return

@@ -1,0 +1,124 @@
+"""The running phase's data movers: program output to the client, client stdin to the
+program.
+
+Memory per connection is a constant plus the argv: the stdin pump reads the socket
+only after the previous chunk reached the program, and an output pump reads its pipe
+only after the previous pair left on the socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from sockexec_py.errors import RemoteProtocolError
+from sockexec_py.events import InputEnded, OutputKind, StdinClosed, StdinData
+from sockexec_py.protocol import NEED_DATA, ServerSession
+
+from . import _io
+from .pairs import PairWriter
+from .spawn import Program
+
+
+class OutputPump:
+    """Copies one of the program's output pipes to the client as pairs."""
+
+    def __init__(self, writer: PairWriter, program: Program, kind: OutputKind) -> None:
+        self.writer = writer
+        self.fd = program.stdout_fd if kind == "stdout" else program.stderr_fd
+        self.kind: OutputKind = kind
+        self.done = trio.Event()
+        self._stopped = False
+        self._read_scope: trio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """Stop reading (a pair being sent is finished first)."""
+        self._stopped = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            assert self.fd is not None
+            while not self._stopped:
+                with trio.CancelScope() as self._read_scope:
+                    data, buffer = await _io.read_pooled(self.fd, _io.BUFFERS)
+                if self._read_scope.cancelled_caught:
+                    return
+                try:
+                    if not data:
+                        return
+                    await self.writer.send_output(self.kind, data)
+                finally:
+                    if buffer is not None:
+                        _io.BUFFERS.give(buffer)
+        finally:
+            self.done.set()
+
+
+class StdinPump:
+    """Hands the client's stdin netstrings to the program, as fast as it takes them.
+
+    Args:
+        session: the connection's protocol state (past the argv).
+        program: where stdin goes.
+        receive: reads more from the client into ``session``; raises
+            ``trio.ClosedResourceError`` once the session is over (socket closed).
+        protocol_error: what to do when the client breaks the protocol after the
+            program started (terminate it: SPEC §4).
+    """
+
+    def __init__(
+        self,
+        session: ServerSession,
+        program: Program,
+        receive: Callable[[], Awaitable[None]],
+        protocol_error: Callable[[RemoteProtocolError], None],
+    ) -> None:
+        self._session = session
+        self._program = program
+        self._receive = receive
+        self._protocol_error = protocol_error
+
+    def first_event(self) -> object:
+        """Take what the client sent with its request (``0:,`` closes stdin at once).
+
+        Returns the event :meth:`run` starts from: :data:`NEED_DATA` when the client
+        sent nothing more yet (most clients send the request and ``0:,`` at once and
+        then only read: the caller may wait for input before starting a task), or
+        None after a protocol error (handled: nothing to run).
+        """
+        try:
+            event = self._session.next_event()
+            if isinstance(event, StdinClosed):
+                self._program.close_stdin()
+                event = self._session.next_event()
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return None
+        return event
+
+    async def run(self, event: object = NEED_DATA) -> None:
+        """Pump from ``event`` on until the client's input ends or the session is over."""
+        session, program = self._session, self._program
+        try:
+            while True:
+                if event is NEED_DATA:
+                    await self._receive()
+                elif isinstance(event, StdinData):
+                    # Every chunk already received goes to the program in one writev.
+                    chunks = [event.data]
+                    while isinstance(event := session.next_event(), StdinData):
+                        chunks.append(event.data)  # a protocol error: terminated, unwritten
+                    await program.write_stdin(chunks)
+                    continue
+                elif isinstance(event, StdinClosed):
+                    program.close_stdin()
+                elif isinstance(event, InputEnded):
+                    return
+                event = session.next_event()
+        except trio.ClosedResourceError:
+            return  # the session is over: the exit pair was sent and the socket closed
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc)

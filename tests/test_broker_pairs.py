@@ -1,0 +1,196 @@
+"""The pair writer alone, on socketpairs: every pair whole in one ``sendmsg`` (SPEC
+§3), whatever the send queue holds and however small the send buffer is."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import sys
+import termios
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from sockexec_py.broker.pairs import PairWriter, footprint
+from sockexec_py.broker.server import SEND_BUFFER
+from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair
+
+
+@pytest.mark.parametrize("measured", [True, False], ids=["siocoutq", "pollout-only"])
+async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue(
+    measured: bool,
+) -> None:
+    """A client reading late: short pairs fill the send queue, whose kernel footprint is
+    far above their bytes (~1 KiB each); a large output must then wait for room rather
+    than go out cut at the point where the kernel stops taking buffers. Also where the
+    queue cannot be measured (no SIOCOUTQ): one pair per POLLOUT."""
+    sends: list[tuple[int, int]] = []
+    sock, theirs = _spied_socketpair(sends, SEND_BUFFER)
+    send_buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    writer = PairWriter(sock)
+    short_pair = b"".join(encode_output_pair("stdout", b"x" * 100))
+    while _queued(sock) < send_buffer - 20_000:  # short lines nobody reads yet
+        if measured:
+            await writer.send_output("stdout", b"x" * 100)
+        else:  # one pair per POLLOUT could not fill the queue this far: send directly
+            sock.sendmsg([short_pair])
+    if not measured:
+        writer.measurable = False  # as on a system without SIOCOUTQ
+    short = len(sends)
+    received = bytearray()
+    chunks = [b"x" * 100] * short + [b"B" * 65536] * 4 + [b"B" * (300_000 - 4 * 65536)]
+    expected = sum(len(b) for c in chunks for b in encode_output_pair("stdout", c))
+
+    async def late_reader() -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits for room now
+        theirs.setblocking(False)
+        while len(received) < expected:
+            await trio.lowlevel.wait_readable(theirs)
+            received.extend(theirs.recv(1 << 20))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late_reader)
+            await writer.send_output("stdout", b"B" * 300_000)
+    assert sends[short:], "the large output was not sent"
+    assert all(sent == wanted for wanted, sent in sends), sends[short:]
+    data = _stdout_of(bytes(received))
+    assert data == b"x" * 100 * short + b"B" * 300_000
+    writer.close()
+    theirs.close()
+
+
+@pytest.mark.parametrize("requested", [2048, 16384, 32768])  # the kernel doubles it
+async def test_pairs_stay_whole_with_a_tiny_send_buffer(requested: int) -> None:
+    """Where net.core.wmem_max is tiny, a 64 KiB pair would need more kernel buffers
+    than the socket allows at once: pairs get smaller instead of being cut."""
+    sends: list[tuple[int, int]] = []
+    sock, theirs = _spied_socketpair(sends, requested)
+    writer = PairWriter(sock)
+    received = bytearray()
+    theirs.setblocking(False)
+
+    async def reader() -> None:
+        while True:
+            await trio.lowlevel.wait_readable(theirs)
+            data = theirs.recv(1 << 20)
+            if not data:
+                return
+            received.extend(data)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await writer.send_output("stdout", b"B" * 300_000)
+            writer.close()
+    assert sends and all(sent == wanted for wanted, sent in sends), sends
+    data = _stdout_of(bytes(received))
+    assert data == b"B" * 300_000
+    theirs.close()
+
+
+def _spied_socketpair(
+    sends: list[tuple[int, int]], send_buffer: int
+) -> tuple[socket.socket, socket.socket]:
+    """A non-blocking socketpair whose first end records each sendmsg as (asked, sent)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    class Spy(socket.socket):
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            sent = super().sendmsg(buffers, *args)
+            sends.append((sum(len(b) for b in buffers), sent))
+            return sent
+
+    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    return sock, theirs
+
+
+def _stdout_of(reply: bytes) -> bytes:
+    """The stdout data of a stream of output pairs."""
+    session = ClientSession()
+    session.receive_data(reply)
+    data = b""
+    while (event := session.next_event()) is not NEED_DATA:
+        data += event.data  # type: ignore[union-attr]
+    return data
+
+
+def _queued(sock: socket.socket) -> int:
+    """The send queue's kernel footprint (SIOCOUTQ)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder)
+
+
+async def test_the_final_send_closes_the_socket_and_drops_unread_input() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    closed: list[int] = []
+    writer = PairWriter(ours, before_close=lambda: closed.append(ours.fileno()))
+    theirs.sendall(b"unread stdin the program never took")
+    await writer.send_final(b"8:exitcode,1:0,")
+    assert writer.closed and closed and ours.fileno() == -1
+    # The client sees the exit pair then EOF, not ECONNRESET for its unread bytes.
+    assert theirs.recv(100) == b"8:exitcode,1:0,"
+    assert theirs.recv(100) == b""
+    assert writer.bytes_out == len(b"8:exitcode,1:0,")
+    theirs.close()
+
+
+async def test_a_vanished_client_breaks_the_writer_once() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    broken: list[bool] = []
+    writer = PairWriter(ours, on_broken=lambda: broken.append(True))
+    theirs.close()
+    await writer.send_output("stdout", b"x" * 10)
+    await writer.send_output("stderr", b"y" * 10)  # dropped: nobody can read it
+    assert writer.broken and broken == [True] and writer.bytes_out == 0
+    await writer.send_final(b"8:exitcode,1:0,")
+    assert writer.closed
+
+
+def test_footprint_bounds_what_the_kernel_charges_for_a_pair() -> None:
+    """The estimate against the real queue: each pair size sent alone to an unread
+    socket costs no more kernel memory (SIOCOUTQ) than footprint() says."""
+    for size in (0, 1, 100, 1000, 1714, 1811, 4096, 36_000, 65536):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.sendmsg(list(encode_output_pair("stdout", b"z" * size)))
+        assert _queued(ours) <= footprint(size), size
+        ours.close()
+        theirs.close()
+
+
+def _spied_socketpair(
+    sends: list[tuple[int, int]], send_buffer: int
+) -> tuple[socket.socket, socket.socket]:
+    """A non-blocking socketpair whose first end records each sendmsg as (asked, sent)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    class Spy(socket.socket):
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            sent = super().sendmsg(buffers, *args)
+            sends.append((sum(len(b) for b in buffers), sent))
+            return sent
+
+    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    return sock, theirs
+
+
+def _stdout_of(reply: bytes) -> bytes:
+    """The stdout data of a stream of output pairs."""
+    session = ClientSession()
+    session.receive_data(reply)
+    data = b""
+    while (event := session.next_event()) is not NEED_DATA:
+        data += event.data  # type: ignore[union-attr]
+    return data
+
+
+def _queued(sock: socket.socket) -> int:
+    """The send queue's kernel footprint (SIOCOUTQ)."""
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder)
