@@ -31,15 +31,7 @@ from sockexec_py.client import (
     parse_target,
     run,
 )
-from sockexec_py.client._common import (
-    STDIN_CHUNK,
-    SessionState,
-    one_shot_request,
-    stdin_netstrings,
-)
 from sockexec_py.events import Exited, Output
-from sockexec_py.netstring import Decoder, encode
-from sockexec_py.protocol import encode_request
 
 from conftest import ROOT, Broker, GatewayProcess, pid_alive, wait_exit
 
@@ -75,46 +67,6 @@ def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
     path = tmp_path_factory.mktemp("big") / "random.bin"
     path.write_bytes(payload)
     return path, payload
-
-
-@pytest.mark.parametrize("size", [0, 1, STDIN_CHUNK - 1, STDIN_CHUNK, STDIN_CHUNK + 1, 200_003])
-def test_stdin_netstrings_are_bounded_and_exact(size: int) -> None:
-    data = random.Random(size).randbytes(size)
-    request = list(one_shot_request(["cat"], data))
-    assert request[0] == encode_request(["cat"]) and request[-1] == b"0:,"
-    decoder = Decoder(STDIN_CHUNK)  # refuses any longer netstring
-    decoder.feed(b"".join(request[1:]))
-    frames = []
-    while isinstance(frame := decoder.next_frame(), bytes):
-        frames.append(frame)
-    assert frames[-1] == b"" and b"".join(frames) == data
-    assert len(frames) == 1 + -(-size // STDIN_CHUNK)  # no empty netstring before the close
-    assert list(stdin_netstrings(data)) == request[1:-1]
-
-
-def test_session_state_drops_stdin_after_the_close_or_the_brokers_end() -> None:
-    state = SessionState()
-    pieces = state.stdin(bytes(3 * STDIN_CHUNK))
-    assert next(pieces) == encode(bytes(STDIN_CHUNK))
-    state.stdin_gone()  # the broker closed: what is left of the chunk is dropped
-    assert list(pieces) == []
-    assert state.close_stdin() == b""
-    fresh = SessionState()
-    assert (fresh.close_stdin(), fresh.close_stdin()) == (b"0:,", b"")
-    assert list(fresh.stdin(b"late")) == []
-
-
-def test_session_state_frames_callbacks_and_exit() -> None:
-    out: list[bytes] = []
-    state = SessionState(on_stdout=out.append)
-    reply = b"6:stdout,2:hi,6:stderr,3:err,8:exitcode,1:0,"
-    frames: list[object] = []
-    for byte in reply:  # fed byte by byte
-        state.receive_data(bytes([byte]))
-        while (frame := state.next_frame()) is not None:
-            frames.append(frame)
-    assert frames == [Output("stdout", b"hi"), Output("stderr", b"err"), Exited(exitcode=0)]
-    assert (out, state.exited) == ([b"hi"], Exited(exitcode=0))
 
 
 def test_targets() -> None:

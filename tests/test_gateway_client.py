@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import socket
 import subprocess
@@ -196,3 +197,27 @@ def test_argv_the_gateway_cannot_carry_is_refused_naming_the_argument(
     assert (
         run(gateway.base, [b"echo", "h\u00e9".encode()], timeout=30).stdout == "h\u00e9\n".encode()
     )
+
+
+FIFTY_MIB = random.Random(50).randbytes(50 << 20)
+
+
+def test_one_send_of_50_mib_through_the_websocket(gateway: GatewayProcess) -> None:
+    """One ``send()`` far past Hypercorn's 16 MiB message limit: the session splits it
+    into messages of at most 64 KiB, as it splits stdin into netstrings on the socket."""
+    digest = hashlib.sha256(FIFTY_MIB).hexdigest().encode()
+    with open_session(gateway.base, ["sha256sum"], timeout=120) as session:
+        session.send(FIFTY_MIB)
+        session.close_stdin()
+        result = session.wait()
+    assert (result.stdout[:64], result.exitcode) == (digest, 0)
+
+
+async def test_one_send_of_50_mib_through_the_websocket_trio(gateway: GatewayProcess) -> None:
+    digest = hashlib.sha256(FIFTY_MIB).hexdigest().encode()
+    url = gateway.base.replace("http://", "ws://")
+    async with open_async_session(url, ["sha256sum"], timeout=120) as session:
+        await session.send(FIFTY_MIB)
+        await session.close_stdin()
+        result = await session.wait()
+    assert (result.stdout[:64], result.exitcode) == (digest, 0)

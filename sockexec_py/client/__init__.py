@@ -1,12 +1,13 @@
 """Python client of the broker: one-shot and duplex, blocking and trio.
 
-Both flavours drive the same sans-IO :class:`~sockexec_py.protocol.ClientSession`;
-only the byte moving differs (:mod:`._blocking`: plain sockets, :func:`run` and
-:func:`open_session`; :mod:`._trio`: trio sockets, :func:`arun` and
-:func:`open_async_session`; :mod:`._common`: what they share, sans-IO). A target is
-a socket path, ``unix:/path``, or — through the HTTP gateway — ``http(s)://`` /
-``ws(s)://`` (:mod:`sockexec_py.gateway_client`, which needs the ``[gateway]``
-extra); :func:`is_gateway` tells them apart.
+A target is a socket path, ``unix:/path``, or — through the HTTP gateway —
+``http(s)://`` / ``ws(s)://`` (needs the ``[gateway]`` extra); :func:`is_gateway`
+tells them apart. Each transport has one sans-IO session state (:mod:`._state`: the
+broker's netstrings; :mod:`._websocket`: the gateway's WebSocket), and both flavours
+drive either: :mod:`._blocking` (plain sockets: :func:`run`, :func:`open_session`)
+and :mod:`._trio` (trio streams: :func:`arun`, :func:`open_async_session`). A one-shot
+run through the gateway is one HTTP request (:mod:`._http`); :mod:`.wire` is the
+gateway's JSON format, shared with the gateway itself.
 
 Resource handling: a session owns its connection; leaving its context (or calling
 ``close``) closes it, and the broker then terminates the program if it still runs.
@@ -24,7 +25,6 @@ from __future__ import annotations
 from sockexec_py.errors import BrokerUnavailable, ProtocolError, SockexecError, Timeout
 
 from ._blocking import Session, open_session, run
-from ._blocking import _BlockingSession as _BlockingSession  # the gateway transport's base
 from ._common import (
     Collector,
     Frame,
@@ -36,12 +36,10 @@ from ._common import (
 )
 from ._trio import AsyncSession, arun, check_broker, open_async_session, open_unix_session
 
-#: The name the gateway and its transport (sockexec_py.gateway_client) import it by.
-_Collector = Collector
-
 __all__ = [
     "AsyncSession",
     "BrokerUnavailable",
+    "Collector",
     "Frame",
     "OutputCallback",
     "ProgramFailed",

@@ -1,7 +1,6 @@
-"""The blocking flavour: :func:`run` and :func:`open_session`. Over the broker's Unix
-socket it uses plain sockets, no event loop (usable from threads and scripts); the
-session is the sans-IO :class:`~._common.SessionState`. Gateway targets go to
-:mod:`._gateway`.
+"""The blocking flavour: :func:`run` and :func:`open_session`, on plain sockets, no event
+loop (usable from threads and scripts). :class:`Session` drives any session state of
+:mod:`._state` (the broker's socket, or the gateway's WebSocket).
 
 Timeouts are one deadline over the whole session (connect included); when it passes
 the call raises :class:`Timeout` and the connection is closed, so the broker
@@ -12,14 +11,14 @@ from __future__ import annotations
 
 import selectors
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
-from sockexec_py.errors import Timeout
+from sockexec_py.errors import BrokerUnavailable, Timeout
 from sockexec_py.events import Exited
-from sockexec_py.protocol import encode_request
 
 from ._common import (
     RECV_CHUNK,
@@ -27,19 +26,15 @@ from ._common import (
     Frame,
     OutputCallback,
     Result,
-    SessionState,
     gateway_extra,
     is_gateway,
-    one_shot_request,
     parse_target,
     timeout_error,
     unavailable,
 )
+from ._state import SessionState, UnixSessionState
 
-if TYPE_CHECKING:
-    from ._gateway import GatewaySession
-
-# The broker may close while we still send stdin (the program exited without reading
+# The peer may close while we still send stdin (the program exited without reading
 # it); MSG_NOSIGNAL keeps that an EPIPE error even where SIGPIPE is not ignored.
 _SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 _GONE = (BrokenPipeError, ConnectionResetError)
@@ -89,14 +84,87 @@ def connect(target: str, deadline: _Deadline) -> socket.socket:
     return sock
 
 
-class _BlockingSession:
-    """What every blocking session shares (the gateway's WebSocket one too): reading
-    to the end, closing, ``with``."""
+class Session:
+    """A duplex session over a blocking socket, whatever the transport.
 
-    _sock: socket.socket
+    ``send`` and ``close_stdin`` may be called from other threads than the one
+    iterating the frames (one ``send`` goes out whole, before a later close);
+    ``on_stdout``/``on_stderr`` are called with each chunk as it is iterated. The
+    broker holds bounded buffers: a program that echoes its stdin stalls if nobody
+    reads its output while a large stdin is sent.
+
+    Resource handling: the session owns its socket; leaving the ``with`` block (or
+    :meth:`close`) closes it, and the broker then terminates the program if it still
+    runs.
+    """
+
+    def __init__(self, sock: socket.socket, state: SessionState, deadline: _Deadline) -> None:
+        self._sock = sock
+        self._state = state
+        self._deadline = deadline
+        # A send of many pieces goes out whole before a close from another thread.
+        self._send_lock = threading.Lock()
+
+    def _open(self) -> None:
+        """Send the opening and read until the session is open (a handshake)."""
+        self._sendall(self._state.opening())
+        while not self._state.ready:
+            self._state.receive_data(self._recv())
+            self._sendall(self._state.data_to_send())
+
+    @property
+    def exited(self) -> Exited | None:
+        """How the program ended, once the last frame was read."""
+        return self._state.exited
+
+    def send(self, data: bytes) -> None:
+        """Send stdin, any amount (in pieces of at most 64 KiB); ignored after
+        :meth:`close_stdin` or the program's end."""
+        with self._send_lock:
+            for piece in self._state.stdin(data):
+                self._sendall(piece)
+
+    def close_stdin(self) -> None:
+        """Close the program's stdin (it reads EOF after what was sent before)."""
+        with self._send_lock:
+            self._sendall(self._state.close_stdin())
+
+    def _sendall(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self._deadline.arm(self._sock)
+            self._sock.sendall(data, _SEND_FLAGS)
+        except TimeoutError:
+            raise self._deadline.expired() from None
+        except _GONE:
+            self._state.stdin_gone()
+
+    def _recv(self) -> bytes:
+        try:
+            self._deadline.arm(self._sock)
+            return self._sock.recv(RECV_CHUNK)
+        except TimeoutError:
+            raise self._deadline.expired() from None
+        except ConnectionResetError:
+            return b""
 
     def __iter__(self) -> Iterator[Frame]:
-        raise NotImplementedError
+        """Frames as they arrive; the last one is :class:`Exited`.
+
+        Error handling: :class:`Timeout` when the deadline passes, :class:`ProtocolError`
+        when the peer breaks the protocol or closes before the exit.
+        """
+        state = self._state
+        while state.exited is None:
+            frame = state.next_frame()
+            if frame is not None:
+                yield frame
+                continue
+            state.receive_data(self._recv())
+            if owed := state.data_to_send():
+                with self._send_lock:
+                    self._sendall(owed)
 
     def wait(self) -> Result:
         """Read to the end and return everything as a :class:`Result`."""
@@ -116,81 +184,20 @@ class _BlockingSession:
         self.close()
 
 
-class Session(_BlockingSession):
-    """A duplex session over a blocking socket.
-
-    ``send`` and ``close_stdin`` may be called from other threads than the one
-    iterating the frames (one ``send`` goes out whole, before a later close);
-    ``on_stdout``/``on_stderr`` are called with each chunk as it is iterated. The
-    broker holds bounded buffers: a program that echoes its stdin stalls if nobody
-    reads its output while a large stdin is sent.
-
-    Resource handling: the session owns its socket; leaving the ``with`` block (or
-    :meth:`close`) closes it, and the broker then terminates the program if it still
-    runs.
-    """
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        deadline: _Deadline,
-        *,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> None:
-        self._sock = sock
-        self._deadline = deadline
-        self._state = SessionState(on_stdout, on_stderr)
-        # A send of many netstrings goes out whole before a close from another thread.
-        self._send_lock = threading.Lock()
-
-    @property
-    def exited(self) -> Exited | None:
-        """How the program ended, once the last frame was read."""
-        return self._state.exited
-
-    def send(self, data: bytes) -> None:
-        """Send stdin, any amount (in netstrings of at most 64 KiB); ignored after
-        :meth:`close_stdin` or the program's end."""
-        with self._send_lock:
-            for netstring in self._state.stdin(data):
-                self._sendall(netstring)
-
-    def close_stdin(self) -> None:
-        """Close the program's stdin (it reads EOF after what was sent before)."""
-        with self._send_lock:
-            self._sendall(self._state.close_stdin())
-
-    def _sendall(self, data: bytes) -> None:
-        if not data:
-            return
-        try:
-            self._deadline.arm(self._sock)
-            self._sock.sendall(data, _SEND_FLAGS)
-        except TimeoutError:
-            raise self._deadline.expired() from None
-        except _GONE:
-            self._state.stdin_gone()
-
-    def __iter__(self) -> Iterator[Frame]:
-        """Frames as they arrive; the last one is :class:`Exited`.
-
-        Error handling: :class:`Timeout` when the deadline passes, :class:`ProtocolError`
-        when the broker breaks the protocol or closes before the exit pair.
-        """
-        while self.exited is None:
-            frame = self._state.next_frame()
-            if frame is not None:
-                yield frame
-                continue
-            try:
-                self._deadline.arm(self._sock)
-                data = self._sock.recv(RECV_CHUNK)
-            except TimeoutError:
-                raise self._deadline.expired() from None
-            except ConnectionResetError:
-                data = b""
-            self._state.receive_data(data)
+def _connect_gateway(url: str, deadline: _Deadline) -> socket.socket:
+    with gateway_extra():
+        from ._websocket import GatewayAddress
+    address = GatewayAddress(url)
+    try:
+        sock = socket.create_connection((address.host, address.port), timeout=deadline.remaining())
+        if address.secure:
+            context = ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=address.host)
+    except TimeoutError:
+        raise deadline.expired() from None
+    except OSError as exc:
+        raise BrokerUnavailable(f"cannot reach the gateway at {url}: {exc}") from None
+    return sock
 
 
 def open_session(
@@ -200,7 +207,7 @@ def open_session(
     timeout: float | None = None,
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
-) -> Session | GatewaySession:
+) -> Session:
     """Start ``argv`` and return a duplex session: ``send(data)``, ``close_stdin()``,
     iterate its frames (``Output``, then ``Exited`` last), ``wait()`` for a
     :class:`Result`.
@@ -210,18 +217,19 @@ def open_session(
     called with each chunk as it is iterated. Through the gateway the session is its
     WebSocket, with the same methods.
     """
+    deadline = _Deadline(timeout, "the session")
+    state: SessionState
     if is_gateway(target):
         with gateway_extra():
-            from ._gateway import open_gateway_session
-        return open_gateway_session(
-            target, argv, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr
-        )
-    request = encode_request(argv)
-    deadline = _Deadline(timeout, "the session")
-    sock = connect(target, deadline)
-    session = Session(sock, deadline, on_stdout=on_stdout, on_stderr=on_stderr)
+            from ._websocket import GatewayAddress, WebSocketSessionState
+        state = WebSocketSessionState(GatewayAddress(target), argv, None, on_stdout, on_stderr)
+        sock = _connect_gateway(target, deadline)
+    else:
+        state = UnixSessionState(argv, on_stdout, on_stderr)
+        sock = connect(target, deadline)
+    session = Session(sock, state, deadline)
     try:
-        session._sendall(request)
+        session._open()
     except BaseException:
         sock.close()
         raise
@@ -250,13 +258,18 @@ def run(
     """
     if is_gateway(target):
         with gateway_extra():
-            from ._gateway import run_gateway
-        result: Result = run_gateway(target, argv, stdin=stdin, timeout=timeout)
-        return result
-    request = one_shot_request(argv, stdin)
-    pending = memoryview(next(request))  # argv: a bad one raises before connecting
+            from ._http import run_gateway
+        return run_gateway(target, argv, stdin=stdin, timeout=timeout)
+    state, collector = UnixSessionState(argv), Collector()  # a bad argv raises here
+
+    def one_shot() -> Iterator[bytes]:
+        yield state.opening()
+        yield from state.stdin(stdin)
+        yield state.close_stdin()
+
+    request = one_shot()
+    pending = memoryview(next(request))
     deadline = _Deadline(timeout, "the program")
-    state, collector = SessionState(), Collector()
     # One thread, a non-blocking socket and a selector: stdin is written while the
     # output is read.
     with connect(target, deadline) as sock, selectors.DefaultSelector() as selector:
@@ -270,7 +283,8 @@ def run(
                     except BlockingIOError:
                         pass
                     except _GONE:
-                        request = iter(())  # the program ended early; its exit is coming
+                        state.stdin_gone()  # the program ended early; its exit is coming
+                        request = iter(())
                         pending = memoryview(b"")
                     if not pending:
                         pending = memoryview(next(request, b""))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sockexec_py.errors import BrokerUnavailable, SockexecError, describe_connect_error
 from sockexec_py.events import Exited, Output
 from sockexec_py.netstring import encode
-from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
 #: A frame of a session: program output, or its exit (always the last frame).
 Frame = Output | Exited
@@ -111,13 +110,6 @@ def stdin_netstrings(data: bytes) -> Iterator[bytes]:
         yield encode(data[start : start + STDIN_CHUNK])
 
 
-def one_shot_request(argv: Sequence[str | bytes], stdin: bytes) -> Iterator[bytes]:
-    """Everything a one-shot run sends, piece by piece: argv, stdin, the close."""
-    yield encode_request(argv)
-    yield from stdin_netstrings(stdin)
-    yield CLOSE_STDIN
-
-
 class Collector:
     """Gathers frames into a :class:`Result` (chunks joined once, at the end)."""
 
@@ -137,68 +129,6 @@ class Collector:
         return Result(
             b"".join(self.stdout), b"".join(self.stderr), self.exited.exitcode, self.exited.termsig
         )
-
-
-class SessionState:
-    """Both directions of a session over the broker's socket, sans-IO; the flavours
-    only move its bytes.
-
-    Stdin: :meth:`stdin` yields the netstrings to send for a chunk and stops once
-    stdin is closed, :meth:`close_stdin` gives the closing netstring once, and
-    :meth:`stdin_gone` records that the broker closed (the program ended: its exit is
-    on the way, further stdin is dropped). Output: :meth:`receive_data` takes the
-    broker's bytes, :meth:`next_frame` gives the frames; :attr:`exited` is set with
-    the last one, and ``on_stdout``/``on_stderr`` are called with each output frame
-    as it is taken.
-    """
-
-    def __init__(
-        self, on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None
-    ) -> None:
-        self._parser = ClientSession()
-        self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
-        self._stdin_closed = False
-        #: How the program ended, once the last frame was taken.
-        self.exited: Exited | None = None
-
-    def stdin(self, data: bytes) -> Iterator[bytes]:
-        """The netstrings that send ``data`` (see :func:`stdin_netstrings`); none
-        after the close or once the broker is gone."""
-        for netstring in stdin_netstrings(data):
-            if self._stdin_closed:
-                return
-            yield netstring
-
-    def close_stdin(self) -> bytes:
-        """The netstring that closes stdin the first time; ``b""`` after that."""
-        if self._stdin_closed:
-            return b""
-        self._stdin_closed = True
-        return CLOSE_STDIN
-
-    def stdin_gone(self) -> None:
-        """The broker no longer takes stdin (it closed after the program's end)."""
-        self._stdin_closed = True
-
-    def receive_data(self, data: bytes) -> None:
-        """Bytes read from the broker; ``b""`` when it closed the connection."""
-        self._parser.receive_data(data)
-
-    def next_frame(self) -> Frame | None:
-        """The next frame, or None until more bytes are received.
-
-        Error handling: :class:`ProtocolError` when the broker broke the protocol or
-        closed before the exit pair.
-        """
-        event = self._parser.next_event()
-        if event is NEED_DATA:
-            return None
-        assert isinstance(event, Output | Exited)
-        if isinstance(event, Exited):
-            self.exited = event
-        elif (callback := self._callbacks[event.kind]) is not None:
-            callback(event.data)
-        return event
 
 
 @contextmanager

@@ -1,25 +1,24 @@
 """The trio flavour: :func:`arun`, :func:`open_async_session` and, for the gateway's
-own way to the broker, :func:`open_unix_session` and :func:`check_broker`. Parsing
-is the sans-IO :class:`~._common.SessionState`, as in the blocking flavour; only the
-byte moving differs. Gateway targets go to :mod:`._gateway`.
+own way to the broker, :func:`open_unix_session` and :func:`check_broker`.
+:class:`AsyncSession` drives any session state of :mod:`._state` over a trio stream,
+as the blocking flavour does over a socket.
 
 Timeouts are cancel scopes: :func:`deadline` turns the expiry of one into
-:class:`Timeout`. Leaving a session closes its socket, so the broker terminates the
+:class:`Timeout`. Leaving a session closes its stream, so the broker terminates the
 program.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING
 
 import trio
 
-from sockexec_py.errors import Timeout, single_errors
+from sockexec_py.errors import BrokerUnavailable, Timeout, single_errors
 from sockexec_py.events import Exited
-from sockexec_py.protocol import encode_request
 
 from ._common import (
     RECV_CHUNK,
@@ -27,18 +26,13 @@ from ._common import (
     Frame,
     OutputCallback,
     Result,
-    SessionState,
     gateway_extra,
     is_gateway,
     parse_target,
     timeout_error,
     unavailable,
 )
-
-if TYPE_CHECKING:
-    from ._gateway import AsyncGatewaySession
-
-_SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+from ._state import SessionState, UnixSessionState
 
 
 @contextmanager
@@ -58,23 +52,24 @@ def deadline(timeout: float | None, what: str) -> Iterator[None]:
 
 
 class AsyncSession:
-    """A duplex session over a trio socket: ``await send()``, ``await close_stdin()``,
-    ``async for frame in session``. Sending and iterating may run in different tasks
-    (one ``send`` goes out whole, before a later close); ``on_stdout``/``on_stderr``
-    are called with each chunk as it is iterated.
+    """A duplex session over a trio stream, whatever the transport: ``await send()``,
+    ``await close_stdin()``, ``async for frame in session``. Sending and iterating may
+    run in different tasks (one ``send`` goes out whole, before a later close);
+    ``on_stdout``/``on_stderr`` are called with each chunk as it is iterated.
     """
 
-    def __init__(
-        self,
-        sock: trio.socket.SocketType,
-        *,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-    ) -> None:
-        self._sock = sock
-        self._state = SessionState(on_stdout, on_stderr)
-        # A send of many netstrings goes out whole before a close from another task.
+    def __init__(self, stream: trio.abc.Stream, state: SessionState) -> None:
+        self._stream = stream
+        self._state = state
+        # A send of many pieces goes out whole before a close from another task.
         self._send_lock = trio.Lock()
+
+    async def _open(self) -> None:
+        """Send the opening and read until the session is open (a handshake)."""
+        await self._sendall(self._state.opening())
+        while not self._state.ready:
+            self._state.receive_data(await self._recv())
+            await self._sendall(self._state.data_to_send())
 
     @property
     def exited(self) -> Exited | None:
@@ -82,19 +77,24 @@ class AsyncSession:
         return self._state.exited
 
     async def _sendall(self, data: bytes) -> None:
-        view = memoryview(data)
+        if data:
+            try:
+                await self._stream.send_all(data)
+            except trio.BrokenResourceError:
+                self._state.stdin_gone()
+
+    async def _recv(self) -> bytes:
         try:
-            while view:
-                view = view[await self._sock.send(view, _SEND_FLAGS) :]
-        except (BrokenPipeError, ConnectionResetError):
-            self._state.stdin_gone()
+            return bytes(await self._stream.receive_some(RECV_CHUNK))
+        except trio.BrokenResourceError:  # reset by the peer: as good as closed
+            return b""
 
     async def send(self, data: bytes) -> None:
-        """Send stdin, any amount (in netstrings of at most 64 KiB); ignored after
+        """Send stdin, any amount (in pieces of at most 64 KiB); ignored after
         :meth:`close_stdin` or the program's end."""
         async with self._send_lock:
-            for netstring in self._state.stdin(data):
-                await self._sendall(netstring)
+            for piece in self._state.stdin(data):
+                await self._sendall(piece)
 
     async def close_stdin(self) -> None:
         """Close the program's stdin (it reads EOF after what was sent before)."""
@@ -110,15 +110,15 @@ class AsyncSession:
         A plain iterator, not an async generator: leaving a loop early leaves nothing
         to finalise.
         """
-        while self.exited is None:
-            frame = self._state.next_frame()
+        state = self._state
+        while state.exited is None:
+            frame = state.next_frame()
             if frame is not None:
                 return frame
-            try:
-                data = await self._sock.recv(RECV_CHUNK)
-            except ConnectionResetError:
-                data = b""
-            self._state.receive_data(data)
+            state.receive_data(await self._recv())
+            if owed := state.data_to_send():
+                async with self._send_lock:
+                    await self._sendall(owed)
         raise StopAsyncIteration
 
     async def wait(self) -> Result:
@@ -129,7 +129,7 @@ class AsyncSession:
         return collector.result()
 
 
-async def _connect(target: str) -> trio.socket.SocketType:
+async def _connect(target: str) -> trio.SocketStream:
     path = parse_target(target)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -140,7 +140,15 @@ async def _connect(target: str) -> trio.socket.SocketType:
     except BaseException:
         sock.close()
         raise
-    return sock
+    return trio.SocketStream(sock)
+
+
+@asynccontextmanager
+async def _opened(stream: trio.abc.Stream, state: SessionState) -> AsyncIterator[AsyncSession]:
+    async with stream:
+        session = AsyncSession(stream, state)
+        await session._open()
+        yield session
 
 
 @asynccontextmanager
@@ -157,11 +165,22 @@ async def open_unix_session(
     Resource handling: leaving the block closes the socket; the broker then
     terminates the program if it still runs.
     """
-    request = encode_request(argv)
-    with await _connect(target) as sock:
-        session = AsyncSession(sock, on_stdout=on_stdout, on_stderr=on_stderr)
-        await session._sendall(request)
+    state = UnixSessionState(argv, on_stdout, on_stderr)  # a bad argv raises here
+    async with _opened(await _connect(target), state) as session:
         yield session
+
+
+async def _connect_gateway(url: str) -> trio.abc.Stream:
+    with gateway_extra():
+        from ._websocket import GatewayAddress
+    address = GatewayAddress(url)
+    try:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(address.host, address.port)
+    except OSError as exc:
+        raise BrokerUnavailable(f"cannot reach the gateway at {url}: {exc}") from None
+    if address.secure:
+        stream = trio.SSLStream(stream, ssl.create_default_context(), server_hostname=address.host)
+    return stream
 
 
 @asynccontextmanager
@@ -172,7 +191,7 @@ async def open_async_session(
     timeout: float | None = None,
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
-) -> AsyncIterator[AsyncSession | AsyncGatewaySession]:
+) -> AsyncIterator[AsyncSession]:
     """The trio flavour of :func:`~._blocking.open_session`: ``async with`` it,
     ``await send()``, ``await close_stdin()``, ``async for frame in session``.
 
@@ -181,18 +200,17 @@ async def open_async_session(
     ``trio.move_on_after``/``fail_after`` works as usual.
     """
     with deadline(timeout, "the session"):
+        state: SessionState
         if is_gateway(target):
             with gateway_extra():
-                from ._gateway import open_async_gateway_session
-            async with open_async_gateway_session(
-                target, argv, on_stdout=on_stdout, on_stderr=on_stderr
-            ) as gateway_session:
-                yield gateway_session
+                from ._websocket import GatewayAddress, WebSocketSessionState
+            state = WebSocketSessionState(GatewayAddress(target), argv, None, on_stdout, on_stderr)
+            stream = await _connect_gateway(target)
         else:
-            async with open_unix_session(
-                target, argv, on_stdout=on_stdout, on_stderr=on_stderr
-            ) as session:
-                yield session
+            state = UnixSessionState(argv, on_stdout, on_stderr)
+            stream = await _connect(target)
+        async with _opened(stream, state) as session:
+            yield session
 
 
 async def arun(
@@ -206,7 +224,7 @@ async def arun(
     output is read."""
     if is_gateway(target):
         with gateway_extra():
-            from ._gateway import run_gateway
+            from ._http import run_gateway
         result: Result = await trio.to_thread.run_sync(
             lambda: run_gateway(target, argv, stdin=stdin, timeout=timeout),
             abandon_on_cancel=True,
@@ -228,4 +246,4 @@ async def arun(
 
 async def check_broker(target: str) -> None:
     """Raise :class:`BrokerUnavailable` unless the broker accepts a connection."""
-    (await _connect(target)).close()
+    await (await _connect(target)).aclose()

@@ -8,13 +8,13 @@ with a 4xx/5xx status and never a stack trace.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from sockexec_py.client import AsyncSession, _Collector, check_broker, open_unix_session
-from sockexec_py.errors import BrokerUnavailable, ProtocolError, Timeout, single_errors
+from sockexec_py.client import AsyncSession, BrokerUnavailable, check_broker
+from sockexec_py.client.wire import error_frame, frame_json
 from sockexec_py.events import Exited, Output
 
 from .auth import TokenStore
@@ -37,8 +37,9 @@ from .request import (
     refuse_foreign_host,
     require_json,
 )
+from .sessions import SessionRunner
 from .settings import GatewaySettings
-from .streaming import NDJSON, SSE, ClientLeft, Stream, frame_json, unless_client_leaves
+from .streaming import NDJSON, SSE, ClientLeft, Stream, unless_client_leaves
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Gateway:
         self.settings = settings
         self.tokens = TokenStore(settings.token_file) if settings.token_file else None
         self.metrics = GatewayMetrics()
+        self.sessions = SessionRunner(settings.socket_path, self.metrics, settings.max_output)
         self.app = Starlette(
             routes=[
                 Route("/v1/exec", self._guard("oneshot", self.exec_http), methods=["POST"]),
@@ -156,37 +158,14 @@ class Gateway:
                 await check_broker(self.settings.socket_path)
             except BrokerUnavailable as exc:
                 raise HTTPError(503, "broker_unavailable", str(exc)) from None
-            return Stream(self, exec_request, media_type, b64)
+            return Stream(functools.partial(self.sessions.run, exec_request), media_type, b64)
         return await unless_client_leaves(request.receive, lambda: self._oneshot(exec_request, b64))
 
     async def _oneshot(self, exec_request: ExecRequest, b64: bool) -> Response:
-        """Run to the end and answer everything at once.
-
-        The whole output is held in memory, so it is bounded: past ``max_output``
-        bytes (stdout and stderr together) the session is left, which terminates the
-        program, and the answer is 413. Streams have no such limit: they hold one
-        frame at a time.
-        """
+        """Run to the end and answer everything at once (bounded: see
+        :meth:`SessionRunner.collect`)."""
         started = time.monotonic()
-        collector, limit = _Collector(), self.settings.max_output
-        size = 0
-
-        async def collect(event: Output | Exited) -> None:
-            nonlocal size
-            if isinstance(event, Output):
-                size += len(event.data)
-                if size > limit:
-                    raise HTTPError(
-                        413,
-                        "output_too_large",
-                        f"the program's output (stdout and stderr together) exceeds {limit} "
-                        "bytes, so it was terminated; stream larger outputs "
-                        f"(Accept: {NDJSON})",
-                    )
-            collector.add(event)
-
-        await self._run_session(exec_request, collect)
-        ran = collector.result()
+        ran = await self.sessions.collect(exec_request)
         result: dict[str, Any] = {}
         for kind, data in (("stdout", ran.stdout), ("stderr", ran.stderr)):
             if b64:
@@ -199,62 +178,6 @@ class Gateway:
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
         return JSONResponse(result)
-
-    async def _run_session(
-        self,
-        exec_request: ExecRequest,
-        on_event: Callable[[Output | Exited], Awaitable[None]],
-        stdin_source: Callable[[AsyncSession], Awaitable[None]] | None = None,
-    ) -> None:
-        """Run one broker session, handing each event to ``on_event`` as it arrives.
-
-        ``stdin_source`` (WebSocket) feeds stdin concurrently; otherwise the request's
-        stdin is sent and stdin closed. Failures become :class:`HTTPError` (503 broker
-        down, 504 timeout, 502 protocol error). Leaving early (cancellation, an error
-        in ``on_event``) closes the connection: the broker terminates the program.
-        """
-        started = time.monotonic()
-        self.metrics.running.inc()
-        try:
-            with trio.fail_after(exec_request.timeout), single_errors():
-                async with (
-                    open_unix_session(self.settings.socket_path, exec_request.argv) as session,
-                    trio.open_nursery() as nursery,
-                ):
-                    if stdin_source is None:
-                        nursery.start_soon(self._send_stdin, session, exec_request.stdin)
-                    else:
-                        nursery.start_soon(stdin_source, session)
-                    async for event in session:
-                        self._count(event)
-                        await on_event(event)
-                    nursery.cancel_scope.cancel()
-        except trio.TooSlowError:
-            raise HTTPError(
-                504, "timeout", f"the program did not finish within {exec_request.timeout} s"
-            ) from None
-        except Timeout as exc:
-            raise HTTPError(504, "timeout", str(exc)) from None
-        except BrokerUnavailable as exc:
-            raise HTTPError(503, "broker_unavailable", str(exc)) from None
-        except ProtocolError as exc:
-            raise HTTPError(502, "broker_protocol_error", str(exc)) from None
-        finally:
-            self.metrics.running.dec()
-            self.metrics.duration.observe(time.monotonic() - started)
-
-    def _count(self, event: Output | Exited) -> None:
-        if isinstance(event, Output):
-            self.metrics.bytes_out.inc(len(event.data))
-        elif event.termsig is None:
-            self.metrics.exits.labels(f"exitcode {event.exitcode}").inc()
-        else:
-            self.metrics.exits.labels(f"termsig {event.termsig}").inc()
-
-    async def _send_stdin(self, session: AsyncSession, stdin: bytes) -> None:
-        await session.send(stdin)  # the session splits it into bounded netstrings
-        self.metrics.bytes_in.inc(len(stdin))
-        await session.close_stdin()
 
     async def exec_ws(self, websocket: WebSocket) -> None:
         """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
@@ -289,22 +212,13 @@ class Gateway:
             async def forward(event: Output | Exited) -> None:
                 await websocket.send_text(json.dumps(frame_json(event, b64)))
 
-            await self._run_session(
+            await self.sessions.run(
                 exec_request, forward, lambda session: self._ws_stdin(websocket, session)
             )
             await websocket.close()
         except HTTPError as exc:
             status = str(exc.status)
-            await websocket.send_text(
-                json.dumps(
-                    {
-                        "type": "error",
-                        "error": exc.error,
-                        "detail": exc.detail,
-                        "status": exc.status,
-                    }
-                )
-            )
+            await websocket.send_text(json.dumps(error_frame(exc.status, exc.error, exc.detail)))
             await websocket.close(code=1011 if exc.status >= 500 else 1008)
         except WebSocketDisconnect:
             status = "499"  # the client left: the session was closed, the program terminated

@@ -11,6 +11,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from sockexec_py.client.wire import error_body
+
 from .settings import GatewaySettings
 
 
@@ -94,7 +96,7 @@ def require_json(headers: Any) -> None:
 
 
 def error_response(exc: HTTPError) -> JSONResponse:
-    return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
+    return JSONResponse(error_body(exc.error, exc.detail), status_code=exc.status)
 
 
 class ExecRequest:

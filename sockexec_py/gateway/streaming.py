@@ -3,37 +3,27 @@ goes away (the program is then terminated, whatever the mode)."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import trio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from sockexec_py.client.wire import error_frame, frame_json
 from sockexec_py.errors import single_errors
 from sockexec_py.events import Exited, Output
 
-from .request import ExecRequest, HTTPError
-
-if TYPE_CHECKING:
-    from .app import Gateway
+from .request import HTTPError
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
 _T = TypeVar("_T")
-
-
-def frame_json(event: Output | Exited, b64: bool) -> dict[str, Any]:
-    """One streamed frame as JSON: output data as text (or base64), or the exit."""
-    if isinstance(event, Output):
-        if b64:
-            return {"type": event.kind, "data_b64": base64.b64encode(event.data).decode()}
-        return {"type": event.kind, "data": event.data.decode("utf-8", "replace")}
-    return {"type": "exit", "exitcode": event.exitcode, "termsig": event.termsig}
+#: Runs a broker session, handing each frame to the given callable.
+SessionRun = Callable[[Callable[[Output | Exited], Awaitable[None]]], Awaitable[None]]
 
 
 class ClientLeft(Exception):
@@ -74,9 +64,7 @@ class Stream(Response):
     """NDJSON or SSE frames as they happen; the program is terminated if the HTTP
     client goes away (see :func:`unless_client_leaves`)."""
 
-    def __init__(
-        self, gateway: Gateway, exec_request: ExecRequest, media_type: str, b64: bool
-    ) -> None:
+    def __init__(self, run_session: SessionRun, media_type: str, b64: bool) -> None:
         self.status_code = 200
         self.media_type = media_type
         self.background = None
@@ -87,7 +75,7 @@ class Stream(Response):
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
         ]
-        self.gateway, self.exec_request, self.b64 = gateway, exec_request, b64
+        self.run_session, self.b64 = run_session, b64
         self.mode = "ndjson" if media_type == NDJSON else "sse"
 
     def _encode(self, obj: dict[str, Any]) -> bytes:
@@ -105,14 +93,9 @@ class Stream(Response):
 
         async def stream() -> None:
             try:
-                await self.gateway._run_session(self.exec_request, forward)
+                await self.run_session(forward)
             except HTTPError as exc:
-                error = {
-                    "type": "error",
-                    "error": exc.error,
-                    "detail": exc.detail,
-                    "status": exc.status,
-                }
+                error = error_frame(exc.status, exc.error, exc.detail)
                 await send(
                     {"type": "http.response.body", "body": self._encode(error), "more_body": True}
                 )
