@@ -1,32 +1,30 @@
 """Shared fixtures: a real broker process on a temporary socket, and a raw client.
 
-The broker runs as its own process (``python -m sockexec_py``), exactly as users run
-it; readiness comes from ``--notify-fd`` (a newline once it accepts), never a sleep.
+The broker and the gateway run as their own processes (``sockexec_py.testing``,
+shared with ``bench/``), exactly as users run them; readiness comes from the
+programs themselves, never a sleep.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import re
 import select
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import pytest
 
 from sockexec_py.events import Exited, Output
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
+from sockexec_py.testing import BrokerProcess as Broker
+from sockexec_py.testing import GatewayProcess, wait_until
+
+__all__ = ["Broker", "GatewayProcess", "StartBroker", "wait_until"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MISC = ROOT / "misc"
@@ -152,101 +150,16 @@ def wait_exit(pids: int | list[int], timeout: float = 10) -> None:
             os.close(pidfd)
 
 
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    """Poll a condition that has no event to wait on (a process dying elsewhere)."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+class StartBroker(Protocol):
+    """The ``start_broker`` fixture: ``start_broker("-m", "2")`` starts a broker."""
 
-
-class Broker:
-    """A running ``sockexec-py`` process."""
-
-    def __init__(self, path: Path, args: Sequence[str], env: dict[str, str] | None = None) -> None:
-        self.path = path
-        read_fd, write_fd = os.pipe()
-        self.stderr_path = path.with_suffix(".log")
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sockexec_py", *args, "--notify-fd", str(write_fd), str(path)],
-            stdin=subprocess.DEVNULL,
-            stderr=self._stderr,
-            pass_fds=(write_fd,),
-            env=env,
-        )
-        os.close(write_fd)
-        try:
-            ready, _, _ = select.select([read_fd], [], [], 20)
-            line = os.read(read_fd, 1) if ready else b""
-        finally:
-            os.close(read_fd)
-        if line != b"\n":
-            self.proc.kill()
-            self.proc.wait()
-            self._stderr.close()
-            raise RuntimeError(f"broker did not start: {self.log()!r}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def rss_kib(self, field: str = "VmRSS") -> int:
-        """Resident memory now (VmRSS), or at its peak so far (``field="VmHWM"``)."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1])
-        raise AssertionError(f"no {field}")
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def dump_until(self, needle: str, timeout: float = 10) -> str:
-        """Ask for the SIGUSR1 report until it contains ``needle``; returns it."""
-        deadline = time.monotonic() + timeout
-        while True:
-            offset = len(self.log())
-            os.kill(self.pid, signal.SIGUSR1)
-            wait_until(
-                lambda start=offset: "active connection(s)" in self.log()[start:], 5, "the dump"
-            )
-            report = self.log()[offset:]
-            if needle in report:
-                return report
-            if time.monotonic() > deadline:
-                pytest.fail(f"{needle!r} never appeared in the dump {report!r}")
-
-    def wait_idle(self) -> None:
-        """Wait until the broker has finished with every connection."""
-        self.dump_until("sockexec-py: 0 active connection(s)")
-
-    def children(self) -> list[int]:
-        """Direct children of the broker (zombies included)."""
-        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-
-    def stop(self, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        finally:
-            self._stderr.close()
-        return code
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, name: str = "broker"
+    ) -> Broker: ...
 
 
 @pytest.fixture
-def start_broker(tmp_path: Path) -> Iterator[object]:
+def start_broker(tmp_path: Path) -> Iterator[StartBroker]:
     """Factory: ``start_broker("-m", "2")`` starts a broker and returns it.
 
     Teardown stops every broker, checks it exited 0 and logged no internal error.
@@ -267,79 +180,9 @@ def start_broker(tmp_path: Path) -> Iterator[object]:
 
 
 @pytest.fixture
-def broker(start_broker: object) -> Broker:
+def broker(start_broker: StartBroker) -> Broker:
     """A broker with the default flags."""
-    assert callable(start_broker)
-    result = start_broker()
-    assert isinstance(result, Broker)
-    return result
-
-
-class GatewayProcess:
-    """A running ``sockexec-gateway`` on a free loopback port."""
-
-    def __init__(self, socket_path: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sockexec_py.gateway",
-                "--socket",
-                str(socket_path),
-                "--listen",
-                "127.0.0.1:0",
-                *args,
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        self.lines: list[str] = []
-        ready, _, _ = select.select([self.proc.stderr], [], [], 30)
-        assert ready, "the gateway did not start"
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        else:
-            raise RuntimeError(f"gateway exited: {''.join(self.lines)}")
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-        raw: bytes | None = None,
-    ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        payload = (
-            raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        )
-        if body is not None:  # what a JSON client sends (the gateway requires it)
-            headers = {"Content-Type": "application/json", **(headers or {})}
-        conn.request(method, path, body=payload, headers=headers or {})
-        response = conn.getresponse()
-        data = response.read()
-        conn.close()
-        return response.status, dict(response.getheaders()), data
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
+    return start_broker()
 
 
 @pytest.fixture

@@ -161,36 +161,3 @@ def test_footprint_bounds_what_the_kernel_charges_for_a_pair() -> None:
         assert _queued(ours) <= footprint(size), size
         ours.close()
         theirs.close()
-
-
-def _spied_socketpair(
-    sends: list[tuple[int, int]], send_buffer: int
-) -> tuple[socket.socket, socket.socket]:
-    """A non-blocking socketpair whose first end records each sendmsg as (asked, sent)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-
-    class Spy(socket.socket):
-        def sendmsg(self, buffers: Any, *args: Any) -> int:
-            sent = super().sendmsg(buffers, *args)
-            sends.append((sum(len(b) for b in buffers), sent))
-            return sent
-
-    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-    return sock, theirs
-
-
-def _stdout_of(reply: bytes) -> bytes:
-    """The stdout data of a stream of output pairs."""
-    session = ClientSession()
-    session.receive_data(reply)
-    data = b""
-    while (event := session.next_event()) is not NEED_DATA:
-        data += event.data  # type: ignore[union-attr]
-    return data
-
-
-def _queued(sock: socket.socket) -> int:
-    """The send queue's kernel footprint (SIOCOUTQ)."""
-    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)), sys.byteorder)

@@ -33,7 +33,7 @@ from sockexec_py.client import (
 )
 from sockexec_py.events import Exited, Output
 
-from conftest import ROOT, Broker, GatewayProcess, pid_alive, wait_exit
+from conftest import ROOT, Broker, GatewayProcess, StartBroker, pid_alive, wait_exit
 
 BIG = 50_000_000
 
@@ -121,7 +121,9 @@ def eight_mib() -> bytes:
     return random.Random(3).randbytes(8 << 20)
 
 
-def test_run_streams_stdin_in_bounded_netstrings(start_broker, eight_mib: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_run_streams_stdin_in_bounded_netstrings(
+    start_broker: StartBroker, eight_mib: bytes
+) -> None:
     """8 MiB through ``cat`` needs reading while writing (the broker's buffers are
     bounded) and stdin netstrings no longer than a small --max-frame."""
     broker = start_broker("--max-frame", str(SMALL_FRAME))
@@ -130,15 +132,17 @@ def test_run_streams_stdin_in_bounded_netstrings(start_broker, eight_mib: bytes)
     assert result.stdout == eight_mib
 
 
-async def test_arun_streams_stdin_in_bounded_netstrings(start_broker, eight_mib: bytes) -> None:  # type: ignore[no-untyped-def]
+async def test_arun_streams_stdin_in_bounded_netstrings(
+    start_broker: StartBroker, eight_mib: bytes
+) -> None:
     broker = start_broker("--max-frame", str(SMALL_FRAME))
     result = await arun(str(broker.path), ["cat"], stdin=eight_mib, timeout=60)
     assert (len(result.stdout), result.stderr, result.exitcode) == (len(eight_mib), b"", 0)
     assert result.stdout == eight_mib
 
 
-def test_session_send_of_a_large_chunk_goes_out_in_bounded_netstrings(  # type: ignore[no-untyped-def]
-    start_broker, eight_mib: bytes
+def test_session_send_of_a_large_chunk_goes_out_in_bounded_netstrings(
+    start_broker: StartBroker, eight_mib: bytes
 ) -> None:
     """One ``send`` of more than --max-frame is split, not refused by the broker."""
     broker = start_broker("--max-frame", str(SMALL_FRAME))
@@ -156,8 +160,8 @@ def test_session_send_of_a_large_chunk_goes_out_in_bounded_netstrings(  # type: 
     assert result.stdout == eight_mib
 
 
-async def test_async_session_send_of_a_large_chunk_goes_out_in_bounded_netstrings(  # type: ignore[no-untyped-def]
-    start_broker, eight_mib: bytes
+async def test_async_session_send_of_a_large_chunk_goes_out_in_bounded_netstrings(
+    start_broker: StartBroker, eight_mib: bytes
 ) -> None:
     broker = start_broker("--max-frame", str(SMALL_FRAME))
     with trio.fail_after(60):
@@ -176,7 +180,7 @@ async def test_async_session_send_of_a_large_chunk_goes_out_in_bounded_netstring
     assert result.stdout == eight_mib
 
 
-def test_gateway_websocket_message_larger_than_max_frame(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_websocket_message_larger_than_max_frame(start_broker: StartBroker) -> None:
     """The gateway hands each WebSocket message to ``AsyncSession.send``, which
     splits it: one message longer than the broker's --max-frame still goes through."""
     broker = start_broker("--max-frame", str(SMALL_FRAME))

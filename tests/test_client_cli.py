@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Broker, require_tool
+from conftest import ROOT, Broker, StartBroker, require_tool
 
 SOCAT_CLIENT = ROOT / "clients" / "sockexec-socat"
 Client = Callable[..., list[str]]
@@ -54,7 +54,7 @@ def test_exit_status_and_streams_land_on_the_right_fds(broker: Broker, client: C
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"out\n", b"err\n")
 
 
-def test_death_by_signal_is_128_plus_n(start_broker, client: Client) -> None:  # type: ignore[no-untyped-def]
+def test_death_by_signal_is_128_plus_n(start_broker: StartBroker, client: Client) -> None:
     by_name = start_broker()
     proc = _run(client(by_name.path, "sh", "-c", "kill -TERM $$"))
     assert proc.returncode == 128 + 15

@@ -22,6 +22,7 @@ from sockexec_py.protocol import encode_request
 from conftest import (
     MISC,
     Broker,
+    StartBroker,
     connect,
     parse_reply,
     pid_alive,
@@ -47,7 +48,7 @@ def test_live_server_on_the_path_is_a_fatal_error(broker: Broker) -> None:
     assert run(broker.path, ["true"]).exitcode == 0  # the live one is untouched
 
 
-def test_stale_socket_is_replaced(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stale_socket_is_replaced(start_broker: StartBroker, tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(tmp_path / "broker0.sock"))
     stale.close()  # the path stays, nobody listens: what a crash leaves behind
@@ -108,7 +109,7 @@ def test_systemd_socket_activation(tmp_path: Path) -> None:
     assert path.exists()  # systemd owns the path: not ours to remove
 
 
-def test_systemd_readiness_notification(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_systemd_readiness_notification(start_broker: StartBroker, tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(str(tmp_path / "notify"))
         notify.settimeout(20)
@@ -117,7 +118,7 @@ def test_systemd_readiness_notification(start_broker, tmp_path: Path) -> None:  
     assert run(broker.path, ["true"]).exitcode == 0
 
 
-def test_sigterm_terminates_programs_unlinks_and_exits_zero(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_terminates_programs_unlinks_and_exits_zero(start_broker: StartBroker) -> None:
     broker = start_broker("-k", "1")
     sessions = []
     pids = []
@@ -142,7 +143,7 @@ def test_sigterm_terminates_programs_unlinks_and_exits_zero(start_broker) -> Non
         sock.close()
 
 
-def test_sigint_is_a_clean_shutdown_too(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_sigint_is_a_clean_shutdown_too(start_broker: StartBroker) -> None:
     broker = start_broker()
     assert run(broker.path, ["true"]).exitcode == 0
     broker.proc.send_signal(signal.SIGINT)
@@ -150,7 +151,7 @@ def test_sigint_is_a_clean_shutdown_too(start_broker) -> None:  # type: ignore[n
     assert not broker.path.exists()
 
 
-def test_sigusr1_dumps_active_connections(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_sigusr1_dumps_active_connections(start_broker: StartBroker) -> None:
     broker = start_broker()
     with connect(broker.path) as sock:
         sock.sendall(encode_request(["cat"], [b"ping"]))
@@ -169,7 +170,7 @@ def test_sigusr1_dumps_active_connections(start_broker) -> None:  # type: ignore
     assert "state=running" in line and "in=" in line and "out=4" in line
 
 
-def test_debug_log_has_one_line_per_event_and_no_tracebacks(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_debug_log_has_one_line_per_event_and_no_tracebacks(start_broker: StartBroker) -> None:
     broker = start_broker("-d", "-t", "2")
     assert run(broker.path, ["sh", "-c", "exit 4"]).exitcode == 4
     assert parse_reply(run_raw(broker.path, b"1:0,")).exitcode == 125
@@ -193,7 +194,7 @@ def test_debug_log_has_one_line_per_event_and_no_tracebacks(start_broker) -> Non
     assert all(line.startswith("sockexec-py: ") for line in log.splitlines())
 
 
-def test_client_sending_nothing_is_cut_at_the_deadline(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_client_sending_nothing_is_cut_at_the_deadline(start_broker: StartBroker) -> None:
     broker = start_broker("-t", "1")
     started = time.monotonic()
     with connect(broker.path) as sock:
@@ -268,7 +269,7 @@ def test_orphans_of_programs_are_adopted_and_reaped(broker: Broker) -> None:
         wait_until(lambda pid=pid: pid not in broker.children(), 10, f"{pid} reaped")
 
 
-def test_five_hundred_concurrent_idle_sessions_all_complete(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_five_hundred_concurrent_idle_sessions_all_complete(start_broker: StartBroker) -> None:
     """...in bounded memory: 500 programs ending together, each with a line of output,
     must not each hold a read buffer (256 KiB) at once."""
     broker = start_broker("-m", "1000")
@@ -359,7 +360,9 @@ def test_garbage_never_crashes_the_server_nor_other_sessions(
         _witness_still_echoes(witness)
 
 
-def test_shutdown_answers_queued_clients_instead_of_dropping_them(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_shutdown_answers_queued_clients_instead_of_dropping_them(
+    start_broker: StartBroker,
+) -> None:
     broker = start_broker("-m", "1", "-k", "1")
     running = connect(broker.path)
     running.sendall(encode_request(["cat"], [b"x"]))

@@ -21,7 +21,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from sockexec_py.client import open_session
 from sockexec_py.events import Output
 
-from conftest import MISC, Broker, GatewayProcess, pid_alive, wait_exit, wait_until
+from conftest import MISC, Broker, GatewayProcess, StartBroker, pid_alive, wait_exit, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON = {"Content-Type": "application/json"}
@@ -294,7 +294,9 @@ def test_non_loopback_without_token_is_refused_at_startup(broker: Broker) -> Non
     assert "refusing to listen on 0.0.0.0 without --token-file" in proc.stderr
 
 
-def test_broker_down_is_503_and_recovery_needs_no_restart(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_broker_down_is_503_and_recovery_needs_no_restart(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
     gateway = GatewayProcess(tmp_path / "broker0.sock")  # nothing there yet
     try:
         status, _, data = gateway.request("GET", "/healthz")

@@ -74,7 +74,9 @@ def test_errors_through_the_gateway(gateway: GatewayProcess, tmp_path: Path) -> 
         down.stop()
 
 
-def test_token_from_the_environment(broker: Broker, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_token_from_the_environment(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")
     gateway = GatewayProcess(broker.path, "--token-file", str(tokens))
@@ -100,7 +102,7 @@ def test_token_from_the_environment(broker: Broker, tmp_path: Path, monkeypatch)
 
 async def test_refused_websockets_raise_what_one_shot_requests_raise(
     broker: Broker, tmp_path: Path, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     """The trio flavour: refused before the handshake (401), or after it (503)."""
     tokens = tmp_path / "tokens"
     tokens.write_text("s3cret\n")

@@ -20,13 +20,13 @@ import pytest
 from sockexec_py.events import Exited, Output
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
-from conftest import Broker, connect, parse_reply, run, run_raw, wait_exit, wait_until
+from conftest import Broker, StartBroker, connect, parse_reply, run, run_raw, wait_exit, wait_until
 
 AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="switching user needs the broker to be root")
 
 
-def start(start_broker, tmp_path: Path, text: str, *flags: str) -> Broker:  # type: ignore[no-untyped-def]
+def start(start_broker, tmp_path: Path, text: str, *flags: str) -> Broker:
     policy = tmp_path / "policy.toml"
     policy.write_text(text)
     broker = start_broker("--policy", str(policy), *flags)
@@ -41,7 +41,7 @@ def denial(result: object) -> str:
     return stderr.removeprefix("sockexec_py: denied: ").rstrip("\n")
 
 
-def test_allowed_and_denied(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_allowed_and_denied(start_broker: StartBroker, tmp_path: Path) -> None:
     broker = start(
         start_broker,
         tmp_path,
@@ -66,7 +66,7 @@ def test_without_policy_anything_runs(broker: Broker) -> None:
     assert "audit" not in broker.log()
 
 
-def test_named_command_with_hostile_parameters(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_named_command_with_hostile_parameters(start_broker: StartBroker, tmp_path: Path) -> None:
     broker = start(
         start_broker,
         tmp_path,
@@ -81,13 +81,13 @@ def test_named_command_with_hostile_parameters(start_broker, tmp_path: Path) -> 
     assert "takes 2 parameter(s), got 1" in denial(run(broker.path, ["show", "one"]))
 
 
-def test_stdin_false_gives_the_program_eof(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stdin_false_gives_the_program_eof(start_broker: StartBroker, tmp_path: Path) -> None:
     broker = start(start_broker, tmp_path, '[[allow]]\nprogram = "cat"\nstdin = false\n')
     result = run(broker.path, ["cat"], stdin=b"not for cat\n" * 1000)
     assert (result.stdout, result.exitcode) == (b"", 0)
 
 
-def test_rule_timeout_replaces_t(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_rule_timeout_replaces_t(start_broker: StartBroker, tmp_path: Path) -> None:
     broker = start(
         start_broker,
         tmp_path,
@@ -101,7 +101,7 @@ def test_rule_timeout_replaces_t(start_broker, tmp_path: Path) -> None:  # type:
     assert (result.stdout, result.exitcode) == (b"done\n", 0)
 
 
-def test_cwd_umask_env_and_rlimits(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cwd_umask_env_and_rlimits(start_broker: StartBroker, tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     workdir.mkdir()
     broker = start(
@@ -124,8 +124,8 @@ def test_cwd_umask_env_and_rlimits(start_broker, tmp_path: Path) -> None:  # typ
 
 
 def test_exec_helper_failures_are_reported_like_spawn_failures(
-    start_broker, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
     broker = start(
         start_broker,
         tmp_path,
@@ -147,7 +147,7 @@ def test_exec_helper_failures_are_reported_like_spawn_failures(
 
 
 @needs_root
-def test_run_as_user_with_groups_and_minimal_env(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_as_user_with_groups_and_minimal_env(start_broker: StartBroker, tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     users = grp.getgrnam("users").gr_gid
     broker = start(
@@ -208,7 +208,7 @@ class RawSession:
                 return event
 
 
-def _wait_queued(broker: Broker, count: int) -> None:
+def _wait_queued(broker, count: int) -> None:
     """Wait until ``count`` connections wait in a queue (from the SIGUSR1 reports)."""
     deadline = time.monotonic() + 20
     while True:
@@ -220,7 +220,9 @@ def _wait_queued(broker: Broker, count: int) -> None:
         assert time.monotonic() < deadline, f"never {count} queued: {report}"
 
 
-def test_concurrency_limit_queue_order_and_queue_full(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_concurrency_limit_queue_order_and_queue_full(
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
     journal = tmp_path / "journal"
     broker = start(
         start_broker,
@@ -290,7 +292,7 @@ def _run_as(uid: int, gid: int, path: Path, argv: list[str]) -> bytes:
 
 
 @needs_root
-def test_peer_uid_restriction(start_broker, shared_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_peer_uid_restriction(start_broker: StartBroker, shared_dir: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     (shared_dir / "policy.toml").write_text(
         '[[allow]]\nprogram = "echo"\npeer_uids = [0]\n'
@@ -314,8 +316,8 @@ def test_peer_uid_restriction(start_broker, shared_dir: Path) -> None:  # type: 
 
 
 def test_sighup_reloads_and_a_broken_file_keeps_the_old_policy(
-    start_broker, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    start_broker: StartBroker, tmp_path: Path
+) -> None:
     broker = start(start_broker, tmp_path, '[[allow]]\nprogram = "echo"\n')
     policy = tmp_path / "policy.toml"
     assert run(broker.path, ["echo", "a"]).exitcode == 0
@@ -369,7 +371,7 @@ def test_check_policy_and_bad_policy_at_startup(tmp_path: Path) -> None:
     assert not sock.exists()
 
 
-def test_gateway_requests_obey_the_policy(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gateway_requests_obey_the_policy(start_broker: StartBroker, tmp_path: Path) -> None:
     from conftest import GatewayProcess
 
     broker = start(start_broker, tmp_path, '[[allow]]\nprogram = "echo"\n')
@@ -384,8 +386,8 @@ def test_gateway_requests_obey_the_policy(start_broker, tmp_path: Path) -> None:
         gateway.stop()
 
 
-def test_client_leaving_while_the_exec_helper_starts_terminates_the_program(  # type: ignore[no-untyped-def]
-    start_broker, tmp_path: Path
+def test_client_leaving_while_the_exec_helper_starts_terminates_the_program(
+    start_broker: StartBroker, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "pid"
     broker = start(
@@ -405,8 +407,8 @@ def test_client_leaving_while_the_exec_helper_starts_terminates_the_program(  # 
     assert run(broker.path, ["sh", "-c", "echo free"]).stdout == b"free\n"
 
 
-def test_reload_decides_queued_requests_again_and_keeps_counting(  # type: ignore[no-untyped-def]
-    start_broker, tmp_path: Path
+def test_reload_decides_queued_requests_again_and_keeps_counting(
+    start_broker: StartBroker, tmp_path: Path
 ) -> None:
     policy = tmp_path / "policy.toml"
     rule = '[[allow]]\nprogram = "sh"\nmax_running = 1\n'
@@ -444,7 +446,7 @@ def read_all_bytes(session: RawSession) -> bytes:
     return b"".join(chunks)
 
 
-def test_timeout_in_a_rule_queue_names_the_rule(start_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_timeout_in_a_rule_queue_names_the_rule(start_broker: StartBroker, tmp_path: Path) -> None:
     broker = start(
         start_broker,
         tmp_path,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, GatewayProcess, require_tool
+from conftest import ROOT, Broker, GatewayProcess, require_tool
 
 README = (ROOT / "README.md").read_text()
 
@@ -49,7 +49,7 @@ def test_gateway_curl_examples_work(gateway: GatewayProcess, tmp_path: Path) -> 
     assert json.loads(outputs[4]) == {"status": "ok"}
 
 
-def test_socat_example_works(broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_socat_example_works(broker: Broker, tmp_path: Path) -> None:
     require_tool("socat")
     (block, *_) = _shell_blocks(_section("Trying it"))
     line = next(line for line in block.splitlines() if "socat" in line)
@@ -63,7 +63,7 @@ def test_socat_example_works(broker, tmp_path: Path) -> None:  # type: ignore[no
     assert proc.stdout == b"6:stdout,%d:%b,8:exitcode,1:0," % (len(uname), uname)
 
 
-def test_python_client_examples_run(broker) -> None:  # type: ignore[no-untyped-def]
+def test_python_client_examples_run(broker: Broker) -> None:
     blocks = re.findall(r"```python\n(.*?)```", _section("Python client"), re.S)
     assert len(blocks) == 2
     for block in blocks:
@@ -78,7 +78,7 @@ def test_python_client_examples_run(broker) -> None:  # type: ignore[no-untyped-
     )
 
 
-def test_command_line_client_example(broker) -> None:  # type: ignore[no-untyped-def]
+def test_command_line_client_example(broker: Broker) -> None:
     (block,) = _shell_blocks(_section("Command-line clients"))
     line = block.split("#")[0].replace("/tmp/sockexec.sock", str(broker.path))
     proc = subprocess.run(["bash", "-c", line], capture_output=True, timeout=60)

@@ -22,6 +22,7 @@ from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 from conftest import (
     MISC,
     Broker,
+    StartBroker,
     connect,
     parse_reply,
     pid_alive,
@@ -119,12 +120,12 @@ def test_death_by_signal_is_reported_by_name(broker: Broker) -> None:
     assert (result.exitcode, result.termsig) == (None, "SEGV")
 
 
-def test_termsig_as_number(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_termsig_as_number(start_broker: StartBroker) -> None:
     broker = start_broker("--termsig-format", "number")
     assert run(broker.path, ["sh", "-c", "kill -HUP $$"]).termsig == str(int(signal.SIGHUP))
 
 
-def test_program_ignoring_term_is_killed_after_kill_timeout(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_program_ignoring_term_is_killed_after_kill_timeout(start_broker: StartBroker) -> None:
     broker = start_broker("-t", "1", "-k", "1")
     started = time.monotonic()
     result = run(broker.path, [str(MISC / "ignore-term")])
@@ -135,7 +136,7 @@ def test_program_ignoring_term_is_killed_after_kill_timeout(start_broker) -> Non
     assert not pid_alive(int(result.stdout.split()[1]))
 
 
-def test_deadline_terminates_a_silent_program(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_deadline_terminates_a_silent_program(start_broker: StartBroker) -> None:
     broker = start_broker("-t", "1")
     result = run(broker.path, ["sleep", "100"])
     assert result.termsig == "TERM"
@@ -189,7 +190,7 @@ def test_bad_requests_are_refused_in_band_with_125(
         assert reason in result.stderr
 
 
-def test_frame_longer_than_max_frame_is_refused_at_once(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_frame_longer_than_max_frame_is_refused_at_once(start_broker: StartBroker) -> None:
     broker = start_broker("--max-frame", "1000")
     with connect(broker.path, timeout=10) as sock:
         sock.sendall(b"1:1,99999999999999:")  # no payload follows: refused on the digits
@@ -198,7 +199,7 @@ def test_frame_longer_than_max_frame_is_refused_at_once(start_broker) -> None:  
     assert b"longer than the limit of 1000 bytes" in result.stderr
 
 
-def test_argc_above_max_args_is_refused(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_argc_above_max_args_is_refused(start_broker: StartBroker) -> None:
     broker = start_broker("--max-args", "3")
     result = parse_reply(run_raw(broker.path, b"1:4,"))
     assert result.exitcode == 125
@@ -254,7 +255,7 @@ def test_half_close_ends_stdin_and_output_still_arrives(broker: Broker) -> None:
     assert result.exitcode == 0
 
 
-def test_drain_timeout_bounds_a_background_child_holding_stdout(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_drain_timeout_bounds_a_background_child_holding_stdout(start_broker: StartBroker) -> None:
     broker = start_broker("--drain-timeout", "0.5")
     started = time.monotonic()
     result = run(broker.path, [str(MISC / "std-fds"), "background", "30"])
@@ -307,7 +308,7 @@ def test_client_that_reads_nothing_blocks_the_program_not_the_server(broker: Bro
     assert stdout_bytes == gib and exited == Exited(exitcode=0)
 
 
-def test_socket_mode_is_applied(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_socket_mode_is_applied(start_broker: StartBroker) -> None:
     broker = start_broker("-M", "0600")
     st = os.stat(broker.path)
     assert stat.S_ISSOCK(st.st_mode)
@@ -316,7 +317,7 @@ def test_socket_mode_is_applied(start_broker) -> None:  # type: ignore[no-untype
     assert stat.S_IMODE(os.stat(broker2.path).st_mode) == 0o660
 
 
-def test_connections_beyond_m_are_queued_not_dropped(start_broker) -> None:  # type: ignore[no-untyped-def]
+def test_connections_beyond_m_are_queued_not_dropped(start_broker: StartBroker) -> None:
     broker = start_broker("-m", "2")
     first, second, third = (connect(broker.path, timeout=20) for _ in range(3))
     for sock, text in ((first, b"a"), (second, b"b")):

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sysconfig
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,17 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
-from conftest import IN_CI, MISC, ROOT, Broker, GatewayProcess, pid_alive, require_tool, wait_until
+from conftest import (
+    IN_CI,
+    MISC,
+    ROOT,
+    Broker,
+    GatewayProcess,
+    StartBroker,
+    pid_alive,
+    require_tool,
+    wait_until,
+)
 
 MODULES = Path("/usr/share/nginx/modules")
 
@@ -586,7 +596,7 @@ return table.concat(out, "|")
 """
 
 
-def test_lua_client_outside_nginx_with_luasocket(start_broker: Callable[[], Broker]) -> None:
+def test_lua_client_outside_nginx_with_luasocket(start_broker: StartBroker) -> None:
     """The LuaSocket fallback, run by the LuaJIT library nginx's Lua module uses."""
     luajit = ctypes.util.find_library("luajit-5.1")
     if luajit is None or not Path(LUASOCKET_CPATH, "socket/unix.so").exists():
