@@ -7,14 +7,7 @@ file system, to find a program in the policy's search path (as ``execvp`` would)
 Without ``--policy`` the broker decides with :data:`ALLOW_ALL`, which allows every
 request and builds the same :class:`ExecSpec`, so there is one spawn path.
 
-Two kinds of rules; a request naming a ``[[command]]`` uses it, otherwise the
-``[[allow]]`` rules are tried in file order and the first that matches wins:
-
-* ``[[allow]]`` — a program by absolute path or by name in the search path, with
-  optional argument constraints (exact list, prefix, or one regex per position);
-* ``[[command]]`` — a named command: the client sends the name and parameters, the
-  rule gives the argv, ``@@1``, ``@@2``… replaced by the parameters, each one a single
-  argument (there is no shell, so no quoting problem exists).
+The kinds of rules and how they match are told in the package's docstring.
 
 Programs are executed by the resolved absolute path; the client's ``argv[0]`` is kept.
 """
