@@ -377,3 +377,48 @@ def test_shutdown_answers_queued_clients_instead_of_dropping_them(
     assert broker.proc.wait(timeout=10) == 0
     running.close()
     queued.close()
+
+
+@pytest.mark.parametrize(
+    ("fd3", "problem"),
+    [
+        ("none", "is not open"),
+        ("pipe", "is not a socket"),
+        ("udp", "is not a Unix stream socket"),
+        ("unix-dgram", "is not a Unix stream socket"),
+        ("unix-unbound", "is not listening"),
+        ("tcp-listening", "is not a Unix stream socket"),
+    ],
+)
+def test_systemd_activation_without_a_usable_fd_3_is_fatal(
+    tmp_path: Path, fd3: str, problem: str
+) -> None:
+    """Found by fuzzing: LISTEN_FDS=1 with nothing usable on fd 3 made the broker adopt
+    one of its own sockets as the listener and serve nothing, silently."""
+    wrapper = (
+        "import os, socket, sys\n"
+        "kind = sys.argv[1]\n"
+        "os.closerange(3, 64)\n"
+        "keep = []\n"
+        "if kind == 'pipe':\n"
+        "    r, w = os.pipe(); os.dup2(r, 3); keep = [w]\n"
+        "elif kind != 'none':\n"
+        "    family, type_ = {'udp': (socket.AF_INET, socket.SOCK_DGRAM),\n"
+        "        'unix-dgram': (socket.AF_UNIX, socket.SOCK_DGRAM),\n"
+        "        'unix-unbound': (socket.AF_UNIX, socket.SOCK_STREAM),\n"
+        "        'tcp-listening': (socket.AF_INET, socket.SOCK_STREAM)}[kind]\n"
+        "    s = socket.socket(family, type_)\n"
+        "    if kind == 'tcp-listening':\n"
+        "        s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "    os.dup2(s.fileno(), 3); keep = [s]\n"
+        "os.set_inheritable(3, True) if kind != 'none' else None\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'sockexec_py', sys.argv[2]])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", wrapper, fd3, str(tmp_path / "unused.sock")],
+        capture_output=True,
+        timeout=30,
+    )
+    assert proc.returncode == 111, proc.stderr
+    assert proc.stderr.decode() == f"sockexec-py: fatal: LISTEN_FDS=1 but fd 3 {problem}\n"

@@ -24,6 +24,7 @@ from sockexec_py.client import (
     open_session,
     run,
 )
+from sockexec_py.client.wire import GatewayRefused
 from sockexec_py.events import Exited, Output
 
 from conftest import Broker, GatewayProcess
@@ -223,3 +224,16 @@ async def test_one_send_of_50_mib_through_the_websocket_trio(gateway: GatewayPro
         await session.close_stdin()
         result = await session.wait()
     assert (result.stdout[:64], result.exitcode) == (digest, 0)
+
+
+def test_a_body_over_max_body_is_the_gateways_413_not_a_broken_pipe(broker: Broker) -> None:
+    """Found by fuzzing: the gateway answers 413 before reading the body; the client,
+    still writing, saw a broken pipe and raised BrokerUnavailable."""
+    gateway = GatewayProcess(broker.path, "--max-body", "100000")
+    try:
+        with pytest.raises(GatewayRefused, match="413 too_large") as caught:
+            run(gateway.base, ["cat"], stdin=bytes(20_000_000), timeout=30)
+        assert caught.value.status == 413
+        assert isinstance(caught.value, ProtocolError)
+    finally:
+        gateway.stop()

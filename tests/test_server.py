@@ -410,3 +410,20 @@ def test_spawn_error_for_an_argv0_with_a_newline_is_one_line(broker: Broker) -> 
     result = run(broker.path, [b"no-such\nprogram\xff"])
     assert result.exitcode == 127
     assert result.stderr == b"sockexec_py: no-such\\nprogram\\xff: program not found\n"
+
+
+def test_an_empty_program_name_is_127_and_leaks_nothing(broker: Broker) -> None:
+    """Found by fuzzing: argv[0] the empty netstring got no reply, an internal error,
+    and cost the broker three pipe fds per request."""
+    reply = parse_reply(run_raw(broker.path, b"1:1,0:,"))
+    assert (reply.exitcode, reply.stderr) == (
+        127,
+        b"sockexec_py: the program name is empty: program not found\n",
+    )
+    broker.wait_idle()
+    before = broker.open_fds()
+    for _ in range(300):
+        assert parse_reply(run_raw(broker.path, b"1:1,0:,0:,")).exitcode == 127
+    broker.wait_idle()
+    assert broker.open_fds() == before
+    assert "internal error" not in broker.log()

@@ -21,7 +21,7 @@ from sockexec_py._version import __version__
 from sockexec_py.policy import ALLOW_ALL, AllowAll, Policy, PolicyError, describe, load_policy
 
 from .config import ServerConfig
-from .listener import ListenerError, notify_ready, open_listener
+from .listener import ListenerError, notify_ready, open_listener, systemd_listen_fd
 from .server import Server
 
 PROG = "sockexec-py"
@@ -169,6 +169,11 @@ def _check_policy(path: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:  # before anything opens an fd: fd 3 must be systemd's, if it says so
+        inherited = systemd_listen_fd()
+    except ListenerError as exc:
+        sys.stderr.write(f"{PROG}: fatal: {exc}\n")
+        return EXIT_SYSTEM
     if args.check_policy is not None:
         return _check_policy(args.check_policy)
     if args.socket is None:
@@ -205,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _close_on_exec_inherited(keep=set())
     try:
         listener, unlink_path = open_listener(
-            config.socket_path, mode=config.mode, backlog=config.backlog
+            config.socket_path, mode=config.mode, backlog=config.backlog, inherited=inherited
         )
     except ListenerError as exc:
         sys.stderr.write(f"{PROG}: fatal: {exc}\n")

@@ -36,25 +36,56 @@ def systemd_listen_fd() -> int | None:
         return None
     if n > 1:
         raise ListenerError(f"systemd passed {n} sockets; exactly one is supported")
-    return _SD_LISTEN_FDS_START
+    fd = _SD_LISTEN_FDS_START
+    problem = _listening_unix_stream_problem(fd)
+    if problem:
+        raise ListenerError(f"LISTEN_FDS=1 but fd {fd} {problem}")
+    return fd
 
 
-def open_listener(path: str, *, mode: int, backlog: int) -> tuple[socket.socket, str | None]:
+def _listening_unix_stream_problem(fd: int) -> str | None:
+    """Why ``fd`` is not a listening Unix stream socket (None when it is one).
+
+    Checked before anything else opens fds: a stale ``LISTEN_FDS`` with nothing on fd 3
+    would otherwise let the broker adopt whatever it opens next (its own epoll or
+    wake-up socket) and serve nothing, silently.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return "is not open"
+    if not stat.S_ISSOCK(mode):
+        return "is not a socket"
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        if probe.family != socket.AF_UNIX or probe.type != socket.SOCK_STREAM:
+            return "is not a Unix stream socket"
+        if not probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "is not listening"
+    except OSError as exc:
+        return f"cannot be checked: {exc.strerror}"
+    finally:
+        probe.close()
+    return None
+
+
+def open_listener(
+    path: str, *, mode: int, backlog: int, inherited: int | None = None
+) -> tuple[socket.socket, str | None]:
     """Return a non-blocking listening socket and the path to unlink when done.
 
-    With systemd socket activation the inherited socket is used as it is (systemd
-    owns its path: nothing to unlink). Otherwise ``path`` is created with exactly
+    With systemd socket activation the inherited socket (``inherited``, as checked by
+    :func:`systemd_listen_fd`) is used as it is (systemd owns its path: nothing to
+    unlink). Otherwise ``path`` is created with exactly
     ``mode`` permission bits, set through the umask at ``bind`` time so the socket
     never exists with looser ones.
 
     Error handling: raises :class:`ListenerError` when a live server already answers
     on ``path``, when ``path`` is not a socket, or when binding fails.
     """
-    fd = systemd_listen_fd()
+    fd = inherited if inherited is not None else systemd_listen_fd()
     if fd is not None:
         sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise ListenerError("the socket passed by systemd is not a Unix stream socket")
         sock.set_inheritable(False)
         sock.setblocking(False)
         return sock, None

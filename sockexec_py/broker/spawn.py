@@ -179,6 +179,9 @@ def spawn(
     Raises :class:`SpawnError` with the exit code to report: 127 when the program is
     not found, 126 when it cannot be executed, 125 when the server lacks resources.
     """
+    if not argv or not argv[0]:
+        # execvp("") fails with ENOENT; CPython refuses it with a ValueError first.
+        raise SpawnError("the program name is empty: program not found", EXIT_NOT_FOUND)
     parent_ends, child_ends = _make_pipes()
     name = printable(path or argv[0])
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)]
@@ -193,14 +196,22 @@ def spawn(
             setsigmask=(),
             setsigdef=_DEFAULT_SIGNALS,
         )
-    except OSError as exc:
+    except BaseException as exc:
+        # Whatever fails here, the server's pipe ends go: a refused request must not
+        # cost three fds (a few thousand of them would exhaust the limit).
         for fd in parent_ends:
             os.close(fd)
-        if exc.errno in _NOT_FOUND_ERRNOS:
-            raise SpawnError(f"{name}: program not found", EXIT_NOT_FOUND) from None
-        if exc.errno in _RESOURCE_ERRNOS:
-            raise SpawnError(f"{name}: cannot spawn: {exc.strerror}", EXIT_REFUSED) from None
-        raise SpawnError(f"{name}: cannot execute: {exc.strerror}", EXIT_CANNOT_EXECUTE) from None
+        if isinstance(exc, OSError):
+            if exc.errno in _NOT_FOUND_ERRNOS:
+                raise SpawnError(f"{name}: program not found", EXIT_NOT_FOUND) from None
+            if exc.errno in _RESOURCE_ERRNOS:
+                raise SpawnError(f"{name}: cannot spawn: {exc.strerror}", EXIT_REFUSED) from None
+            raise SpawnError(
+                f"{name}: cannot execute: {exc.strerror}", EXIT_CANNOT_EXECUTE
+            ) from None
+        if isinstance(exc, ValueError):  # an argument or variable CPython refuses
+            raise SpawnError(f"{name}: cannot spawn: {exc}", EXIT_REFUSED) from None
+        raise
     finally:
         for fd in child_ends:
             os.close(fd)
