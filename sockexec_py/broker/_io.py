@@ -107,7 +107,7 @@ async def write_fd_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
         except BlockingIOError:
             await trio.lowlevel.wait_writable(fd)
             continue
-        _advance(pending, written)
+        advance(pending, written)
 
 
 async def recv(sock: socket.socket, size: int) -> bytes:
@@ -135,11 +135,11 @@ def sendmsg_nowait(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -
             sent = sock.sendmsg(pending[:_IOV_MAX])
         except BlockingIOError:
             break
-        _advance(pending, sent)
+        advance(pending, sent)
     return pending
 
 
-def _advance(pending: list[memoryview], count: int) -> None:
+def advance(pending: list[memoryview], count: int) -> None:
     """Drop ``count`` bytes from the front of ``pending``, in place."""
     done = 0
     for view in pending:

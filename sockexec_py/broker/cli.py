@@ -108,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="send termsig as a name (TERM) or a number (15)",
     )
     add(
+        "--spool-dir",
+        metavar="DIR",
+        default=None,
+        help="where output a client does not read yet is spilled (the temp dir)",
+    )
+    add(
+        "--max-spool",
+        type=number(int, 0, "max_spool"),
+        default=64 << 20,
+        help="bytes spilled per connection, 0 = never spill (64 MiB)",
+    )
+    add(
+        "--max-spool-total",
+        type=number(int, 0, "max_spool_total"),
+        default=1 << 30,
+        help="bytes spilled across all connections (1 GiB)",
+    )
+    add(
         "--notify-fd",
         type=number(int, 0, "notify_fd"),
         default=None,
@@ -205,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_timeout=args.drain_timeout,
         termsig_format=args.termsig_format,
         policy_path=args.policy,
+        spool_dir=args.spool_dir,
+        max_spool=args.max_spool,
+        max_spool_total=args.max_spool_total,
     )
     _prepare_process()
     _close_on_exec_inherited(keep=set())

@@ -33,6 +33,11 @@ class ServerConfig:
     termsig_format: Literal["name", "number"] = "name"
     #: ``--policy FILE``: None runs anything the server's user can run.
     policy_path: str | None = None
+    #: Where output a client does not read yet is spilled (None: the temp dir), and
+    #: how much per connection and in all (0 disables spilling).
+    spool_dir: str | None = None
+    max_spool: int = 64 << 20
+    max_spool_total: int = 1 << 30
 
     def limits(self) -> ServerLimits:
         """The per-request bounds handed to the protocol state machine."""

@@ -45,6 +45,7 @@ from .hangup import HangupMonitor
 from .pairs import PairWriter
 from .pumps import OutputPump, StdinPump
 from .spawn import Program, SpawnError
+from .spool import Spool, SpoolBudget
 from .supervisor import Supervisor
 
 log = logging.getLogger("sockexec_py")
@@ -67,6 +68,7 @@ class Services:
     admission: Admission
     supervisor: Supervisor
     hangups: HangupMonitor
+    spool_budget: SpoolBudget
     shutting_down: Callable[[], bool]
 
 
@@ -88,10 +90,12 @@ class Connection:
         self.accepted = time.monotonic()
         self.peer_pid, self.peer_uid, self.peer_gid = _peer_credentials(sock)
         self._services = services
+        budget = services.spool_budget
         self.writer = PairWriter(
             sock,
             before_close=lambda: services.hangups.unwatch(self.fd),
             on_broken=lambda: self.abandon("client hung up", client_gone=True),
+            spool=Spool(budget, number) if budget.enabled else None,
         )
         self.phase = Phase.REQUEST
         self.program: Program | None = None
@@ -267,6 +271,7 @@ class Connection:
             session, program, lambda: self.receive(session), self._stdin_protocol_error
         )
         async with trio.open_nursery() as nursery:
+            writer.attach(nursery.start_soon)
 
             def on_input() -> None:
                 if not writer.closed:
@@ -378,10 +383,12 @@ class Connection:
         program = self.program
         pid = program.pid if program else "-"
         argv0 = printable(program.argv[0]) if program else "-"
+        spooled = self.writer.spool.pending if self.writer.spool is not None else 0
         return (
             f"conn={self.number} peer_pid={self.peer_pid} peer_uid={self.peer_uid} "
             f"pid={pid} argv0={argv0} age={time.monotonic() - self.accepted:.1f}s "
-            f"in={self.bytes_in} out={self.writer.bytes_out} state={self.phase.value}"
+            f"in={self.bytes_in} out={self.writer.bytes_out} spooled={spooled} "
+            f"state={self.phase.value}"
         )
 
 

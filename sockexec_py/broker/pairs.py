@@ -16,7 +16,8 @@ import select
 import socket
 import sys
 import termios
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -24,6 +25,7 @@ from sockexec_py.events import OutputKind
 from sockexec_py.protocol import MAX_OUTPUT_CHUNK, encode_output_pair
 
 from . import _io
+from .spool import Spool
 
 # Bytes of an output pair besides its data ("6:stdout," "65536:" ","), rounded up.
 _PAIR_OVERHEAD = 32
@@ -34,6 +36,11 @@ _INT_ZERO = bytes(4)
 # still sending past that gets its connection reset, as with any closed socket.
 _DISCARD_RECVS = 4
 _DISCARD_CHUNK = 256 * 1024
+# How long a client may leave the socket full before output goes to the spool: a
+# client that reads (a stream, a duplex session) makes room within microseconds, and
+# its output never touches the disk; lua-resty-exec, writing all of stdin first, does
+# not read at all.
+SPOOL_AFTER = 0.05
 
 
 def footprint(data_length: int) -> int:
@@ -49,6 +56,9 @@ class PairWriter:
         sock: the connected, non-blocking client socket; the writer closes it.
         before_close: called right before the socket is closed (to drop it from an
             epoll set while its fd number is still ours).
+        spool: where output goes while the client leaves the socket full (see
+            :mod:`.spool`); it is used once :meth:`attach` gave the writer a nursery
+            for the task that sends it on.
 
     Error handling: once a send fails because the client is gone (EPIPE, ECONNRESET)
     :attr:`broken` is set, ``on_broken`` runs once, and further output is dropped.
@@ -60,6 +70,7 @@ class PairWriter:
         *,
         before_close: Callable[[], None] = lambda: None,
         on_broken: Callable[[], None] = lambda: None,
+        spool: Spool | None = None,
     ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
@@ -75,6 +86,14 @@ class PairWriter:
         #: SO_SNDBUF once read (see chunk_limit); whether SIOCOUTQ works here.
         self._send_buffer = 0
         self.measurable = _SIOCOUTQ is not None
+        self.spool = spool
+        self._start_soon: Callable[[Callable[[], Awaitable[Any]]], None] | None = None
+        self._drained = trio.Event()
+        self._drained.set()
+
+    def attach(self, start_soon: Callable[[Callable[[], Awaitable[Any]]], None]) -> None:
+        """Allow spooling; the task that sends the spool on starts with ``start_soon``."""
+        self._start_soon = start_soon
 
     @property
     def usable(self) -> bool:
@@ -105,6 +124,7 @@ class PairWriter:
         no scheduling point between the last ``sendmsg`` and ``close``.
         """
         if self.usable:
+            await self._drained.wait()  # what was spooled goes out before the end
             await self._acquire()
             try:
                 await _io.sendmsg_all(self.sock, [data])
@@ -121,6 +141,8 @@ class PairWriter:
         if not self.closed:
             self.closed = True
             self._before_close()
+            if self.spool is not None:
+                self.spool.close()
             self._discard_unread()
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
@@ -142,6 +164,13 @@ class PairWriter:
         offset = 0
         chunk = self.chunk_limit()
         while offset < total and self.usable:
+            spool = self.spool if self._start_soon is not None else None
+            if spool is not None and spool.pending:
+                # Behind what is spooled already: order is kept.
+                if self._spill(spool, kind, view[offset:], chunk):
+                    return
+                await self._wait_drained()  # past the caps: as without a spool
+                continue
             room = self.room()
             batch: list[bytes | memoryview] = []
             start = offset
@@ -160,6 +189,13 @@ class PairWriter:
                 batch += encode_output_pair(kind, view[offset:end])
                 offset = end
             if not batch:
+                if spool is not None and not spool.failed:
+                    with trio.move_on_after(SPOOL_AFTER) as waited:
+                        await trio.lowlevel.wait_writable(self.sock)
+                    if not waited.cancelled_caught:
+                        continue  # the client made room in time
+                    if self._spill(spool, kind, view[offset:], chunk):
+                        return
                 # The reader has to make room first: POLLOUT once 3/4 of it is free.
                 await trio.lowlevel.wait_writable(self.sock)
                 end = min(offset + chunk, total)
@@ -174,6 +210,50 @@ class PairWriter:
             if pending:  # not expected: the room was measured
                 await _io.sendmsg_all(self.sock, pending)
             self.bytes_out += offset - start
+
+    def _spill(self, spool: Spool, kind: OutputKind, view: memoryview, chunk: int) -> bool:
+        """Append ``view`` to the spool as pairs; start sending the spool on if needed."""
+        pairs: list[bytes | memoryview] = []
+        for offset in range(0, len(view), chunk):
+            pairs += encode_output_pair(kind, view[offset : offset + chunk])
+        if not spool.append(pairs):
+            return False
+        self.bytes_out += len(view)
+        if self._drained.is_set():
+            self._drained = trio.Event()
+            assert self._start_soon is not None
+            self._start_soon(self._drain)
+        return True
+
+    async def _wait_drained(self) -> None:
+        """Wait, without the lock, for the spool to be sent on (the drain task needs
+        no lock: nothing else sends while the spool holds data)."""
+        self._lock.release()
+        try:
+            await self._drained.wait()
+        finally:
+            await self._acquire()
+
+    async def _drain(self) -> None:
+        """Send the spool on, whole pairs at a time, as the client makes room."""
+        spool = self.spool
+        assert spool is not None
+        buffer = _io.BUFFERS.take()
+        try:
+            while spool.pending and self.usable:
+                await trio.lowlevel.wait_writable(self.sock)
+                data = spool.read_into(buffer)
+                size = whole_pairs(data, self.room())
+                assert size, "the spool is read from a pair boundary, in whole pairs"
+                pending = _io.sendmsg_nowait(self.sock, [data[:size]])
+                if pending:  # not expected: the room was measured
+                    await _io.sendmsg_all(self.sock, pending)
+                spool.consume(size)
+        except _io.BROKEN_ERRORS:
+            self._broke()
+        finally:
+            _io.BUFFERS.give(buffer)
+            self._drained.set()
 
     def room(self) -> int | None:
         """Kernel memory the send queue may still grow by, or None where unknown."""
@@ -206,3 +286,41 @@ class PairWriter:
             for _ in range(_DISCARD_RECVS):
                 if not self.sock.recv(_DISCARD_CHUNK, socket.MSG_DONTWAIT):
                     return
+
+
+def whole_pairs(data: memoryview, room: int | None) -> int:
+    """How many bytes at the front of ``data`` (encoded pairs, as the writer spools
+    them) to send once the socket said POLLOUT: the first whole pair (POLLOUT alone
+    guarantees it fits), then more whole pairs while their kernel footprint fits the
+    measured ``room`` (None: unmeasured, one pair only). 0 when no pair is whole."""
+    offset = 0
+    while offset < len(data):
+        pair = _pair_at(data, offset)
+        if pair is None:
+            break
+        end, data_length = pair
+        if offset and (room is None or footprint(data_length) > room):
+            break
+        if room is not None:
+            room -= footprint(data_length)
+        offset = end
+    return offset
+
+
+def _pair_at(data: memoryview, start: int) -> tuple[int, int] | None:
+    """(end, data length) of the whole pair at ``start``, or None if it is cut."""
+    end = start
+    length = 0
+    for _ in range(2):  # the type netstring, then the data netstring
+        colon = -1
+        for index in range(end, min(end + 12, len(data))):
+            if data[index] == 0x3A:  # ":"
+                colon = index
+                break
+        if colon < 0:
+            return None
+        length = int(bytes(data[end:colon]))
+        end = colon + 1 + length + 1
+        if end > len(data):
+            return None
+    return end, length

@@ -29,6 +29,7 @@ from .admission import Admission
 from .config import ServerConfig
 from .connection import Connection, Services
 from .hangup import HangupMonitor
+from .spool import SpoolBudget
 from .supervisor import OrphanReaper, Supervisor
 
 log = logging.getLogger("sockexec_py")
@@ -90,6 +91,7 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._backlog = -1
         self._services_value: Services | None = None
+        self._spool_budget = SpoolBudget(config.spool_dir, config.max_spool, config.max_spool_total)
 
     @property
     def supervisor(self) -> Supervisor:
@@ -320,6 +322,7 @@ class Server:
                 admission=self.admission,
                 supervisor=self.supervisor,
                 hangups=self.hangups,
+                spool_budget=self._spool_budget,
                 shutting_down=self._shutdown.is_set,
             )
         return self._services_value
