@@ -161,3 +161,33 @@ def test_footprint_bounds_what_the_kernel_charges_for_a_pair() -> None:
         assert _queued(ours) <= footprint(size), size
         ours.close()
         theirs.close()
+
+
+async def test_the_final_sendmsg_and_close_run_back_to_back() -> None:
+    """The close race (issue 18): whatever closing does besides close(2) happens before
+    the exit pair is sent, so nothing stands between the sendmsg that wakes the
+    client and the close it waits for."""
+    calls: list[str] = []
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+    class Spy(socket.socket):
+        def sendmsg(self, buffers: Any, *args: Any) -> int:
+            calls.append("sendmsg")
+            return super().sendmsg(buffers, *args)
+
+        def recv(self, *args: Any) -> bytes:
+            calls.append("recv")
+            return super().recv(*args)
+
+        def close(self) -> None:
+            calls.append("close")
+            super().close()
+
+    sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
+    sock.setblocking(False)
+    writer = PairWriter(sock, before_close=lambda: calls.append("unwatch"))
+    theirs.sendall(b"unread")
+    await writer.send_final(b"8:exitcode,1:0,")
+    assert calls[0] == "unwatch" and "recv" in calls
+    assert calls[-2:] == ["sendmsg", "close"] and calls.count("sendmsg") == 1
+    theirs.close()

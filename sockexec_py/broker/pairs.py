@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import select
 import socket
 import sys
@@ -41,6 +42,11 @@ _DISCARD_CHUNK = 256 * 1024
 # its output never touches the disk; lua-resty-exec, writing all of stdin first, does
 # not read at all.
 SPOOL_AFTER = 0.05
+
+
+def _sched_yield() -> None:
+    if hasattr(os, "sched_yield"):
+        os.sched_yield()
 
 
 def footprint(data_length: int) -> int:
@@ -86,6 +92,7 @@ class PairWriter:
         #: SO_SNDBUF once read (see chunk_limit); whether SIOCOUTQ works here.
         self._send_buffer = 0
         self.measurable = _SIOCOUTQ is not None
+        self._closing = False
         self.spool = spool
         self._start_soon: Callable[[Callable[[], Awaitable[Any]]], None] | None = None
         self._drained = trio.Event()
@@ -120,14 +127,25 @@ class PairWriter:
     async def send_final(self, data: bytes) -> None:
         """Send the last bytes of the session and close the socket in the same step.
 
-        lua-resty-exec waits about 1 ms for the close after the exit pair, so there is
-        no scheduling point between the last ``sendmsg`` and ``close``.
+        lua-resty-exec waits about 1 ms for the close after the exit pair (a later
+        close is its fatal ``timeout``). The ``sendmsg`` wakes the client, which takes
+        the CPU at once on a busy machine: whatever stands between the send and
+        ``close(2)`` may then wait for milliseconds. So everything closing does is
+        done first, room for the bytes is made sure of, the CPU is offered to what is
+        runnable (``sched_yield``: the broker is next in line after it), and then
+        ``sendmsg`` and ``close(2)`` run back to back.
         """
         if self.usable:
             await self._drained.wait()  # what was spooled goes out before the end
             await self._acquire()
             try:
-                await _io.sendmsg_all(self.sock, [data])
+                if not self._fits(len(data)):  # POLLOUT: a short pair fits then
+                    await trio.lowlevel.wait_writable(self.sock)
+                self._prepare_close()
+                _sched_yield()
+                pending = _io.sendmsg_nowait(self.sock, [data])
+                if pending:  # not expected: the room was made sure of
+                    await _io.sendmsg_all(self.sock, pending)
             except _io.BROKEN_ERRORS:
                 self._broke()
             else:
@@ -139,13 +157,27 @@ class PairWriter:
     def close(self) -> None:
         """Close the socket (idempotent); tasks blocked on it get ClosedResourceError."""
         if not self.closed:
+            self._prepare_close()
             self.closed = True
-            self._before_close()
-            if self.spool is not None:
-                self.spool.close()
-            self._discard_unread()
-            trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
+
+    def _prepare_close(self) -> None:
+        """All that closing does besides ``close(2)`` (once)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._before_close()
+        if self.spool is not None:
+            self.spool.close()
+        self._discard_unread()
+        trio.lowlevel.notify_closing(self.sock)
+
+    def _fits(self, size: int) -> bool:
+        """Whether ``size`` bytes (one short pair) go into the send queue now."""
+        room = self.room()
+        if room is not None:
+            return footprint(size) <= room
+        return bool(self._room_poll.poll(0))
 
     async def _acquire(self) -> None:
         try:
@@ -265,18 +297,22 @@ class PairWriter:
         except OSError:
             self.measurable = False  # no SIOCOUTQ here: one pair per POLLOUT
             return None
-        return self._send_buffer - queued - 1
+        return self._buffer_size() - queued - 1
 
     def chunk_limit(self) -> int:
         """The most data per pair: 64 KiB, less where SO_SNDBUF is so small (under
         ~128 KiB, a tiny net.core.wmem_max) that a 64 KiB pair could be cut even from
         a queue at the POLLOUT mark. A pair within half of SO_SNDBUF never can."""
+        return max(min(MAX_OUTPUT_CHUNK, self._buffer_size() // 2 - 64 - _PAIR_OVERHEAD), 512)
+
+    def _buffer_size(self) -> int:
+        """SO_SNDBUF, read once."""
         if not self._send_buffer:
             try:
                 self._send_buffer = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             except OSError:
                 self._send_buffer = 4 * MAX_OUTPUT_CHUNK  # unknown: assume a usual one
-        return max(min(MAX_OUTPUT_CHUNK, self._send_buffer // 2 - 64 - _PAIR_OVERHEAD), 512)
+        return self._send_buffer
 
     def _discard_unread(self) -> None:
         """Read away input already queued (stdin a program never took, bytes after a
