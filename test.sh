@@ -28,7 +28,7 @@ fi
 
 "$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
 
-"$PYTHON" -m ruff format --check sockexec_py tests bench
-"$PYTHON" -m ruff check sockexec_py tests bench
+"$PYTHON" -m ruff format --check sockexec_py tests bench fuzz
+"$PYTHON" -m ruff check sockexec_py tests bench fuzz
 "$PYTHON" -m mypy sockexec_py
 exec "$PYTHON" -m pytest "$@"

@@ -1,0 +1,1 @@
+"""Fuzz harnesses (h11 keeps one too): ``python -m fuzz --help``."""
