@@ -4,6 +4,7 @@ TERM then KILL of the whole group, and spawn failures reported with their exit c
 from __future__ import annotations
 
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -87,12 +88,32 @@ async def test_settings_posix_spawn_cannot_apply(tmp_path: Path) -> None:
 
 
 async def test_exec_helper_failure_is_reported_after_its_reap(tmp_path: Path) -> None:
+    """A limit above the broker's own hard limit needs the exec helper (it sets limits
+    as root before it switches user); its failure comes back once it is reaped."""
+    nofile_hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    started: list[Program] = []
+    spec = ExecSpec(
+        b"/bin/true",
+        (b"true",),
+        {},
+        cwd=str(tmp_path / "missing"),
+        rlimits=(("nofile", resource.RLIMIT_NOFILE, nofile_hard + 1),),
+    )
+    async with trio.open_nursery() as nursery:
+        supervisor = Supervisor(nursery, kill_timeout=1)
+        with pytest.raises(SpawnError, match=r"changing directory|setting rlimit") as caught:
+            await supervisor.spawn(spec, started.append)
+    assert caught.value.exitcode == 125
+    (helper,) = started
+    assert helper.exited.is_set() and not supervisor.running
+
+
+async def test_a_directory_that_cannot_be_entered_starts_nothing(tmp_path: Path) -> None:
     started: list[Program] = []
     missing = ExecSpec(b"/bin/true", (b"true",), {}, cwd=str(tmp_path / "missing"))
     async with trio.open_nursery() as nursery:
         supervisor = Supervisor(nursery, kill_timeout=1)
-        with pytest.raises(SpawnError, match="changing directory") as caught:
+        with pytest.raises(SpawnError, match=r"changing directory to .*: No such file") as caught:
             await supervisor.spawn(missing, started.append)
-    assert caught.value.exitcode == 125
-    (helper,) = started
-    assert helper.exited.is_set() and not supervisor.running
+    assert caught.value.exitcode == 125 and started == [] and not supervisor.running
+    assert os.getcwd() == str(Path.cwd())

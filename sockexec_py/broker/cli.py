@@ -161,7 +161,7 @@ def _prepare_process() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _close_on_exec_inherited(keep: set[int]) -> None:
+def close_on_exec_inherited(keep: set[int]) -> None:
     """Mark every inherited fd above 2 close-on-exec so no program inherits it."""
     try:
         names = os.listdir("/proc/self/fd")
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_spool_total=args.max_spool_total,
     )
     _prepare_process()
-    _close_on_exec_inherited(keep=set())
+    close_on_exec_inherited(keep=set())
     try:
         listener, unlink_path = open_listener(
             config.socket_path, mode=config.mode, backlog=config.backlog, inherited=inherited

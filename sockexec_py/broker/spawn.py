@@ -1,12 +1,17 @@
-"""Starting a program: pipes, ``posix_spawn``, and the exec helper for what it cannot do.
+"""Starting a program: pipes and ``posix_spawn``, for plain and run-as rules alike.
 
 Programs are started with ``posix_spawn`` (vfork-style: no page-table copy, no Python
 code in the child) in a new process group, with default signal dispositions, an empty
 signal mask and only fds 0/1/2: every fd the server opens is close-on-exec.
 
-A policy rule may also set a user, groups, a working directory, a umask or rlimits,
-which ``posix_spawn`` cannot: then the exec helper (``_exec_helper.py``) is spawned
-instead, in the same way, sets them up and execs the program (same pid, same group).
+A policy rule may also set a user, groups, a working directory, a umask or rlimits.
+``posix_spawn`` applies the first four when the broker takes them on itself for the
+moment of the spawn (:func:`spawn_as`: a child inherits its parent's credentials,
+directory and umask); rlimits take one exec step through util-linux's ``prlimit``,
+which sets them on itself and execs the program. Only what neither can do goes
+through the exec helper (``_exec_helper.py``, a Python start-up): a limit above the
+broker's own hard limit (raising one needs privileges the program must not have),
+or a system without ``prlimit``.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ import fcntl
 import logging
 import marshal
 import os
+import resource
+import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import trio
 
@@ -133,8 +140,8 @@ class Program:
             os.close(fd)
 
 
-def needs_helper(spec: ExecSpec) -> bool:
-    """Whether starting ``spec`` needs more than ``posix_spawn`` can do."""
+def runs_as(spec: ExecSpec) -> bool:
+    """Whether ``spec`` sets anything a plain ``posix_spawn`` cannot."""
     return (
         spec.uid is not None
         or spec.gid is not None
@@ -143,6 +150,24 @@ def needs_helper(spec: ExecSpec) -> bool:
         or spec.umask is not None
         or bool(spec.rlimits)
     )
+
+
+_PRLIMIT = shutil.which("prlimit", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def needs_helper(spec: ExecSpec) -> bool:
+    """Whether only the (slow) exec helper can start ``spec``: a limit above the
+    broker's own hard limit, which ``prlimit``, run as the program's user, could not
+    raise; or no ``prlimit`` on this system."""
+    if not spec.rlimits:
+        return False
+    if _PRLIMIT is None:
+        return True
+    for _, number, value in spec.rlimits:
+        hard = resource.getrlimit(number)[1]
+        if hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard):
+            return True
+    return False
 
 
 def _make_pipes() -> tuple[list[int], list[int]]:
@@ -171,11 +196,17 @@ def spawn(
     *,
     path: bytes | None = None,
     extra_fds: Sequence[int] = (),
+    identity: ExecSpec | None = None,
+    program_argv: Sequence[bytes] | None = None,
 ) -> Program:
     """Start ``argv`` with fresh pipes, no shell.
 
     ``argv[0]`` is looked up in PATH unless ``path`` gives the file to execute.
     ``extra_fds`` become the child's fds 3, 4… (the exec helper's status socket).
+    ``identity``: the spawn happens as that spec's user, in its directory, with its
+    umask (see :func:`spawn_as`). ``program_argv`` is what the program is known by
+    when ``argv`` starts an exec step first (logs, the SIGUSR1 dump).
+
     Raises :class:`SpawnError` with the exit code to report: 127 when the program is
     not found, 126 when it cannot be executed, 125 when the server lacks resources.
     """
@@ -187,15 +218,18 @@ def spawn(
     actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(child_ends)]
     actions += [(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(extra_fds)]
     try:
-        pid = (os.posix_spawnp if path is None else os.posix_spawn)(
-            argv[0] if path is None else path,
-            list(argv),
-            env,
-            file_actions=actions,
-            setpgroup=0,
-            setsigmask=(),
-            setsigdef=_DEFAULT_SIGNALS,
-        )
+        with _identity_of(identity) if identity else contextlib.nullcontext():
+            if program_argv is not None and identity is not None:
+                _check_executable(identity.path or b"")  # the exec step would say it late
+            pid = (os.posix_spawnp if path is None else os.posix_spawn)(
+                argv[0] if path is None else path,
+                list(argv),
+                env,
+                file_actions=actions,
+                setpgroup=0,
+                setsigmask=(),
+                setsigdef=_DEFAULT_SIGNALS,
+            )
     except BaseException as exc:
         # Whatever fails here, the server's pipe ends go: a refused request must not
         # cost three fds (a few thousand of them would exhaust the limit).
@@ -223,7 +257,95 @@ def spawn(
             fcntl.fcntl(parent_ends[1], _F_SETPIPE_SZ, _PIPE_SIZE)
         except OSError:
             pass  # a tuning only; the default pipe size works
-    return Program(pid, argv, (parent_ends[0], parent_ends[1], parent_ends[2]))
+    program_fds = (parent_ends[0], parent_ends[1], parent_ends[2])
+    return Program(pid, argv if program_argv is None else program_argv, program_fds)
+
+
+def spawn_as(spec: ExecSpec) -> Program:
+    """Start ``spec`` with its user, groups, directory, umask and limits, through
+    ``posix_spawn`` (see the module docstring).
+
+    For the moment of the spawn the broker itself takes the program's groups, gid and
+    uid (keeping root as its saved ids, to come back), enters the directory as that
+    user, and sets the umask; the child inherits all of it, and ``execve`` makes the
+    ids final. Everything is restored before this returns; if it cannot be, the
+    broker stops at once rather than go on with another identity.
+
+    Error handling: :class:`SpawnError` as :func:`spawn`, and 125 when the directory
+    cannot be entered (``changing directory to DIR: reason``).
+    """
+    path = spec.path
+    assert path is not None, "rules that set these always name the program's path"
+    argv: Sequence[bytes] = spec.argv
+    exec_path = path
+    if spec.rlimits:
+        assert _PRLIMIT is not None
+        limits = [
+            f"--{name}={_limit(value)}:{_limit(value)}".encode() for name, _, value in spec.rlimits
+        ]
+        # prlimit sets them on itself and execs the program by its path (which
+        # becomes the program's argv[0]).
+        argv = [os.fsencode(_PRLIMIT), *limits, b"--", path, *spec.argv[1:]]
+        exec_path = os.fsencode(_PRLIMIT)
+    return spawn(
+        argv,
+        spec.env,
+        path=exec_path,
+        identity=spec,
+        program_argv=spec.argv if spec.rlimits else None,
+    )
+
+
+def _limit(value: int) -> str:
+    return "unlimited" if value == resource.RLIM_INFINITY else str(value)
+
+
+def _check_executable(path: bytes) -> None:
+    """As the program's user (``access`` checks the real ids, which are theirs now)."""
+    name = printable(path)
+    if not os.path.exists(path):
+        raise SpawnError(f"{name}: program not found", EXIT_NOT_FOUND)
+    if not os.access(path, os.X_OK) or os.path.isdir(path):
+        raise SpawnError(f"{name}: cannot execute: Permission denied", EXIT_CANNOT_EXECUTE)
+
+
+_ORIGINAL_CWD = os.getcwd()
+
+
+@contextlib.contextmanager
+def _identity_of(spec: ExecSpec) -> Iterator[None]:
+    """Take on ``spec``'s groups, gid, uid, directory and umask; give them back after."""
+    uids, gids = os.getresuid(), os.getresgid()
+    groups = os.getgroups() if spec.groups is not None else None
+    umask = os.umask(spec.umask) if spec.umask is not None else None
+    try:
+        if spec.groups is not None:
+            os.setgroups(spec.groups)
+        if spec.gid is not None:
+            os.setresgid(spec.gid, spec.gid, -1)
+        if spec.uid is not None:
+            os.setresuid(spec.uid, spec.uid, -1)
+        if spec.cwd is not None:
+            try:
+                os.chdir(spec.cwd)
+            except OSError as exc:
+                raise SpawnError(
+                    f"changing directory to {spec.cwd}: {exc.strerror}", EXIT_REFUSED
+                ) from None
+        yield
+    finally:
+        try:
+            os.setresuid(*uids)
+            os.setresgid(*gids)
+            if groups is not None:
+                os.setgroups(groups)
+            if spec.cwd is not None:
+                os.chdir(_ORIGINAL_CWD)
+            if umask is not None:
+                os.umask(umask)
+        except OSError as exc:  # pragma: no cover - root can always come back
+            log.critical("cannot restore the broker's identity (%s): stopping", exc)
+            os._exit(111)
 
 
 _HELPER = os.fsencode(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_exec_helper.py"))

@@ -18,7 +18,16 @@ import trio
 
 from sockexec_py.policy import ExecSpec
 
-from .spawn import Program, SpawnError, finish_helper, needs_helper, spawn, spawn_helper
+from .spawn import (
+    Program,
+    SpawnError,
+    finish_helper,
+    needs_helper,
+    runs_as,
+    spawn,
+    spawn_as,
+    spawn_helper,
+)
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 # How often to check whether a terminated group still has members.
@@ -53,7 +62,10 @@ class Supervisor:
         be started; after an exec helper failed, only once the helper is reaped.
         """
         if not needs_helper(spec):
-            program = spawn(spec.argv, spec.env, path=spec.path)
+            if runs_as(spec):
+                program = spawn_as(spec)
+            else:
+                program = spawn(spec.argv, spec.env, path=spec.path)
             self._track(program)
             started(program)
             return program
