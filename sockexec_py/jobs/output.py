@@ -224,12 +224,13 @@ class OutputStore:
         self.cap = cap
         self._live: dict[str, RunOutput] = {}
 
-    async def start(self, job_id: str) -> RunOutput:
-        """The output of a job that starts now (registered until it is closed).
-        Any output of an earlier run of this id (a requeued job) is removed."""
-        await trio.to_thread.run_sync(_Files(self.root, job_id).remove)
-        output = RunOutput(self, job_id, self.cap)
-        self._live[job_id] = output
+    def open(self, job_id: str) -> RunOutput:
+        """The output of a job about to run, registered for followers until it is
+        closed (files appear with its first byte). A job that goes back to the queue
+        before it started keeps its (empty) output open, so its followers wait on."""
+        output = self._live.get(job_id)
+        if output is None:
+            output = self._live[job_id] = RunOutput(self, job_id, self.cap)
         return output
 
     def live(self, job_id: str) -> RunOutput | None:

@@ -76,14 +76,14 @@ class RunnerConfig:
 class _Run:
     """One running job: its session's cancel scope and what it produced so far."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, output: RunOutput) -> None:
         self.job = job
+        self.output = output
         # Created now, entered by the job's task: a cancel that comes before the
         # session is even connected still applies.
         self.session_scope = trio.CancelScope()
         self.cancel_requested = False
         self.parser = ProgressParser()
-        self.output: RunOutput | None = None
         self.progress_dirty = trio.Event()
         self.done = trio.Event()
         self.final: Job | None = None
@@ -91,8 +91,6 @@ class _Run:
     def snapshot(self) -> Job:
         """The job as it is now: the stored record with live sizes and progress."""
         output = self.output
-        if output is None:
-            return replace(self.job, progress=self.parser.progress)
         return replace(
             self.job,
             stdout_bytes=output.stdout_bytes,
@@ -231,6 +229,9 @@ class Runner:
                 if exc.current == JobState.RUNNING:
                     continue  # claimed meanwhile: now in _runs, or a claim is in flight
                 raise
+            output = self.output.live(job_id)  # requeued once: its followers end now
+            if output is not None:
+                await output.close()
             self._changed(job)
             return job
         job = await self.store.get(job_id)
@@ -300,7 +301,8 @@ class Runner:
                 slots, running, self.config.limits, self.config.default_limit
             )
             for job in jobs:
-                run = self._runs[job.id] = _Run(job)
+                # Registered with its output before anyone can see it running.
+                run = self._runs[job.id] = _Run(job, self.output.open(job.id))
                 self._nursery.start_soon(self._execute, run)
         except JobError as exc:  # StoreUnavailable: try again after a while
             log.error("cannot start jobs: %s", exc)
@@ -374,7 +376,7 @@ class Runner:
         with run.session_scope, trio.move_on_after(job.timeout or math.inf) as deadline:
             async with open_async_session(self.config.socket_path, job.argv) as session:
                 self._retry_delay = self.config.retry_initial
-                output = run.output = await self.output.start(job.id)
+                output = run.output
 
                 async def feed() -> None:
                     await session.send(stdin)
@@ -447,8 +449,7 @@ class Runner:
             await self.store.finish(ended, remove=remove)
         except JobError as exc:
             log.error("cannot record the end of job %s: %s", ended.id, exc)
-        if run.output is not None:
-            await run.output.close()
+        await run.output.close()
         if remove:
             await self.output.remove(ended.id)
         run.final = ended

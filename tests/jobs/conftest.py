@@ -16,12 +16,7 @@ from sockexec_py.jobs.output import OutputStore
 from sockexec_py.jobs.runner import Runner, RunnerConfig
 from sockexec_py.jobs.store import Store, open_store
 
-#: Unix time at trio time 0 in these tests (a fixed date keeps ids and times sane).
-EPOCH = 1_800_000_000.0
-
-
-def trio_clock() -> float:
-    return EPOCH + trio.current_time()
+from .support import trio_clock
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from sockexec_py.jobs.request import parse_submit
 from sockexec_py.jobs.schema import SCHEMA_VERSION, connect, migrate
 from sockexec_py.jobs.store import DATABASE, Store, open_store
 
-from conftest import EPOCH, trio_clock
+from .support import EPOCH, trio_clock
 
 S = JobState
 # Tests that take ``autojump_clock`` record exact times (EPOCH + trio's mock time) and
