@@ -1,4 +1,5 @@
-"""Every statement the store runs, as plain functions over an open connection.
+"""The store's statements (all but the listing, :mod:`.listing`), as plain functions
+over an open connection.
 
 No threads and no trio here: :mod:`.store` decides where each function runs (the
 writer thread inside a transaction, or a reader connection), these only say what
@@ -9,35 +10,25 @@ caller's transaction, so the state machine's rules hold under any interleaving.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from .errors import IllegalTransition, InvalidField, JobNotFound, QueueFull
+from .errors import IllegalTransition, JobNotFound, QueueFull
 from .model import END_STATES, WAITING_STATES, Job, JobState, check_transition
 from .progress import Progress
 from .request import SubmitRequest
 
-SortKey = Literal["created", "started", "ended"]
-_SORT_COLUMNS: Mapping[str, str] = {
-    "created": "created_at",
-    "started": "started_at",
-    "ended": "ended_at",
-}
-_COLUMNS = (
+COLUMNS = (
     "id, name, argv, labels, state, created_at, start_at, started_at, ended_at, timeout, "
     "keep, exitcode, termsig, reason, stdout_bytes, stderr_bytes, dropped_bytes, truncated, "
     "progress_task, progress_tasks, progress_title, progress_percent, progress_step"
 )
 _END_STATES_SQL = ", ".join(f"'{state.value}'" for state in sorted(END_STATES))
-MAX_PAGE = 1000
 
 
-def _job(row: Sequence[Any]) -> Job:
+def job_from_row(row: Sequence[Any]) -> Job:
     return Job(
         id=row[0],
         name=row[1],
@@ -69,10 +60,10 @@ def _locate(conn: sqlite3.Connection, job_id: str) -> tuple[int, JobState]:
 
 
 def get_job(conn: sqlite3.Connection, job_id: str) -> Job:
-    row = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    row = conn.execute(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
     if row is None:
         raise JobNotFound(job_id)
-    return _job(row)
+    return job_from_row(row)
 
 
 def _waiting(conn: sqlite3.Connection, name: str, limit: int) -> int:
@@ -350,95 +341,3 @@ def purge(
                 ).fetchall()
             )
     return deleted
-
-
-@dataclass(frozen=True, slots=True)
-class ListQuery:
-    """A page of the job list: filters (all optional, combined with AND), the sort
-    and the page. ``created_from`` ≤ created < ``created_to``. Sorting by ``started``
-    or ``ended`` lists only the jobs that have that time. ``cursor`` is the
-    ``next_cursor`` of the previous page of the same listing."""
-
-    states: frozenset[JobState] | None = None
-    name: str | None = None
-    labels: Mapping[str, str] | None = None
-    created_from: float | None = None
-    created_to: float | None = None
-    sort: SortKey = "created"
-    descending: bool = True
-    limit: int = 50
-    cursor: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    jobs: list[Job]
-    next_cursor: str | None
-
-
-def encode_cursor(query: ListQuery, value: float, job_id: str) -> str:
-    """Opaque to clients: the sort, its direction and the last row's (value, id)."""
-    raw = json.dumps([query.sort, query.descending, value, job_id], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(query: ListQuery, cursor: str) -> tuple[float, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        sort, descending, value, job_id = json.loads(raw)
-    except (binascii.Error, ValueError, TypeError):
-        raise InvalidField("cursor", "not a cursor returned by this listing") from None
-    if (
-        sort != query.sort
-        or descending is not query.descending
-        or not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not isinstance(job_id, str)
-    ):
-        raise InvalidField("cursor", "not a cursor of this sort and order")
-    return float(value), job_id
-
-
-def list_jobs(conn: sqlite3.Connection, query: ListQuery) -> Page:
-    """One page, in a keyset order on (sort time, id): stable under inserts (a page
-    never repeats or skips a job because others were added)."""
-    if not 1 <= query.limit <= MAX_PAGE:
-        raise InvalidField("limit", f"expected 1 to {MAX_PAGE}")
-    column = _SORT_COLUMNS[query.sort]
-    where: list[str] = []
-    params: list[object] = []
-    if query.sort != "created":
-        where.append(f"{column} IS NOT NULL")
-    if query.states:
-        where.append(f"state IN ({', '.join('?' * len(query.states))})")
-        params.extend(sorted(state.value for state in query.states))
-    if query.name is not None:
-        where.append("name = ?")
-        params.append(query.name)
-    for key, value in sorted((query.labels or {}).items()):
-        where.append("seq IN (SELECT seq FROM job_labels WHERE key = ? AND value = ?)")
-        params.extend((key, value))
-    if query.created_from is not None:
-        where.append("created_at >= ?")
-        params.append(query.created_from)
-    if query.created_to is not None:
-        where.append("created_at < ?")
-        params.append(query.created_to)
-    if query.cursor is not None:
-        where.append(f"({column}, id) {'<' if query.descending else '>'} (?, ?)")
-        params.extend(decode_cursor(query, query.cursor))
-    direction = "DESC" if query.descending else "ASC"
-    sql = (
-        f"SELECT {_COLUMNS} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''}"
-        f" ORDER BY {column} {direction}, id {direction} LIMIT ?"
-    )
-    rows = conn.execute(sql, (*params, query.limit + 1)).fetchall()
-    jobs = [_job(row) for row in rows[: query.limit]]
-    next_cursor = None
-    if len(rows) > query.limit:
-        last = jobs[-1]
-        times = {"created": last.created_at, "started": last.started_at, "ended": last.ended_at}
-        sort_value = times[query.sort]
-        assert sort_value is not None
-        next_cursor = encode_cursor(query, sort_value, last.id)
-    return Page(jobs, next_cursor)

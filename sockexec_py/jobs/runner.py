@@ -26,26 +26,23 @@ from dataclasses import dataclass, field, replace
 
 import trio  # noqa: TID251 - the runner drives broker sessions
 
-from sockexec_py.client import BrokerUnavailable, open_async_session
-from sockexec_py.events import Exited, Output
+from sockexec_py.client import BrokerUnavailable
+from sockexec_py.events import Exited
 
 from .errors import IllegalTransition, JobError
 from .model import (
     CANCELLED_RUNNING_REASON,
     CANCELLED_WAITING_REASON,
     LOST_REASON,
-    MAX_REASON_BYTES,
     WAITING_STATES,
     Job,
     JobState,
     broken_session_reason,
     final_state,
-    refusal_reason,
-    timeout_reason,
 )
-from .output import OutputReader, OutputStore, RunOutput, View
-from .progress import ProgressParser
+from .output import OutputReader, OutputStore, View
 from .request import SubmitRequest
+from .session import RunningJob, one_line, run_session, terminate_session
 from .store import Store
 
 __all__ = ["Runner", "RunnerConfig", "terminate_session"]
@@ -73,54 +70,6 @@ class RunnerConfig:
     purge_interval: float = 60.0
 
 
-class _Run:
-    """One running job: its session's cancel scope and what it produced so far."""
-
-    def __init__(self, job: Job, output: RunOutput) -> None:
-        self.job = job
-        self.output = output
-        # Created now, entered by the job's task: a cancel that comes before the
-        # session is even connected still applies.
-        self.session_scope = trio.CancelScope()
-        self.cancel_requested = False
-        self.parser = ProgressParser()
-        self.progress_dirty = trio.Event()
-        self.done = trio.Event()
-        self.final: Job | None = None
-
-    def snapshot(self) -> Job:
-        """The job as it is now: the stored record with live sizes and progress."""
-        output = self.output
-        return replace(
-            self.job,
-            stdout_bytes=output.stdout_bytes,
-            stderr_bytes=output.stderr_bytes,
-            dropped_bytes=output.dropped_bytes,
-            truncated=output.truncated,
-            progress=self.parser.progress,
-        )
-
-
-def terminate_session(run: _Run) -> None:
-    """Have the broker terminate a running job's program (TERM, then KILL after -k).
-
-    The wire protocol has no terminate message. The broker terminates the program
-    when the client closes the connection, and also when the client sends a protocol
-    error after the program started; only in the second case does it still send the
-    exit pair with the termsig (SPEC §4). For now we close the connection, so the
-    job ends ``cancelled`` with termsig unknown (``None``). This is the one place to
-    swap in an in-band terminate that reads the exit pair.
-    """
-    run.session_scope.cancel()
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first leaf of an exception group, as one line."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return (str(exc) or type(exc).__name__).splitlines()[0]
-
-
 @dataclass
 class _Watch:
     event: trio.Event = field(default_factory=trio.Event)
@@ -146,7 +95,7 @@ class Runner:
         self.output = output
         self.config = config
         self.clock = clock or store.clock
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, RunningJob] = {}
         self._listeners: list[Callable[[Job], object]] = []
         self._watches: dict[str, _Watch] = {}
         self._dispatch_wake = trio.Event()
@@ -302,7 +251,7 @@ class Runner:
             )
             for job in jobs:
                 # Registered with its output before anyone can see it running.
-                run = self._runs[job.id] = _Run(job, self.output.open(job.id))
+                run = self._runs[job.id] = RunningJob(job, self.output.open(job.id))
                 self._nursery.start_soon(self._execute, run)
         except JobError as exc:  # StoreUnavailable: try again after a while
             log.error("cannot start jobs: %s", exc)
@@ -313,6 +262,9 @@ class Runner:
             claiming.set()
         for job in jobs:
             self._changed(job)
+
+    def _broker_ok(self) -> None:
+        self._retry_delay = self.config.retry_initial
 
     def _backoff(self) -> None:
         self._retry_at = trio.current_time() + self._retry_delay
@@ -341,7 +293,7 @@ class Runner:
                 log.error("retention purge failed: %s", exc)
             await trio.sleep(self.config.purge_interval)
 
-    async def _execute(self, run: _Run) -> None:
+    async def _execute(self, run: RunningJob) -> None:
         """Run one job's session and record how it ended.
 
         Error handling: a broken session (or a bug in its tasks) fails this job, not
@@ -351,13 +303,20 @@ class Runner:
         """
         try:
             try:
-                exited, reason = await self._session(run)
+                stdin = await self.store.stdin(run.job.id)
+                exited, reason = await run_session(
+                    run,
+                    self.config.socket_path,
+                    stdin,
+                    on_connected=self._broker_ok,
+                    alongside=self._save_progress,
+                )
             except BrokerUnavailable as exc:
                 await self._broker_unavailable(run, str(exc))
                 return
             except Exception as exc:
                 log.warning("job %s: the broker session failed: %s", run.job.id, exc)
-                exited, reason = None, broken_session_reason(_one_line(exc))
+                exited, reason = None, broken_session_reason(one_line(exc))
             state = final_state(exited, cancel_requested=run.cancel_requested)
             await self._finish(run, state, reason, exited)
         finally:
@@ -365,45 +324,7 @@ class Runner:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self._finish(run, JobState.LOST, LOST_REASON, None)
 
-    async def _session(self, run: _Run) -> tuple[Exited | None, str | None]:
-        """The broker session: stdin sent then closed, output stored and parsed.
-        Returns the exit pair (``None`` if the session was closed first) and the
-        reason to record."""
-        job = run.job
-        exited: Exited | None = None
-        stderr_head = bytearray()
-        stdin = await self.store.stdin(job.id)
-        with run.session_scope, trio.move_on_after(job.timeout or math.inf) as deadline:
-            async with open_async_session(self.config.socket_path, job.argv) as session:
-                self._retry_delay = self.config.retry_initial
-                output = run.output
-
-                async def feed() -> None:
-                    await session.send(stdin)
-                    await session.close_stdin()
-
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._save_progress, run)
-                    nursery.start_soon(feed)
-                    async for frame in session:
-                        if isinstance(frame, Output):
-                            await output.write(frame.kind, frame.data)
-                            if frame.kind == "stderr" and len(stderr_head) < MAX_REASON_BYTES:
-                                stderr_head += frame.data[:MAX_REASON_BYTES]
-                            run.parser.feed(frame.data, frame.kind)
-                            run.progress_dirty.set()
-                        else:
-                            exited = frame
-                    nursery.cancel_scope.cancel()
-        if run.cancel_requested:
-            return exited, CANCELLED_RUNNING_REASON
-        if deadline.cancelled_caught:
-            return exited, timeout_reason(job.timeout or 0)
-        if exited is not None:
-            return exited, refusal_reason(exited.exitcode, bytes(stderr_head))
-        return None, broken_session_reason("the connection closed before the exit pair")
-
-    async def _broker_unavailable(self, run: _Run, detail: str) -> None:
+    async def _broker_unavailable(self, run: RunningJob, detail: str) -> None:
         """The connect failed, so the program never started: back to the queue (or
         ``cancelled`` if that was asked meanwhile), and retry later."""
         log.warning("broker unavailable, job %s stays queued: %s", run.job.id, detail)
@@ -419,7 +340,7 @@ class Runner:
         run.done.set()
         self._changed(replace(run.job, state=JobState.QUEUED, started_at=None))
 
-    async def _save_progress(self, run: _Run) -> None:
+    async def _save_progress(self, run: RunningJob) -> None:
         """Persist sizes and progress while the job runs, at most once an interval."""
         while True:
             await run.progress_dirty.wait()
@@ -431,7 +352,7 @@ class Runner:
             await trio.sleep(self.config.progress_interval)
 
     async def _finish(
-        self, run: _Run, state: JobState, reason: str | None, exited: Exited | None
+        self, run: RunningJob, state: JobState, reason: str | None, exited: Exited | None
     ) -> None:
         """Record the end (the database first, so a follower that sees the output
         end finds the final record), close the output, free the slot."""

@@ -42,8 +42,8 @@ import trio  # noqa: TID251 - the store's facade runs SQLite off the trio thread
 
 from . import queries
 from .errors import DataDirLocked, JobError, StoreUnavailable
+from .listing import ListQuery, Page, list_jobs
 from .model import LOST_REASON, Job, JobState, new_job_id
-from .queries import ListQuery, Page
 from .request import SubmitRequest
 from .schema import connect, migrate
 
@@ -283,7 +283,7 @@ class Store:
         return await self._readers.run(lambda conn: queries.queue_position(conn, job_id))
 
     async def list_jobs(self, query: ListQuery) -> Page:
-        return await self._readers.run(lambda conn: queries.list_jobs(conn, query))
+        return await self._readers.run(lambda conn: list_jobs(conn, query))
 
     async def counts(self) -> dict[JobState, int]:
         return await self._readers.run(queries.state_counts)

@@ -25,8 +25,8 @@ from sockexec_py.jobs.errors import (
     SchemaError,
     StoreUnavailable,
 )
+from sockexec_py.jobs.listing import ListQuery
 from sockexec_py.jobs.model import Job, JobState
-from sockexec_py.jobs.queries import ListQuery
 from sockexec_py.jobs.request import parse_submit
 from sockexec_py.jobs.schema import SCHEMA_VERSION, connect, migrate
 from sockexec_py.jobs.store import DATABASE, Store, open_store
