@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .errors import InvalidField
-from .model import Job, JobState
+from .model import END_STATES, WAITING_STATES, Job, JobState
 from .queries import COLUMNS, job_from_row
 
 __all__ = ["MAX_PAGE", "ListQuery", "Page", "SortKey", "list_jobs"]
@@ -80,38 +80,65 @@ def decode_cursor(query: ListQuery, cursor: str) -> tuple[float, str]:
     return float(value), job_id
 
 
+def _never_matches(query: ListQuery) -> bool:
+    """Sorting by start (end) lists jobs that have one: none of these states do."""
+    if not query.states:
+        return False
+    if query.sort == "ended":
+        return not query.states & END_STATES
+    return query.sort == "started" and query.states <= WAITING_STATES
+
+
 def list_jobs(conn: sqlite3.Connection, query: ListQuery) -> Page:
     """One page, in a keyset order on (sort time, id): stable under inserts (a page
-    never repeats or skips a job because others were added)."""
+    never repeats or skips a job because others were added).
+
+    Fast paths (one index range, whatever the history): no filter, a state filter
+    or a name filter sorted by creation, a label filter (first label drives, through
+    ``job_labels``' key) sorted by creation, and no filter or a state filter sorted
+    by start or end. Other combinations filter rows along one of those ranges.
+    """
     if not 1 <= query.limit <= MAX_PAGE:
         raise InvalidField("limit", f"expected 1 to {MAX_PAGE}")
-    column = _SORT_COLUMNS[query.sort]
+    if _never_matches(query):
+        return Page([], None)
+    labels = sorted((query.labels or {}).items())
+    # The table whose (time, id) columns drive the order: the first label's rows
+    # carry the job's creation time, so they can.
+    by_label = bool(labels) and query.sort == "created"
+    key = "l" if by_label else "jobs"
+    column = f"{key}.{_SORT_COLUMNS[query.sort]}"
+    source = "jobs"
     where: list[str] = []
     params: list[object] = []
+    if by_label:
+        source = "job_labels AS l JOIN jobs ON jobs.seq = l.seq"
+        where.append("l.key = ? AND l.value = ?")
+        params.extend(labels.pop(0))
     if query.sort != "created":
         where.append(f"{column} IS NOT NULL")
     if query.states:
-        where.append(f"state IN ({', '.join('?' * len(query.states))})")
+        where.append(f"jobs.state IN ({', '.join('?' * len(query.states))})")
         params.extend(sorted(state.value for state in query.states))
     if query.name is not None:
-        where.append("name = ?")
+        where.append("jobs.name = ?")
         params.append(query.name)
-    for key, value in sorted((query.labels or {}).items()):
-        where.append("seq IN (SELECT seq FROM job_labels WHERE key = ? AND value = ?)")
-        params.extend((key, value))
+    for label in labels:
+        where.append("jobs.seq IN (SELECT seq FROM job_labels WHERE key = ? AND value = ?)")
+        params.extend(label)
     if query.created_from is not None:
-        where.append("created_at >= ?")
+        where.append(f"{key}.created_at >= ?")
         params.append(query.created_from)
     if query.created_to is not None:
-        where.append("created_at < ?")
+        where.append(f"{key}.created_at < ?")
         params.append(query.created_to)
     if query.cursor is not None:
-        where.append(f"({column}, id) {'<' if query.descending else '>'} (?, ?)")
+        where.append(f"({column}, {key}.id) {'<' if query.descending else '>'} (?, ?)")
         params.extend(decode_cursor(query, query.cursor))
     direction = "DESC" if query.descending else "ASC"
     sql = (
-        f"SELECT {COLUMNS} FROM jobs {'WHERE ' + ' AND '.join(where) if where else ''}"
-        f" ORDER BY {column} {direction}, id {direction} LIMIT ?"
+        f"SELECT {COLUMNS} FROM {source} {'WHERE ' + ' AND '.join(where) if where else ''}"
+        f" ORDER BY {column} {direction}, {key}.id {direction} LIMIT ?"
     )
     rows = conn.execute(sql, (*params, query.limit + 1)).fetchall()
     jobs = [job_from_row(row) for row in rows[: query.limit]]

@@ -20,11 +20,13 @@ from .model import END_STATES, WAITING_STATES, Job, JobState, check_transition
 from .progress import Progress
 from .request import SubmitRequest
 
-COLUMNS = (
-    "id, name, argv, labels, state, created_at, start_at, started_at, ended_at, timeout, "
-    "keep, exitcode, termsig, reason, stdout_bytes, stderr_bytes, dropped_bytes, truncated, "
-    "progress_task, progress_tasks, progress_title, progress_percent, progress_step"
+_NAMES = (
+    "id name argv labels state created_at start_at started_at ended_at timeout keep "
+    "exitcode termsig reason stdout_bytes stderr_bytes dropped_bytes truncated "
+    "progress_task progress_tasks progress_title progress_percent progress_step"
 )
+#: Qualified: the listing joins job_labels, which has some of these names too.
+COLUMNS = ", ".join(f"jobs.{column}" for column in _NAMES.split())
 _END_STATES_SQL = ", ".join(f"'{state.value}'" for state in sorted(END_STATES))
 
 
@@ -112,8 +114,8 @@ def insert_job(
     )
     seq = cursor.lastrowid
     conn.executemany(
-        "INSERT INTO job_labels (key, value, seq) VALUES (?, ?, ?)",
-        [(key, value, seq) for key, value in request.labels.items()],
+        "INSERT INTO job_labels (key, value, created_at, id, seq) VALUES (?, ?, ?, ?, ?)",
+        [(key, value, now, job_id, seq) for key, value in request.labels.items()],
     )
     if request.stdin:
         conn.execute("INSERT INTO job_stdin (seq, data) VALUES (?, ?)", (seq, request.stdin))

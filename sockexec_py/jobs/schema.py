@@ -9,8 +9,8 @@ Layout, and why:
 
 - ``jobs``: one row per job; ``seq`` (the rowid) is internal and never leaves the
   store (ids are the public names). argv and labels are JSON text.
-- ``job_labels``: (key, value, seq), so a label filter is an index lookup rather than
-  a scan of JSON over the whole history.
+- ``job_labels``: (key, value, created_at, id) → seq (v2), so a label filter is an
+  index range in creation order rather than a scan of JSON over the whole history.
 - ``job_stdin``: a job's stdin until it ends (kept apart so the rows stay small).
 - ``state_counts`` (v2): jobs per state, kept by triggers in the same transaction as
   the change, so totals are O(1) at any history size (a ``COUNT(*)`` over a million
@@ -99,6 +99,27 @@ _V2 = (
         UPDATE state_counts SET n = n - 1 WHERE state = old.state;
         UPDATE state_counts SET n = n + 1 WHERE state = new.state;
     END""",
+    # Labels carry the job's (created_at, id), so a label's newest page is one range
+    # of this table's key (v1 looked every labelled job up, then sorted them all).
+    "DROP TRIGGER jobs_deleted",
+    """CREATE TABLE job_labels_v2 (
+        key TEXT NOT NULL, value TEXT NOT NULL, created_at REAL NOT NULL,
+        id TEXT NOT NULL, seq INTEGER NOT NULL,
+        PRIMARY KEY (key, value, created_at, id)
+    ) WITHOUT ROWID""",
+    """INSERT INTO job_labels_v2 (key, value, created_at, id, seq)
+        SELECT job_labels.key, job_labels.value, jobs.created_at, jobs.id, jobs.seq
+        FROM job_labels JOIN jobs USING (seq)""",
+    "DROP TABLE job_labels",
+    "ALTER TABLE job_labels_v2 RENAME TO job_labels",
+    "CREATE INDEX job_labels_seq ON job_labels (seq)",
+    """CREATE TRIGGER jobs_deleted AFTER DELETE ON jobs BEGIN
+        DELETE FROM job_labels WHERE seq = old.seq;
+        DELETE FROM job_stdin WHERE seq = old.seq;
+    END""",
+    # A state filter sorted by start or end is one index range too.
+    "CREATE INDEX jobs_state_started ON jobs (state, started_at, id)",
+    "CREATE INDEX jobs_state_ended ON jobs (state, ended_at, id)",
 )
 
 #: ``MIGRATIONS[n]`` upgrades version ``n`` to ``n + 1``: append, never edit.

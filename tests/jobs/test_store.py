@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from sockexec_py.jobs.errors import (
     SchemaError,
     StoreUnavailable,
 )
-from sockexec_py.jobs.listing import ListQuery
+from sockexec_py.jobs.listing import ListQuery, Page
 from sockexec_py.jobs.model import Job, JobState
 from sockexec_py.jobs.request import parse_submit
 from sockexec_py.jobs.schema import SCHEMA_VERSION, connect, migrate
@@ -187,12 +188,21 @@ async def test_list_filters_sorts_and_cursor(store: Store, autojump_clock: objec
     assert [j.id for j in odd.jobs] == [jobs[9].id, jobs[3].id]
     ranged = await store.list_jobs(ListQuery(created_from=EPOCH + 2, created_to=EPOCH + 4))
     assert [j.id for j in ranged.jobs] == [jobs[3].id, jobs[2].id]
+    by_label = ListQuery(labels={"n": "1"}, created_from=EPOCH + 2, limit=2)
+    first = await store.list_jobs(by_label)
+    rest = await store.list_jobs(replace(by_label, cursor=first.next_cursor))
+    assert [j.id for j in first.jobs + rest.jobs] == [jobs[i].id for i in (10, 7, 4)]
+    assert rest.next_cursor is None
     await store.claim(2, {}, {}, 1)
     started = await store.list_jobs(ListQuery(sort="started"))
     assert {j.id for j in started.jobs} == {jobs[0].id, jobs[1].id}
     running = await store.list_jobs(ListQuery(states=frozenset({S.RUNNING})))
     assert {j.id for j in running.jobs} == {jobs[0].id, jobs[1].id}
     assert (await store.list_jobs(ListQuery(sort="ended"))).jobs == []
+    started_0 = await store.list_jobs(ListQuery(sort="started", labels={"n": "0"}))
+    assert [j.id for j in started_0.jobs] == [jobs[0].id]
+    never = ListQuery(sort="ended", states=frozenset({S.RUNNING, S.QUEUED}))
+    assert await store.list_jobs(never) == Page([], None)
     with pytest.raises(InvalidField) as info:
         await store.list_jobs(ListQuery(sort="started", cursor=page.next_cursor or "xyz"))
     assert info.value.field == "cursor"
@@ -283,6 +293,12 @@ async def test_upgrade_from_v1(tmp_path: Path) -> None:
         assert job.progress.task is None and job.labels == {"k": "v"}
         assert len(await store.mark_lost()) == 1
         assert (await store.counts())[S.LOST] == 1
+        # The labels moved to v2's table, found by label in creation order.
+        labelled = await store.list_jobs(ListQuery(labels={"k": "v"}, limit=3))
+        assert [j.id for j in labelled.jobs] == [f"01J{i:023d}" for i in (3, 2, 1)]
+        assert labelled.next_cursor is not None
+        rest = await store.list_jobs(ListQuery(labels={"k": "v"}, cursor=labelled.next_cursor))
+        assert [j.id for j in rest.jobs] == ["01J" + "0" * 23]
 
 
 def test_a_failing_migration_leaves_the_old_version(

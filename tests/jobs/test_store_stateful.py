@@ -19,7 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from sockexec_py.jobs import queries
 from sockexec_py.jobs.errors import IllegalTransition, QueueFull
-from sockexec_py.jobs.model import END_STATES, WAITING_STATES, JobState, new_job_id
+from sockexec_py.jobs.listing import ListQuery, list_jobs
+from sockexec_py.jobs.model import END_STATES, WAITING_STATES, Job, JobState, new_job_id
 from sockexec_py.jobs.request import parse_submit
 from sockexec_py.jobs.schema import connect, migrate
 
@@ -185,6 +186,27 @@ class StoreMachine(RuleBasedStateMachine):
         assert sorted(lost) == self.ids({S.RUNNING})
         for job_id in lost:
             self.jobs[job_id]["state"] = S.LOST
+
+    @rule(name=NAMES, sort=st.sampled_from(["created", "ended"]), descending=st.booleans())
+    def list_by_label(self, name: str, sort: str, descending: bool) -> None:
+        """Paging through one label (the v2 label index drives) gives the model's
+        jobs, once each, in (time, id) order."""
+        query = ListQuery(labels={"n": name}, sort=sort, descending=descending, limit=3)  # type: ignore[arg-type]
+        listed: list[Job] = []
+        while True:
+            page = list_jobs(self.conn, query)
+            listed.extend(page.jobs)
+            if page.next_cursor is None:
+                break
+            query = replace(query, cursor=page.next_cursor)
+        expected = {
+            i
+            for i, job in self.jobs.items()
+            if job["name"] == name and (sort == "created" or job["state"] in END_STATES)
+        }
+        assert {job.id for job in listed} == expected and len(listed) == len(expected)
+        keys = [(job.created_at if sort == "created" else job.ended_at, job.id) for job in listed]
+        assert keys == sorted(keys, reverse=descending)  # type: ignore[type-var]
 
     @invariant()
     def counts_agree(self) -> None:
