@@ -72,8 +72,11 @@ class RunnerConfig:
 
 @dataclass
 class _Watch:
+    """Tasks waiting for a job's next change; set (and dropped) at that change."""
+
     event: trio.Event = field(default_factory=trio.Event)
     job: Job | None = None
+    waiters: int = 0
 
 
 class Runner:
@@ -148,12 +151,18 @@ class Runner:
 
         while True:
             watch = self._watches.setdefault(job_id, _Watch())
-            job = await self.get(job_id)
-            if reached(job):
-                return job
-            await watch.event.wait()
-            if watch.job is not None and reached(watch.job):
-                return watch.job
+            watch.waiters += 1
+            try:
+                job = await self.get(job_id)
+                if reached(job):
+                    return job
+                await watch.event.wait()
+                if watch.job is not None and reached(watch.job):
+                    return watch.job
+            finally:
+                watch.waiters -= 1
+                if not watch.waiters and self._watches.get(job_id) is watch:
+                    del self._watches[job_id]
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job: a waiting one at once (it never starts), a running one by
@@ -195,9 +204,13 @@ class Runner:
         self, job_id: str, view: View = "both", offset: int = 0, *, follow: bool = False
     ) -> OutputReader:
         """A reader of the job's output (see :meth:`OutputStore.read`); with
-        ``follow``, a waiting job is waited for until it starts or ends."""
+        ``follow``, a waiting job is waited for until it starts or ends.
+
+        Error handling: :class:`~.errors.JobNotFound` for an unknown id."""
         if follow:
             await self.wait(job_id, started=True)
+        else:
+            await self.get(job_id)
         if job_id not in self._runs and self._claiming is not None:
             await self._claiming.wait()
         return self.output.read(job_id, view, offset, follow=follow)

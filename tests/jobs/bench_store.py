@@ -72,7 +72,10 @@ def build(data: Path, count: int) -> list[str]:
             ),
         )
         for key, value in labels.items():
-            conn.execute("INSERT INTO job_labels VALUES (?, ?, ?)", (key, value, cursor.lastrowid))
+            conn.execute(
+                "INSERT INTO job_labels VALUES (?, ?, ?, ?, ?)",
+                (key, value, created, job_id, cursor.lastrowid),
+            )
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -117,6 +120,12 @@ async def reads(store: Store, ids: list[str]) -> None:
     report("list: label team=c", await timed(500, lambda i: store.list_jobs(labelled)))
     ended = ListQuery(sort="ended")
     report("list: sort=ended", await timed(500, lambda i: store.list_jobs(ended)))
+    ended_failed = ListQuery(sort="ended", states=frozenset({JobState.FAILED}))
+    report(
+        "list: state=failed sort=ended", await timed(500, lambda i: store.list_jobs(ended_failed))
+    )
+    two = ListQuery(states=frozenset({JobState.FAILED, JobState.SUCCEEDED}), name="script-3")
+    report("list: 2 states + name", await timed(500, lambda i: store.list_jobs(two)))
     report("counts per state", await timed(500, lambda i: store.counts()))
     queued = (await store.list_jobs(ListQuery(states=frozenset({JobState.QUEUED})))).jobs
     report(
@@ -125,7 +134,7 @@ async def reads(store: Store, ids: list[str]) -> None:
     )
 
 
-async def writers(store: Store, ids: list[str], per_writer: int) -> None:
+async def writers(store: Store, ids: list[str], per_writer: int, pause: float) -> None:
     submits: list[float] = []
     gets: list[float] = []
     errors: list[BaseException] = []
@@ -151,6 +160,7 @@ async def writers(store: Store, ids: list[str], per_writer: int) -> None:
             except Exception as exc:
                 errors.append(exc)
             gets.append(time.perf_counter() - begin)
+            await trio.sleep(pause)
 
     begin = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -161,7 +171,8 @@ async def writers(store: Store, ids: list[str], per_writer: int) -> None:
                 writing.start_soon(write, number)
         elapsed = time.perf_counter() - begin
         done.set()
-    print(f"4 writers: {len(submits)} submits in {elapsed:.2f} s = {len(submits) / elapsed:.0f}/s")
+    print(f"4 writers, 4 readers pausing {pause * 1000:g} ms between reads:")
+    print(f"  {len(submits)} submits in {elapsed:.2f} s = {len(submits) / elapsed:.0f}/s")
     report("  submit latency (committed, FULL sync)", submits)
     report("  get + first page, while writing", gets)
     print(f"  errors: {len(errors)} {sorted({str(e) for e in errors})[:3]}")
@@ -174,7 +185,8 @@ async def main(data: Path, count: int) -> None:
     async with open_store(data) as store:
         print(f"counts: { {s.value: n for s, n in (await store.counts()).items() if n} }")
         await reads(store, ids)
-        await writers(store, ids, 500)
+        for pause in (0.005, 0.0):  # readers at ~200 reads/s each, then flat out
+            await writers(store, ids, 500, pause)
 
 
 if __name__ == "__main__":

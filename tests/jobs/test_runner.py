@@ -273,12 +273,17 @@ async def test_restart_marks_running_lost_and_runs_the_queued(
         running = await store.submit(job("sleep", "1000"))
         await store.claim(1, {}, {}, 1)  # the previous process had started it
         queued = await store.submit(job("echo", "after"))
+        scheduled = await store.submit(job("echo", "later", start_at=store.clock() + 0.2))
     async with open_store(data) as store, make_runner(store, broker.path) as runner:
         with trio.fail_after(20):
             done = await runner.wait(queued.id)
+            later = await runner.wait(scheduled.id)
         lost = await store.get(running.id)
+        assert runner._watches == {}  # waiters leave nothing behind
+        with pytest.raises(JobNotFound):
+            await runner.read_output("0" * 26)
     assert lost.state is S.LOST and lost.reason == LOST_REASON and lost.ended_at is not None
-    assert done.state is S.SUCCEEDED
+    assert done.state is S.SUCCEEDED and later.state is S.SUCCEEDED
 
 
 GATEWAY = textwrap.dedent(
