@@ -19,13 +19,15 @@ and the program keeps running: only the broker's flow control may slow it down.
 Followers: while a job runs, its :class:`RunOutput` is registered here; it replaces
 a :class:`trio.Event` after every write, so readers wait for new bytes without
 polling, and any number of them read the files (the page cache) at no extra broker
-cost. Nothing is ever held whole in memory: reads are chunks of 64 KiB at most.
-File I/O runs in worker threads: a write stalled by the kernel's dirty-page
-throttling must not stall the trio loop.
+cost. Nothing is ever held whole in memory: reads are chunks of 256 KiB at most,
+and at most 1 MiB of accepted output waits to be written. File I/O runs in worker
+threads (a write stalled by the kernel's dirty-page throttling must not stall the
+trio loop), in batches: one thread hop per chunk would cap a job at ~100 MiB/s.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from dataclasses import dataclass
@@ -39,7 +41,10 @@ __all__ = ["DEFAULT_CAP", "Chunk", "OutputStore", "RunOutput", "Truncated", "Vie
 Stream = Literal["stdout", "stderr"]
 View = Literal["stdout", "stderr", "both"]
 DEFAULT_CAP = 64 << 20
-READ_CHUNK = 64 << 10
+#: The largest chunk a reader yields: a few to_thread hops per MiB, bounded memory.
+READ_CHUNK = 256 << 10
+#: Accepted bytes not yet written past which a write waits for the files.
+MAX_PENDING = 1 << 20
 _RECORD = struct.Struct("<BQQ")
 _KINDS: tuple[Stream, Stream] = ("stdout", "stderr")
 _MARK_TRUNCATED = 2
@@ -62,7 +67,7 @@ class Truncated:
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return 0
 
 
@@ -102,8 +107,11 @@ class _Files:
 class RunOutput:
     """The output of a running job: :meth:`write` each chunk, :meth:`close` at the end.
 
-    Only the runner writes, one chunk at a time (it awaits each write). Sizes here
-    are what readers may read: a size grows only after its bytes are in the file.
+    Only the runner writes, one chunk at a time. The cap is applied as chunks are
+    accepted; the bytes reach the files in batches, from :meth:`run_writer` when
+    the runner runs it alongside the session (reading the broker and writing the
+    files then overlap), else at once. The sizes here are what readers may read:
+    they grow only once the bytes are in the files.
     """
 
     def __init__(self, store: OutputStore, job_id: str, cap: int) -> None:
@@ -117,11 +125,19 @@ class RunOutput:
         self.error: str | None = None
         self._store = store
         self._files = _Files(store.root, job_id)
+        self._changed = trio.Event()
+        # Accepted so far (written or pending): what the cap and the index count.
+        self._accepted = [0, 0]
         self._records = 0
         self._kind: int | None = None
-        self._changed = trio.Event()
+        # Pending writes in order: (target, bytes), target 0/1 a stream, 2 the index.
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
+        self._wake = trio.Event()
+        self._writer_running = False
+        self._flush_lock = trio.Lock()
         # Files stay open for the run (opened at the first byte of each).
-        self._handles: dict[Path, BinaryIO] = {}
+        self._handles: dict[int, BinaryIO] = {}
 
     @property
     def both_bytes(self) -> int:
@@ -136,32 +152,31 @@ class RunOutput:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _handle(self, path: Path) -> BinaryIO:
-        handle = self._handles.get(path)
-        if handle is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self._handles[path] = open(path, "ab", buffering=0)  # noqa: SIM115
-        return handle
-
-    def _append(self, kind: int, data: bytes, mark: bool) -> None:
-        """In a worker thread: the index record (if the stream changed), the bytes,
-        and the truncation marker if storage stops here. Unbuffered: once this
-        returns, readers with their own descriptors see every byte."""
-        both = self.both_bytes
-        records = b""
-        if data and kind != self._kind:
-            offset = self.stdout_bytes if kind == 0 else self.stderr_bytes
-            records += _RECORD.pack(kind, both, offset)
-        if mark:
-            records += _RECORD.pack(_MARK_TRUNCATED, both + len(data), 0)
-        if records:
-            self._handle(self._files.index).write(records)
-        if data:
-            self._handle(self._files.stream(_KINDS[kind])).write(data)
+    def _accept(self, kind: int, data: bytes) -> None:
+        """Apply the cap to a chunk and queue what is stored (in the trio thread)."""
+        both = sum(self._accepted)
+        overhead = _RECORD.size if kind != self._kind else 0
+        room = max(0, self.cap - both - self._records * _RECORD.size - overhead)
+        stored = data[:room] if room < len(data) else data
+        if stored:
+            if overhead:
+                self._pending.append((2, _RECORD.pack(kind, both, self._accepted[kind])))
+                self._records += 1
+                self._kind = kind
+            self._pending.append((kind, stored))
+            self._accepted[kind] += len(stored)
+            self._pending_bytes += len(stored)
+        if len(stored) < len(data):
+            self._pending.append((2, _RECORD.pack(_MARK_TRUNCATED, both + len(stored), 0)))
+            self._records += 1
+            self.truncated = True
+            self.dropped_bytes += len(data) - len(stored)
 
     async def write(self, stream: Stream, data: bytes) -> None:
         """Store a chunk, or the part of it under the cap; count the rest as dropped.
 
+        Waits for the files only when no writer task runs or past
+        :data:`MAX_PENDING` bytes (backpressure: memory stays bounded).
         Error handling: a failed write (disk full) stops storage like the cap does,
         with the reason in :attr:`error`; the job itself goes on.
         """
@@ -170,32 +185,67 @@ class RunOutput:
         if self.truncated or self.closed:
             self.dropped_bytes += len(data)
             return
-        kind = _KINDS.index(stream)
-        overhead = _RECORD.size if kind != self._kind else 0
-        used = self.both_bytes + self._records * _RECORD.size
-        room = max(0, self.cap - used - overhead)
-        stored = data[:room] if room < len(data) else data
-        mark = len(stored) < len(data)
+        self._accept(_KINDS.index(stream), data)
+        self._wake.set()
+        if not self._writer_running or self._pending_bytes >= MAX_PENDING:
+            await self.flush()
+
+    async def run_writer(self) -> None:
+        """Write accepted chunks to the files as they come, in batches; run it as a
+        task while the session is open (cancel it after; :meth:`close` flushes)."""
+        self._writer_running = True
         try:
-            await trio.to_thread.run_sync(self._append, kind, stored, mark)
-        except OSError as exc:
-            self.error = f"output not stored: {exc.strerror or exc}"
-            self.truncated = True
-            self.dropped_bytes += len(data)
+            while True:
+                if not self._pending:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                await self.flush()
+        finally:
+            self._writer_running = False
+
+    async def flush(self) -> None:
+        """Write every accepted chunk to the files, then let readers see them.
+
+        Resource handling: shielded, a batch is written whole or its failure recorded.
+        """
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            stdout, stderr = self._accepted
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(self._write, pending)
+                except OSError as exc:
+                    self.error = f"output not stored: {exc.strerror or exc}"
+                    self.truncated = True
+                    written = await trio.to_thread.run_sync(self._written)
+                    self.dropped_bytes += stdout + stderr - sum(written)
+                    stdout, stderr = self._accepted = written
+            self.stdout_bytes, self.stderr_bytes = stdout, stderr
             self._notify()
-            return
-        if stored:
-            self._records += overhead // _RECORD.size
-            self._kind = kind
-        if stream == "stdout":
-            self.stdout_bytes += len(stored)
-        else:
-            self.stderr_bytes += len(stored)
-        if mark:
-            self._records += 1
-            self.truncated = True
-            self.dropped_bytes += len(data) - len(stored)
-        self._notify()
+
+    def _handle(self, target: int) -> BinaryIO:
+        handle = self._handles.get(target)
+        if handle is None:
+            files = self._files
+            path = files.index if target == 2 else files.stream(_KINDS[target])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self._handles[target] = open(path, "ab", buffering=0)  # noqa: SIM115
+        return handle
+
+    def _write(self, pending: list[tuple[int, bytes]]) -> None:
+        """In a worker thread: consecutive writes to one file go out as one.
+        Unbuffered: once this returns, readers with their own descriptors see it."""
+        for target, group in itertools.groupby(pending, key=lambda item: item[0]):
+            self._handle(target).write(b"".join(data for _, data in group))
+
+    def _written(self) -> list[int]:
+        """In a worker thread: the stream bytes really in the files (after an error)."""
+        try:
+            return [_size(self._files.stream(kind)) for kind in _KINDS]
+        except OSError:
+            return [self.stdout_bytes, self.stderr_bytes]
 
     def _close_files(self) -> None:
         for handle in self._handles.values():
@@ -203,16 +253,17 @@ class RunOutput:
         self._handles.clear()
 
     async def close(self) -> None:
-        """The job ended: close its files; followers read what is left and stop.
+        """The job ended: flush, close its files; followers read what is left and stop.
 
         Resource handling: safe to call more than once; runs even when cancelled.
         """
         if self.closed:
             return
-        self.closed = True
-        self._store._live.pop(self.job_id, None)
-        self._notify()
         with trio.CancelScope(shield=True):
+            await self.flush()
+            self.closed = True
+            self._store._live.pop(self.job_id, None)
+            self._notify()
             await trio.to_thread.run_sync(self._close_files)
 
 
@@ -268,6 +319,7 @@ class OutputReader:
         self._follow = follow
         self._segment = 0  # index record where the last "both" read was found
         self._done = False
+        self._stored: tuple[int, bool] | None = None
 
     def __aiter__(self) -> OutputReader:
         return self
@@ -279,8 +331,11 @@ class OutputReader:
                 changed = live._changed  # taken before the size: no wakeup is missed
                 size, ended, truncated = live.size(self._view), live.closed, live.truncated
             else:
+                # Ended: the files do not change any more, so they are measured once.
                 changed = None
-                size, truncated = await trio.to_thread.run_sync(self._stored_size)
+                if self._stored is None:
+                    self._stored = await trio.to_thread.run_sync(self._stored_size)
+                size, truncated = self._stored
                 ended = True
             if self._offset < size:
                 chunk = await trio.to_thread.run_sync(self._read, size)

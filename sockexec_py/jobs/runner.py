@@ -369,6 +369,7 @@ class Runner:
     ) -> None:
         """Record the end (the database first, so a follower that sees the output
         end finds the final record), close the output, free the slot."""
+        await run.output.flush()  # the sizes recorded are those of the files
         run.parser.end()
         ended = replace(
             run.snapshot(),

@@ -110,6 +110,7 @@ async def run_session(
                 await session.close_stdin()
 
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(run.output.run_writer)
                 nursery.start_soon(alongside, run)
                 nursery.start_soon(feed)
                 async for frame in session:

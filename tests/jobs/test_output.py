@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockexec_py.jobs.output import READ_CHUNK, Chunk, OutputStore, Truncated, View
+from sockexec_py.jobs.output import MAX_PENDING, READ_CHUNK, Chunk, OutputStore, Truncated, View
 
 JOB = "01J00000000000000000000000"
 
@@ -144,3 +144,31 @@ async def test_open_gives_the_live_output_until_it_is_closed(tmp_path: Path) -> 
     assert store.open(JOB) is output and store.live(JOB) is output
     await output.close()
     assert store.live(JOB) is None and store.open(JOB) is not output
+
+
+async def test_write_behind_stays_bounded_and_close_flushes(tmp_path: Path) -> None:
+    store = OutputStore(tmp_path)
+    output = store.open(JOB)
+    block = b"x" * 100_000
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(output.run_writer)
+        await trio.testing.wait_all_tasks_blocked()
+        for index in range(100):
+            await output.write("stdout" if index % 3 else "stderr", block)
+            assert output._pending_bytes < MAX_PENDING + len(block)
+        nursery.cancel_scope.cancel()
+    await output.close()
+    assert output.both_bytes == 100 * len(block)
+    assert joined(await collect(store)) == block * 100
+
+
+async def test_a_failed_write_stops_storage_and_is_recorded(tmp_path: Path) -> None:
+    store = OutputStore(tmp_path / "output")
+    output = store.open(JOB)
+    (tmp_path / "output").write_text("")  # a file where the directory should be
+    await output.write("stdout", b"lost")
+    assert output.truncated and output.error is not None and "\n" not in output.error
+    assert output.dropped_bytes == 4 and output.stdout_bytes == 0
+    await output.write("stdout", b"more")
+    assert output.dropped_bytes == 8
+    await output.close()
