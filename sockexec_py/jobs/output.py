@@ -72,8 +72,11 @@ def _size(path: Path) -> int:
 
 
 def _pread(path: Path, size: int, offset: int) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        return os.pread(f.fileno(), size, offset)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return os.pread(f.fileno(), size, offset)
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
 
 
 class _Files:
@@ -339,6 +342,8 @@ class OutputReader:
                 ended = True
             if self._offset < size:
                 chunk = await trio.to_thread.run_sync(self._read, size)
+                if not chunk.data:  # the files were deleted meanwhile (the job was)
+                    break
                 self._offset += len(chunk.data)
                 return chunk
             if not self._follow or ended or changed is None:
@@ -373,6 +378,8 @@ class OutputReader:
         files = self._files
         count = files.records()
         position = self._offset
+        if count == 0:  # deleted meanwhile: nothing to read here
+            return 0, 0, position
 
         def start_of(number: int) -> int:
             return files.record(number)[1] if number < count else size

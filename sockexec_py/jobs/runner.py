@@ -177,7 +177,9 @@ class Runner:
                 run.cancel_requested = True
                 terminate_session(run)
                 await run.done.wait()
-                return run.final or await self.store.get(job_id)
+                if run.final is not None:
+                    return run.final
+                continue  # the broker was down: it went back to the queue, cancel it there
             if self._claiming is not None:
                 await self._claiming.wait()
                 continue

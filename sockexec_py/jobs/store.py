@@ -88,11 +88,14 @@ class _Writer:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
         self._calls: queue.SimpleQueue[_Call[Any] | None] = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name="jobs-store-writer", daemon=True)
         self._thread.start()
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in the next group; return its result once the group committed."""
+        if self._closed:
+            raise StoreUnavailable("the job store is closed")
         call: _Call[T] = _Call(fn, trio.lowlevel.current_trio_token())
         self._calls.put(call)
         # Shielded: the change happens or not, and the caller must learn which (a
@@ -103,6 +106,7 @@ class _Writer:
         return call.result.unwrap()
 
     async def aclose(self) -> None:
+        self._closed = True
         self._calls.put(None)
         await trio.to_thread.run_sync(self._thread.join)
 

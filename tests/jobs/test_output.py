@@ -172,3 +172,21 @@ async def test_a_failed_write_stops_storage_and_is_recorded(tmp_path: Path) -> N
     await output.write("stdout", b"more")
     assert output.dropped_bytes == 8
     await output.close()
+
+
+async def test_a_reader_ends_when_the_job_is_deleted_under_it(tmp_path: Path) -> None:
+    store = OutputStore(tmp_path)
+    output = store.open(JOB)
+    for stream in ("stdout", "stderr") * 3:
+        await output.write(stream, b"z" * READ_CHUNK)  # type: ignore[arg-type]
+    await output.close()
+    for view in ("both", "stdout"):
+        reader = store.read(JOB, view)  # type: ignore[arg-type]
+        first = await reader.__anext__()
+        assert isinstance(first, Chunk) and first.data
+        await store.remove(JOB)
+        assert [item async for item in reader] == []
+        output = store.open(JOB)
+        for stream in ("stdout", "stderr") * 3:
+            await output.write(stream, b"z" * READ_CHUNK)  # type: ignore[arg-type]
+        await output.close()

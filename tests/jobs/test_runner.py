@@ -59,8 +59,12 @@ class Watcher:
         self.event.set()
         self.event = trio.Event()
 
-    async def until(self, job_id: str, state: JobState) -> None:
-        while (job_id, state) not in self.changes:
+    async def until(self, job_id: str, *states: JobState) -> None:
+        """Wait until the job went through ``states``, in this order."""
+        while True:
+            seen = iter(state for changed, state in self.changes if changed == job_id)
+            if all(state in seen for state in states):  # a subsequence of what it went through
+                return
             await self.event.wait()
 
 
@@ -256,8 +260,8 @@ async def test_broker_down_then_up_runs_the_job_once(
         watcher = Watcher(runner)
         submitted = await runner.submit(job("sh", "-c", f"echo x >> {marker}"))
         with trio.fail_after(20):
-            await watcher.until(submitted.id, S.RUNNING)
-            await watcher.until(submitted.id, S.QUEUED)  # back in the queue, not failed
+            # Submitted, claimed, and back in the queue (not failed): the broker is down.
+            await watcher.until(submitted.id, S.QUEUED, S.RUNNING, S.QUEUED)
             broker = await trio.to_thread.run_sync(start_broker)
             assert broker.path == socket_path
             done = await runner.wait(submitted.id)
