@@ -171,7 +171,7 @@ class Runner:
         Error handling: :class:`~.errors.IllegalTransition` for a finished job,
         :class:`~.errors.JobNotFound` for an unknown one.
         """
-        for _attempt in range(3):
+        for _attempt in range(5):
             run = self._runs.get(job_id)
             if run is not None:
                 run.cancel_requested = True

@@ -40,28 +40,30 @@ async def test_reads_from_any_offset_as_stored(
     with tempfile.TemporaryDirectory() as root:
         store = OutputStore(root)
         output = store.open(JOB)
-        for stream, chunk in writes:
-            await output.write(stream, chunk)  # type: ignore[arg-type]
-        both = b"".join(chunk for _, chunk in writes)
-        per = {s: b"".join(c for k, c in writes if k == s) for s in ("stdout", "stderr")}
-        for live in (True, False):
-            if not live:
-                await output.close()
-            offset = data.draw(st.integers(0, len(both) + 2))
-            items = await collect(store, "both", offset)
-            assert joined(items) == both[offset:]
-            # Each chunk's stream and offset match the arrival order.
-            arrival = [(k, i) for k, c in writes for i in range(len(c))]
-            for item in items:
-                assert isinstance(item, Chunk)
-                expected = {k for k, _ in arrival[item.offset : item.offset + len(item.data)]}
-                assert expected == {item.stream}
-            for stream in ("stdout", "stderr"):
-                offset = data.draw(st.integers(0, len(per[stream]) + 2))
-                assert joined(await collect(store, stream, offset)) == per[stream][offset:]  # type: ignore[arg-type]
-        assert output.stdout_bytes == len(per["stdout"]) and output.stderr_bytes == len(
-            per["stderr"]
-        )
+        try:
+            for stream, chunk in writes:
+                await output.write(stream, chunk)  # type: ignore[arg-type]
+            both = b"".join(chunk for _, chunk in writes)
+            per = {s: b"".join(c for k, c in writes if k == s) for s in ("stdout", "stderr")}
+            for live in (True, False):
+                if not live:
+                    await output.close()
+                offset = data.draw(st.integers(0, len(both) + 2))
+                items = await collect(store, "both", offset)
+                assert joined(items) == both[offset:]
+                # Each chunk's stream and offset match the arrival order.
+                arrival = [(k, i) for k, c in writes for i in range(len(c))]
+                for item in items:
+                    assert isinstance(item, Chunk)
+                    expected = {k for k, _ in arrival[item.offset : item.offset + len(item.data)]}
+                    assert expected == {item.stream}
+                for stream in ("stdout", "stderr"):
+                    offset = data.draw(st.integers(0, len(per[stream]) + 2))
+                    assert joined(await collect(store, stream, offset)) == per[stream][offset:]  # type: ignore[arg-type]
+            assert output.stdout_bytes == len(per["stdout"])
+            assert output.stderr_bytes == len(per["stderr"])
+        finally:
+            await output.close()  # also when hypothesis stops an example midway
 
 
 async def test_no_output_no_files(tmp_path: Path) -> None:

@@ -161,7 +161,8 @@ async def test_scheduled_start_on_a_fake_clock(
         first = await store.get(sooner.id)
     assert done.state is S.SUCCEEDED and done.started_at is not None
     assert done.started_at >= EPOCH + 3600 and first.started_at is not None
-    assert EPOCH + 60 <= first.started_at < EPOCH + 3600
+    # Mock time also jumps while tasks wait on threads, so only the order is exact.
+    assert EPOCH + 60 <= first.started_at < done.started_at
 
 
 async def test_cancel_queued_then_running(store: Store, broker: Any, make_runner: Any) -> None:
