@@ -1,0 +1,403 @@
+"""Job output in files under the data dir, appended as it arrives, read back from any
+offset, and followed live by any number of readers.
+
+File layout, per job (``OUTPUT/<last two id characters>/<id>.*``, so no directory
+grows past 1/1024 of the history; files appear with the first byte of output):
+
+- ``<id>.stdout`` and ``<id>.stderr``: the bytes as the program wrote them, so one
+  stream reads back with plain ``pread`` at its own offset;
+- ``<id>.index``: fixed 17-byte records ``(kind u8, both_offset u64, stream_offset
+  u64)``, one each time the output switches stream. The ``both`` view (arrival order)
+  is the concatenation of the segments; a reader finds its offset by binary search.
+  Kind 2 is the truncation marker, written where storage stopped.
+
+Per-job cap (default 64 MiB) counts stored bytes plus index records (a program that
+alternates one-byte writes on stdout and stderr must not grow the index without
+bound either). Past the cap, output is dropped and counted, the marker is recorded,
+and the program keeps running: only the broker's flow control may slow it down.
+
+Followers: while a job runs, its :class:`RunOutput` is registered here; it replaces
+a :class:`trio.Event` after every write, so readers wait for new bytes without
+polling, and any number of them read the files (the page cache) at no extra broker
+cost. Nothing is ever held whole in memory: reads are chunks of 256 KiB at most,
+and at most 1 MiB of accepted output waits to be written. File I/O runs in worker
+threads (a write stalled by the kernel's dirty-page throttling must not stall the
+trio loop), in batches: one thread hop per chunk would cap a job at ~100 MiB/s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import trio  # noqa: TID251 - output files are read and written off the trio thread
+
+__all__ = ["DEFAULT_CAP", "Chunk", "OutputStore", "RunOutput", "Truncated", "View"]
+
+Stream = Literal["stdout", "stderr"]
+View = Literal["stdout", "stderr", "both"]
+DEFAULT_CAP = 64 << 20
+#: The largest chunk a reader yields: a few to_thread hops per MiB, bounded memory.
+READ_CHUNK = 256 << 10
+#: Accepted bytes not yet written past which a write waits for the files.
+MAX_PENDING = 1 << 20
+_RECORD = struct.Struct("<BQQ")
+_KINDS: tuple[Stream, Stream] = ("stdout", "stderr")
+_MARK_TRUNCATED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Stored output: ``data`` from ``stream``, at ``offset`` in the view read."""
+
+    stream: Stream
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """The output was cut at the cap here; the rest was dropped (the last item)."""
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+
+
+def _pread(path: Path, size: int, offset: int) -> bytes:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return os.pread(f.fileno(), size, offset)
+    except (FileNotFoundError, NotADirectoryError):
+        return b""
+
+
+class _Files:
+    """The paths of one job's output."""
+
+    def __init__(self, root: Path, job_id: str) -> None:
+        base = root / job_id[-2:] / job_id
+        self.stdout = base.with_suffix(".stdout")
+        self.stderr = base.with_suffix(".stderr")
+        self.index = base.with_suffix(".index")
+
+    def stream(self, stream: Stream) -> Path:
+        return self.stdout if stream == "stdout" else self.stderr
+
+    def records(self) -> int:
+        return _size(self.index) // _RECORD.size
+
+    def record(self, number: int) -> tuple[int, int, int]:
+        kind, both, offset = _RECORD.unpack(_pread(self.index, _RECORD.size, number * _RECORD.size))
+        return kind, both, offset
+
+    def truncated(self) -> bool:
+        count = self.records()
+        return count > 0 and self.record(count - 1)[0] == _MARK_TRUNCATED
+
+    def remove(self) -> None:
+        for path in (self.stdout, self.stderr, self.index):
+            path.unlink(missing_ok=True)
+
+
+class RunOutput:
+    """The output of a running job: :meth:`write` each chunk, :meth:`close` at the end.
+
+    Only the runner writes, one chunk at a time. The cap is applied as chunks are
+    accepted; the bytes reach the files in batches, from :meth:`run_writer` when
+    the runner runs it alongside the session (reading the broker and writing the
+    files then overlap), else at once. The sizes here are what readers may read:
+    they grow only once the bytes are in the files.
+    """
+
+    def __init__(self, store: OutputStore, job_id: str, cap: int) -> None:
+        self.job_id = job_id
+        self.cap = cap
+        self.stdout_bytes = 0
+        self.stderr_bytes = 0
+        self.dropped_bytes = 0
+        self.truncated = False
+        self.closed = False
+        self.error: str | None = None
+        self._store = store
+        self._files = _Files(store.root, job_id)
+        self._changed = trio.Event()
+        # Accepted so far (written or pending): what the cap and the index count.
+        self._accepted = [0, 0]
+        self._records = 0
+        self._kind: int | None = None
+        # Pending writes in order: (target, bytes), target 0/1 a stream, 2 the index.
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
+        self._wake = trio.Event()
+        self._writer_running = False
+        self._flush_lock = trio.Lock()
+        # Files stay open for the run (opened at the first byte of each).
+        self._handles: dict[int, BinaryIO] = {}
+
+    @property
+    def both_bytes(self) -> int:
+        return self.stdout_bytes + self.stderr_bytes
+
+    def size(self, view: View) -> int:
+        if view == "both":
+            return self.both_bytes
+        return self.stdout_bytes if view == "stdout" else self.stderr_bytes
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _accept(self, kind: int, data: bytes) -> None:
+        """Apply the cap to a chunk and queue what is stored (in the trio thread)."""
+        both = sum(self._accepted)
+        overhead = _RECORD.size if kind != self._kind else 0
+        room = max(0, self.cap - both - self._records * _RECORD.size - overhead)
+        stored = data[:room] if room < len(data) else data
+        if stored:
+            if overhead:
+                self._pending.append((2, _RECORD.pack(kind, both, self._accepted[kind])))
+                self._records += 1
+                self._kind = kind
+            self._pending.append((kind, stored))
+            self._accepted[kind] += len(stored)
+            self._pending_bytes += len(stored)
+        if len(stored) < len(data):
+            self._pending.append((2, _RECORD.pack(_MARK_TRUNCATED, both + len(stored), 0)))
+            self._records += 1
+            self.truncated = True
+            self.dropped_bytes += len(data) - len(stored)
+
+    async def write(self, stream: Stream, data: bytes) -> None:
+        """Store a chunk, or the part of it under the cap; count the rest as dropped.
+
+        Waits for the files only when no writer task runs or past
+        :data:`MAX_PENDING` bytes (backpressure: memory stays bounded).
+        Error handling: a failed write (disk full) stops storage like the cap does,
+        with the reason in :attr:`error`; the job itself goes on.
+        """
+        if not data:
+            return
+        if self.truncated or self.closed:
+            self.dropped_bytes += len(data)
+            return
+        self._accept(_KINDS.index(stream), data)
+        self._wake.set()
+        if not self._writer_running or self._pending_bytes >= MAX_PENDING:
+            await self.flush()
+
+    async def run_writer(self) -> None:
+        """Write accepted chunks to the files as they come, in batches; run it as a
+        task while the session is open (cancel it after; :meth:`close` flushes)."""
+        self._writer_running = True
+        try:
+            while True:
+                if not self._pending:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                await self.flush()
+        finally:
+            self._writer_running = False
+
+    async def flush(self) -> None:
+        """Write every accepted chunk to the files, then let readers see them.
+
+        Resource handling: shielded, a batch is written whole or its failure recorded.
+        """
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+            stdout, stderr = self._accepted
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(self._write, pending)
+                except OSError as exc:
+                    self.error = f"output not stored: {exc.strerror or exc}"
+                    self.truncated = True
+                    written = await trio.to_thread.run_sync(self._written)
+                    self.dropped_bytes += stdout + stderr - sum(written)
+                    stdout, stderr = self._accepted = written
+            self.stdout_bytes, self.stderr_bytes = stdout, stderr
+            self._notify()
+
+    def _handle(self, target: int) -> BinaryIO:
+        handle = self._handles.get(target)
+        if handle is None:
+            files = self._files
+            path = files.index if target == 2 else files.stream(_KINDS[target])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self._handles[target] = open(path, "ab", buffering=0)  # noqa: SIM115
+        return handle
+
+    def _write(self, pending: list[tuple[int, bytes]]) -> None:
+        """In a worker thread: consecutive writes to one file go out as one.
+        Unbuffered: once this returns, readers with their own descriptors see it."""
+        for target, group in itertools.groupby(pending, key=lambda item: item[0]):
+            self._handle(target).write(b"".join(data for _, data in group))
+
+    def _written(self) -> list[int]:
+        """In a worker thread: the stream bytes really in the files (after an error)."""
+        try:
+            return [_size(self._files.stream(kind)) for kind in _KINDS]
+        except OSError:
+            return [self.stdout_bytes, self.stderr_bytes]
+
+    def _close_files(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    async def close(self) -> None:
+        """The job ended: flush, close its files; followers read what is left and stop.
+
+        Resource handling: safe to call more than once; runs even when cancelled.
+        """
+        if self.closed:
+            return
+        with trio.CancelScope(shield=True):
+            await self.flush()
+            self.closed = True
+            self._store._live.pop(self.job_id, None)
+            self._notify()
+            await trio.to_thread.run_sync(self._close_files)
+
+
+class OutputStore:
+    """Every job's output under ``root``; the registry of running jobs' outputs."""
+
+    def __init__(self, root: Path | str, *, cap: int = DEFAULT_CAP) -> None:
+        self.root = Path(root)
+        self.cap = cap
+        self._live: dict[str, RunOutput] = {}
+
+    def open(self, job_id: str) -> RunOutput:
+        """The output of a job about to run, registered for followers until it is
+        closed (files appear with its first byte). A job that goes back to the queue
+        before it started keeps its (empty) output open, so its followers wait on."""
+        output = self._live.get(job_id)
+        if output is None:
+            output = self._live[job_id] = RunOutput(self, job_id, self.cap)
+        return output
+
+    def live(self, job_id: str) -> RunOutput | None:
+        return self._live.get(job_id)
+
+    async def remove(self, job_id: str) -> None:
+        """Delete a finished job's files (no error if there are none)."""
+        await trio.to_thread.run_sync(_Files(self.root, job_id).remove)
+
+    def read(
+        self, job_id: str, view: View = "both", offset: int = 0, *, follow: bool = False
+    ) -> OutputReader:
+        """Read stored output from ``offset`` of ``view``: ``async for item in ...``
+        gives :class:`Chunk` items, then :class:`Truncated` if the output was cut.
+        With ``follow``, a running job's new output is read as it arrives, until it
+        ends; without, the reader stops at what is stored when it gets there.
+        """
+        if offset < 0:
+            raise ValueError("offset must be >= 0")
+        return OutputReader(self, job_id, view, offset, follow)
+
+
+class OutputReader:
+    """Iterates a job's stored (and, following, live) output. A plain async
+    iterator, not a generator: leaving a loop early leaves nothing to finalise."""
+
+    def __init__(
+        self, store: OutputStore, job_id: str, view: View, offset: int, follow: bool
+    ) -> None:
+        self._store = store
+        self._files = _Files(store.root, job_id)
+        self._job_id = job_id
+        self._view: View = view
+        self._offset = offset
+        self._follow = follow
+        self._segment = 0  # index record where the last "both" read was found
+        self._done = False
+        self._stored: tuple[int, bool] | None = None
+
+    def __aiter__(self) -> OutputReader:
+        return self
+
+    async def __anext__(self) -> Chunk | Truncated:
+        while not self._done:
+            live = self._store.live(self._job_id)
+            if live is not None:
+                changed = live._changed  # taken before the size: no wakeup is missed
+                size, ended, truncated = live.size(self._view), live.closed, live.truncated
+            else:
+                # Ended: the files do not change any more, so they are measured once.
+                changed = None
+                if self._stored is None:
+                    self._stored = await trio.to_thread.run_sync(self._stored_size)
+                size, truncated = self._stored
+                ended = True
+            if self._offset < size:
+                chunk = await trio.to_thread.run_sync(self._read, size)
+                if not chunk.data:  # the files were deleted meanwhile (the job was)
+                    break
+                self._offset += len(chunk.data)
+                return chunk
+            if not self._follow or ended or changed is None:
+                self._done = True
+                if truncated:
+                    return Truncated()
+                break
+            await changed.wait()
+        raise StopAsyncIteration
+
+    def _stored_size(self) -> tuple[int, bool]:
+        files = self._files
+        if self._view == "both":
+            size = _size(files.stdout) + _size(files.stderr)
+        else:
+            size = _size(files.stream(self._view))
+        return size, files.truncated()
+
+    def _read(self, size: int) -> Chunk:
+        """In a worker thread: the next chunk at the current offset, below ``size``."""
+        want = min(READ_CHUNK, size - self._offset)
+        if self._view != "both":
+            data = _pread(self._files.stream(self._view), want, self._offset)
+            return Chunk(self._view, self._offset, data)
+        kind, stream_offset, end = self._locate(size)
+        want = min(want, end - self._offset)
+        data = _pread(self._files.stream(_KINDS[kind]), want, stream_offset)
+        return Chunk(_KINDS[kind], self._offset, data)
+
+    def _locate(self, size: int) -> tuple[int, int, int]:
+        """Where the offset is: (kind, offset in that stream's file, end of segment)."""
+        files = self._files
+        count = files.records()
+        position = self._offset
+        if count == 0:  # deleted meanwhile: nothing to read here
+            return 0, 0, position
+
+        def start_of(number: int) -> int:
+            return files.record(number)[1] if number < count else size
+
+        # Reading on sequentially, the offset is in the same or the next segment.
+        number = self._segment
+        if not (number < count and files.record(number)[1] <= position < start_of(number + 1)):
+            low, high = 0, count - 1
+            while low < high:  # the last record starting at or before the offset
+                middle = (low + high + 1) // 2
+                if files.record(middle)[1] <= position:
+                    low = middle
+                else:
+                    high = middle - 1
+            number = low
+            while start_of(number + 1) <= position:  # skip empty segments
+                number += 1
+        self._segment = number
+        kind, start, offset = files.record(number)
+        end = min(start_of(number + 1), size)
+        return kind, offset + (position - start), end

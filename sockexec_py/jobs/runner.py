@@ -1,0 +1,395 @@
+"""The scheduler: runs queued jobs as ordinary broker sessions, one task per job.
+
+Who owns what: the :class:`Runner` owns one nursery (started by :meth:`Runner.run`)
+holding a dispatcher task, a timer task for scheduled jobs, an optional retention
+task and one task per running job. The store is the truth: the runner keeps in
+memory only what runs now, so a restart resumes queued and scheduled jobs from the
+database, and a job the previous process was running is marked ``lost`` first.
+
+Policy: FIFO per name (oldest ``queued_at`` first), at most ``max_running`` jobs at
+once and ``limits.get(name, default_limit)`` per name; a submit past ``max_waiting``
+waiting jobs of a name raises :class:`~.errors.QueueFull`. Each job's session goes
+through :func:`sockexec_py.client.open_async_session`, so the broker's policy,
+limits and process-group handling apply unchanged. When the broker cannot be
+reached, the job goes back to the queue in its place and nothing starts until a
+retry time (exponential backoff, bounded): a broker that is down does not turn the
+queue into failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import trio  # noqa: TID251 - the runner drives broker sessions
+
+from sockexec_py.client import BrokerUnavailable
+from sockexec_py.events import Exited
+
+from .errors import IllegalTransition, JobError
+from .model import (
+    CANCELLED_RUNNING_REASON,
+    CANCELLED_WAITING_REASON,
+    LOST_REASON,
+    WAITING_STATES,
+    Job,
+    JobState,
+    broken_session_reason,
+    final_state,
+)
+from .output import OutputReader, OutputStore, View
+from .request import SubmitRequest
+from .session import RunningJob, one_line, run_session, terminate_session
+from .store import Store
+
+__all__ = ["Runner", "RunnerConfig", "terminate_session"]
+
+log = logging.getLogger("sockexec_py.jobs")
+
+#: The longest a timer sleeps before looking at the wall clock again (it may step).
+_MAX_TIMER = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    """How the runner schedules; times in seconds."""
+
+    socket_path: str
+    max_running: int = 8
+    limits: Mapping[str, int] = field(default_factory=dict)
+    default_limit: int = 1
+    max_waiting: int | None = 1000
+    progress_interval: float = 1.0
+    retry_initial: float = 0.25
+    retry_max: float = 10.0
+    keep_for: float | None = None
+    keep_max: int | None = None
+    purge_interval: float = 60.0
+
+
+@dataclass
+class _Watch:
+    """Tasks waiting for a job's next change; set (and dropped) at that change."""
+
+    event: trio.Event = field(default_factory=trio.Event)
+    job: Job | None = None
+    waiters: int = 0
+
+
+class Runner:
+    """Runs the store's jobs; the gateway's jobs API calls its methods.
+
+    ``clock`` is the Unix time of records and schedules (default: the store's);
+    timers run on trio's clock, so tests drive both with ``MockClock``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        output: OutputStore,
+        config: RunnerConfig,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.store = store
+        self.output = output
+        self.config = config
+        self.clock = clock or store.clock
+        self._runs: dict[str, RunningJob] = {}
+        self._listeners: list[Callable[[Job], object]] = []
+        self._watches: dict[str, _Watch] = {}
+        self._dispatch_wake = trio.Event()
+        self._schedule_wake = trio.Event()
+        # Set while a claim is in flight: a job it moved to running in the database
+        # is not yet in _runs (cancel and follow wait for it).
+        self._claiming: trio.Event | None = None
+        self._retry_at = -math.inf
+        self._retry_delay = config.retry_initial
+        self._nursery: trio.Nursery | None = None
+
+    # ---- public API ----
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Mark the previous process's running jobs ``lost``, then run jobs until
+        cancelled. Cancelling it terminates the running jobs' programs (their
+        sessions close) and records them ``lost``."""
+        for job_id in await self.store.mark_lost():
+            log.warning("job %s was running when the gateway stopped: marked lost", job_id)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._dispatch)
+            nursery.start_soon(self._schedule)
+            if self.config.keep_for is not None or self.config.keep_max is not None:
+                nursery.start_soon(self._retention)
+            task_status.started()
+
+    def add_listener(self, listener: Callable[[Job], object]) -> Callable[[], None]:
+        """Call ``listener(job)`` (in the trio thread, not awaited) on every state
+        change; returns a function that removes it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    async def submit(self, request: SubmitRequest) -> Job:
+        """Record a job (committed when this returns) and wake the scheduler."""
+        job = await self.store.submit(request, max_waiting=self.config.max_waiting)
+        self._changed(job)
+        return job
+
+    async def get(self, job_id: str) -> Job:
+        """The job; a running one with its live output sizes and progress."""
+        run = self._runs.get(job_id)
+        return run.snapshot() if run is not None else await self.store.get(job_id)
+
+    async def wait(self, job_id: str, *, started: bool = False) -> Job:
+        """Wait until the job has finished (or, with ``started``, left the queue)."""
+
+        def reached(job: Job) -> bool:
+            return job.finished or (started and job.state not in WAITING_STATES)
+
+        while True:
+            watch = self._watches.setdefault(job_id, _Watch())
+            watch.waiters += 1
+            try:
+                job = await self.get(job_id)
+                if reached(job):
+                    return job
+                await watch.event.wait()
+                if watch.job is not None and reached(watch.job):
+                    return watch.job
+            finally:
+                watch.waiters -= 1
+                if not watch.waiters and self._watches.get(job_id) is watch:
+                    del self._watches[job_id]
+
+    async def cancel(self, job_id: str) -> Job:
+        """Cancel a job: a waiting one at once (it never starts), a running one by
+        terminating its session; returns the job once it is ``cancelled``.
+
+        Error handling: :class:`~.errors.IllegalTransition` for a finished job,
+        :class:`~.errors.JobNotFound` for an unknown one.
+        """
+        for _attempt in range(5):
+            run = self._runs.get(job_id)
+            if run is not None:
+                run.cancel_requested = True
+                terminate_session(run)
+                await run.done.wait()
+                if run.final is not None:
+                    return run.final
+                continue  # the broker was down: it went back to the queue, cancel it there
+            if self._claiming is not None:
+                await self._claiming.wait()
+                continue
+            try:
+                job = await self.store.cancel_waiting(job_id, CANCELLED_WAITING_REASON)
+            except IllegalTransition as exc:
+                if exc.current == JobState.RUNNING:
+                    continue  # claimed meanwhile: now in _runs, or a claim is in flight
+                raise
+            output = self.output.live(job_id)  # requeued once: its followers end now
+            if output is not None:
+                await output.close()
+            self._changed(job)
+            return job
+        job = await self.store.get(job_id)
+        raise IllegalTransition(job_id, job.state.value, JobState.CANCELLED.value)
+
+    async def delete(self, job_id: str) -> None:
+        """Delete a finished job's record, then its output files."""
+        await self.store.delete(job_id)
+        await self.output.remove(job_id)
+
+    async def read_output(
+        self, job_id: str, view: View = "both", offset: int = 0, *, follow: bool = False
+    ) -> OutputReader:
+        """A reader of the job's output (see :meth:`OutputStore.read`); with
+        ``follow``, a waiting job is waited for until it starts or ends.
+
+        Error handling: :class:`~.errors.JobNotFound` for an unknown id."""
+        if follow:
+            await self.wait(job_id, started=True)
+        else:
+            await self.get(job_id)
+        if job_id not in self._runs and self._claiming is not None:
+            await self._claiming.wait()
+        return self.output.read(job_id, view, offset, follow=follow)
+
+    async def purge(self) -> list[str]:
+        """One retention pass: delete old finished jobs and their output."""
+        deleted = await self.store.purge(
+            older_than=self.config.keep_for, keep_max=self.config.keep_max
+        )
+        for job_id in deleted:
+            await self.output.remove(job_id)
+        return deleted
+
+    # ---- tasks ----
+
+    def _changed(self, job: Job) -> None:
+        if job.state is JobState.SCHEDULED:
+            self._schedule_wake.set()
+        else:
+            self._dispatch_wake.set()
+        watch = self._watches.pop(job.id, None)
+        if watch is not None:
+            watch.job = job
+            watch.event.set()
+        for listener in list(self._listeners):
+            try:
+                listener(job)
+            except Exception:
+                log.exception("a job listener failed")
+
+    async def _dispatch(self) -> None:
+        """Start queued jobs while there is room; sleep until something changes."""
+        while True:
+            self._dispatch_wake = wake = trio.Event()
+            if trio.current_time() >= self._retry_at:
+                await self._start_jobs()
+            retry_at = self._retry_at if self._retry_at > trio.current_time() else math.inf
+            with trio.move_on_at(retry_at):
+                await wake.wait()
+
+    async def _start_jobs(self) -> None:
+        assert self._nursery is not None
+        slots = self.config.max_running - len(self._runs)
+        if slots <= 0:
+            return
+        running = Counter(run.job.name for run in self._runs.values())
+        self._claiming = claiming = trio.Event()
+        try:
+            jobs = await self.store.claim(
+                slots, running, self.config.limits, self.config.default_limit
+            )
+            for job in jobs:
+                # Registered with its output before anyone can see it running.
+                run = self._runs[job.id] = RunningJob(job, self.output.open(job.id))
+                self._nursery.start_soon(self._execute, run)
+        except JobError as exc:  # StoreUnavailable: try again after a while
+            log.error("cannot start jobs: %s", exc)
+            self._backoff()
+            return
+        finally:
+            self._claiming = None
+            claiming.set()
+        for job in jobs:
+            self._changed(job)
+
+    def _broker_ok(self) -> None:
+        self._retry_delay = self.config.retry_initial
+
+    def _backoff(self) -> None:
+        self._retry_at = trio.current_time() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, self.config.retry_max)
+
+    async def _schedule(self) -> None:
+        """Queue scheduled jobs when their time comes (a timer, not a polling loop)."""
+        while True:
+            self._schedule_wake = wake = trio.Event()
+            try:
+                for job_id in await self.store.promote_due():
+                    self._changed(await self.store.get(job_id))
+                next_start = await self.store.next_start()
+            except JobError as exc:
+                log.error("cannot queue scheduled jobs: %s", exc)
+                next_start = self.clock() + self.config.retry_max
+            delay = math.inf if next_start is None else next_start - self.clock()
+            with trio.move_on_after(max(0.0, min(delay, _MAX_TIMER))):
+                await wake.wait()
+
+    async def _retention(self) -> None:
+        while True:
+            try:
+                await self.purge()
+            except JobError as exc:
+                log.error("retention purge failed: %s", exc)
+            await trio.sleep(self.config.purge_interval)
+
+    async def _execute(self, run: RunningJob) -> None:
+        """Run one job's session and record how it ended.
+
+        Error handling: a broken session (or a bug in its tasks) fails this job, not
+        the runner. Resource handling: when the runner itself is cancelled, the
+        session closes (the broker terminates the program) and the job is recorded
+        ``lost``, as the next start would.
+        """
+        try:
+            try:
+                stdin = await self.store.stdin(run.job.id)
+                exited, reason = await run_session(
+                    run,
+                    self.config.socket_path,
+                    stdin,
+                    on_connected=self._broker_ok,
+                    alongside=self._save_progress,
+                )
+            except BrokerUnavailable as exc:
+                await self._broker_unavailable(run, str(exc))
+                return
+            except Exception as exc:
+                log.warning("job %s: the broker session failed: %s", run.job.id, exc)
+                exited, reason = None, broken_session_reason(one_line(exc))
+            state = final_state(exited, cancel_requested=run.cancel_requested)
+            await self._finish(run, state, reason, exited)
+        finally:
+            if not run.done.is_set():
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self._finish(run, JobState.LOST, LOST_REASON, None)
+
+    async def _broker_unavailable(self, run: RunningJob, detail: str) -> None:
+        """The connect failed, so the program never started: back to the queue (or
+        ``cancelled`` if that was asked meanwhile), and retry later."""
+        log.warning("broker unavailable, job %s stays queued: %s", run.job.id, detail)
+        self._backoff()
+        if run.cancel_requested:
+            await self._finish(run, JobState.CANCELLED, CANCELLED_RUNNING_REASON, None)
+            return
+        try:
+            await self.store.requeue(run.job.id)
+        except JobError as exc:
+            log.error("cannot requeue job %s: %s", run.job.id, exc)
+        del self._runs[run.job.id]
+        run.done.set()
+        self._changed(replace(run.job, state=JobState.QUEUED, started_at=None))
+
+    async def _save_progress(self, run: RunningJob) -> None:
+        """Persist sizes and progress while the job runs, at most once an interval."""
+        while True:
+            await run.progress_dirty.wait()
+            run.progress_dirty = trio.Event()
+            try:
+                await self.store.save_progress(run.snapshot())
+            except JobError as exc:
+                log.error("cannot save the progress of job %s: %s", run.job.id, exc)
+            await trio.sleep(self.config.progress_interval)
+
+    async def _finish(
+        self, run: RunningJob, state: JobState, reason: str | None, exited: Exited | None
+    ) -> None:
+        """Record the end (the database first, so a follower that sees the output
+        end finds the final record), close the output, free the slot."""
+        await run.output.flush()  # the sizes recorded are those of the files
+        run.parser.end()
+        ended = replace(
+            run.snapshot(),
+            state=state,
+            reason=reason,
+            ended_at=self.clock(),
+            exitcode=exited.exitcode if exited else None,
+            termsig=exited.termsig if exited else None,
+        )
+        remove = ended.state is JobState.SUCCEEDED and not ended.keep
+        try:
+            await self.store.finish(ended, remove=remove)
+        except JobError as exc:
+            log.error("cannot record the end of job %s: %s", ended.id, exc)
+        await run.output.close()
+        if remove:
+            await self.output.remove(ended.id)
+        run.final = ended
+        self._runs.pop(ended.id, None)
+        run.done.set()
+        self._changed(ended)

@@ -1,0 +1,133 @@
+"""One job's broker session: stdin in, output stored and parsed, the exit pair out.
+
+What happens on the wire for one job, apart from the runner's bookkeeping (queues,
+limits, the store): :func:`run_session` drives the session of a
+:class:`RunningJob`, and :func:`terminate_session` is the one way to stop it early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import trio  # noqa: TID251 - drives a broker session
+
+from sockexec_py.client import open_async_session
+from sockexec_py.events import Exited, Output
+
+from .model import (
+    CANCELLED_RUNNING_REASON,
+    MAX_REASON_BYTES,
+    Job,
+    broken_session_reason,
+    refusal_reason,
+    timeout_reason,
+)
+from .output import RunOutput
+from .progress import ProgressParser
+
+__all__ = ["RunningJob", "one_line", "run_session", "terminate_session"]
+
+
+class RunningJob:
+    """One running job: its session's cancel scope and what it produced so far."""
+
+    def __init__(self, job: Job, output: RunOutput) -> None:
+        self.job = job
+        self.output = output
+        # Created now, entered by the job's task: a cancel that comes before the
+        # session is even connected still applies.
+        self.session_scope = trio.CancelScope()
+        self.cancel_requested = False
+        self.parser = ProgressParser()
+        self.progress_dirty = trio.Event()
+        self.done = trio.Event()
+        self.final: Job | None = None
+
+    def snapshot(self) -> Job:
+        """The job as it is now: the stored record with live sizes and progress."""
+        output = self.output
+        return replace(
+            self.job,
+            stdout_bytes=output.stdout_bytes,
+            stderr_bytes=output.stderr_bytes,
+            dropped_bytes=output.dropped_bytes,
+            truncated=output.truncated,
+            progress=self.parser.progress,
+        )
+
+
+def terminate_session(run: RunningJob) -> None:
+    """Have the broker terminate a running job's program (TERM, then KILL after -k).
+
+    The wire protocol has no terminate message. The broker terminates the program
+    when the client closes the connection, and also when the client sends a protocol
+    error after the program started; only in the second case does it still send the
+    exit pair with the termsig (SPEC §4). For now we close the connection, so the
+    job ends ``cancelled`` with termsig unknown (``None``). This is the one place to
+    swap in an in-band terminate that reads the exit pair.
+    """
+    run.session_scope.cancel()
+
+
+def one_line(exc: BaseException) -> str:
+    """The first leaf of an exception group, as one line."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return (str(exc) or type(exc).__name__).splitlines()[0]
+
+
+async def run_session(
+    run: RunningJob,
+    socket_path: str,
+    stdin: bytes,
+    *,
+    on_connected: Callable[[], object],
+    alongside: Callable[[RunningJob], Awaitable[object]],
+) -> tuple[Exited | None, str | None]:
+    """Run the job's program through the broker: send ``stdin`` then close it, store
+    and parse the output as it comes, within the job's timeout. ``alongside(run)``
+    runs as a task while the session is open (the runner saves progress there).
+
+    Returns the exit pair (``None`` when the session was closed first: cancel,
+    timeout, or a connection that ended early) and the reason to record.
+    Error handling: :class:`~sockexec_py.client.BrokerUnavailable` from the connect
+    (the program never started) propagates bare; errors once connected propagate
+    (in an exception group when a task raised them).
+    Resource handling: the session is closed on every way out, so the broker
+    terminates the program if it still runs.
+    """
+    job = run.job
+    exited: Exited | None = None
+    stderr_head = bytearray()
+    with run.session_scope, trio.move_on_after(job.timeout or math.inf) as deadline:
+        async with open_async_session(socket_path, job.argv) as session:
+            on_connected()
+
+            async def feed() -> None:
+                await session.send(stdin)
+                await session.close_stdin()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run.output.run_writer)
+                nursery.start_soon(alongside, run)
+                nursery.start_soon(feed)
+                async for frame in session:
+                    if isinstance(frame, Output):
+                        await run.output.write(frame.kind, frame.data)
+                        if frame.kind == "stderr" and len(stderr_head) < MAX_REASON_BYTES:
+                            stderr_head += frame.data[:MAX_REASON_BYTES]
+                        run.parser.feed(frame.data, frame.kind)
+                        run.progress_dirty.set()
+                    else:
+                        exited = frame
+                # The program may have ended without reading its stdin.
+                nursery.cancel_scope.cancel()
+    if run.cancel_requested:
+        return exited, CANCELLED_RUNNING_REASON
+    if deadline.cancelled_caught:
+        return exited, timeout_reason(job.timeout or 0)
+    if exited is not None:
+        return exited, refusal_reason(exited.exitcode, bytes(stderr_head))
+    return None, broken_session_reason("the connection closed before the exit pair")

@@ -1,0 +1,344 @@
+"""The runner against a real broker process and a real SQLite file: outcomes,
+refusals, queues and limits, scheduled starts, cancel, timeouts, a broker that is
+down, and restarts (including kill -9 of the process running the jobs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from sockexec_py.jobs.errors import IllegalTransition, JobNotFound, QueueFull
+from sockexec_py.jobs.model import LOST_REASON, Job, JobState
+from sockexec_py.jobs.output import Chunk
+from sockexec_py.jobs.request import parse_submit
+from sockexec_py.jobs.runner import Runner
+from sockexec_py.jobs.store import Store, open_store
+
+from .support import EPOCH
+
+S = JobState
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def job(*argv: str, **fields: object) -> Any:
+    return parse_submit({"argv": list(argv), **fields})
+
+
+class Watcher:
+    """Listens to a runner: every change in order, and how many ran at once."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.changes: list[tuple[str, JobState]] = []
+        self.running: dict[str, Job] = {}
+        self.peak = 0
+        self.peak_per_name: Counter[str] = Counter()
+        self.started: list[str] = []
+        self.event = trio.Event()
+        runner.add_listener(self)
+
+    def __call__(self, job: Job) -> None:
+        self.changes.append((job.id, job.state))
+        if job.state is S.RUNNING:
+            self.running[job.id] = job
+            self.started.append(job.id)
+        else:
+            self.running.pop(job.id, None)
+        self.peak = max(self.peak, len(self.running))
+        per_name = Counter(j.name for j in self.running.values())
+        for name, count in per_name.items():
+            self.peak_per_name[name] = max(self.peak_per_name[name], count)
+        self.event.set()
+        self.event = trio.Event()
+
+    async def until(self, job_id: str, *states: JobState) -> None:
+        """Wait until the job went through ``states``, in this order."""
+        while True:
+            seen = iter(state for changed, state in self.changes if changed == job_id)
+            if all(state in seen for state in states):  # a subsequence of what it went through
+                return
+            await self.event.wait()
+
+
+async def output_of(runner: Runner, job_id: str, view: str = "both") -> bytes:
+    reader = await runner.read_output(job_id, view)  # type: ignore[arg-type]
+    return b"".join([item.data async for item in reader if isinstance(item, Chunk)])
+
+
+async def test_success_failure_signal_and_stdin(
+    store: Store, broker: Any, make_runner: Any
+) -> None:
+    async with make_runner(store, broker.path, max_running=4) as runner:
+        ok = await runner.submit(job("echo", "hello"))
+        bad = await runner.submit(job("sh", "-c", "echo oops >&2; exit 3"))
+        killed = await runner.submit(job("sh", "-c", "kill -KILL $$"))
+        cat = await runner.submit(job("cat", stdin="to stdin\n"))
+        with trio.fail_after(20):
+            ok, bad, killed, cat = [await runner.wait(j.id) for j in (ok, bad, killed, cat)]
+        assert ok.state is S.SUCCEEDED and ok.exitcode == 0 and ok.termsig is None
+        assert ok.stdout_bytes == 6 and ok.stderr_bytes == 0 and ok.reason is None
+        assert ok.started_at is not None and ok.ended_at is not None and ok.duration is not None
+        assert await output_of(runner, ok.id) == b"hello\n"
+        assert bad.state is S.FAILED and bad.exitcode == 3 and bad.reason is None
+        assert await output_of(runner, bad.id, "stderr") == b"oops\n"
+        assert killed.state is S.FAILED and killed.termsig == "KILL" and killed.exitcode is None
+        assert cat.state is S.SUCCEEDED and await output_of(runner, cat.id) == b"to stdin\n"
+        assert await store.get(ok.id) == ok  # what wait() returned is what is stored
+        assert (await store.counts())[S.SUCCEEDED] == 2
+
+
+async def test_refusal_keeps_the_brokers_line(store: Store, broker: Any, make_runner: Any) -> None:
+    async with make_runner(store, broker.path) as runner:
+        missing = await runner.submit(job("no-such-program-xyz"))
+        with trio.fail_after(20):
+            missing = await runner.wait(missing.id)
+    assert missing.state is S.FAILED and missing.exitcode == 127
+    assert missing.reason == "sockexec_py: no-such-program-xyz: program not found"
+
+
+async def test_progress_is_recorded(store: Store, broker: Any, make_runner: Any) -> None:
+    # One stream per job: the order of stdout and stderr chunks is not guaranteed.
+    script = "printf '[1/3] Download\\n[40%%] part\\nnoise\\n[2] Unpack\\n'; printf '75%%'"
+    async with make_runner(store, broker.path) as runner:
+        first = await runner.submit(job("sh", "-c", script))
+        second = await runner.submit(job("sh", "-c", "echo '[3/3] Last' >&2"))
+        with trio.fail_after(20):
+            await runner.wait(first.id)
+            await runner.wait(second.id)
+    progress = (await store.get(first.id)).progress
+    assert (progress.task, progress.tasks, progress.title, progress.percent) == (2, 3, "Unpack", 75)
+    assert progress.step is None  # a new task cleared the subtask
+    progress = (await store.get(second.id)).progress
+    assert (progress.task, progress.tasks, progress.title) == (3, 3, "Last")
+
+
+async def test_fifo_per_name_with_limit_one_and_global_max(
+    store: Store, broker: Any, make_runner: Any
+) -> None:
+    async with make_runner(store, broker.path, max_running=2, limits={"wide": 3}) as runner:
+        watcher = Watcher(runner)
+        names = ["q", "q", "q", "r", "wide", "wide", "wide", "q"]
+        jobs = [await runner.submit(job("true", name=name)) for name in names]
+        with trio.fail_after(30):
+            for submitted in jobs:
+                assert (await runner.wait(submitted.id)).state is S.SUCCEEDED
+    assert watcher.peak <= 2 and watcher.peak_per_name["q"] == 1
+    q_jobs = [j.id for j in jobs if j.name == "q"]
+    assert [i for i in watcher.started if i in q_jobs] == q_jobs  # FIFO within the name
+    assert len(watcher.started) == len(jobs)  # each ran once
+
+
+async def test_queue_full(store: Store) -> None:
+    from sockexec_py.jobs.output import OutputStore
+    from sockexec_py.jobs.runner import RunnerConfig
+
+    runner = Runner(
+        store, OutputStore(store.data_dir / "o"), RunnerConfig("/nonexistent", max_waiting=2)
+    )
+    await runner.submit(job("true"))
+    await runner.submit(job("true", start_at=EPOCH + 1e6))
+    with pytest.raises(QueueFull):
+        await runner.submit(job("true"))
+    assert sum((await store.counts()).values()) == 2
+
+
+async def test_scheduled_start_on_a_fake_clock(
+    store: Store, broker: Any, make_runner: Any, autojump_clock: Any
+) -> None:
+    async with make_runner(store, broker.path) as runner:
+        later = await runner.submit(job("echo", "later", start_at=EPOCH + 3600))
+        sooner = await runner.submit(job("echo", "sooner", start_at=EPOCH + 60))
+        assert later.state is S.SCHEDULED and await store.position(later.id) is None
+        done = await runner.wait(later.id)
+        first = await store.get(sooner.id)
+    assert done.state is S.SUCCEEDED and done.started_at is not None
+    assert done.started_at >= EPOCH + 3600 and first.started_at is not None
+    # Mock time also jumps while tasks wait on threads, so only the order is exact.
+    assert EPOCH + 60 <= first.started_at < done.started_at
+
+
+async def test_cancel_queued_then_running(store: Store, broker: Any, make_runner: Any) -> None:
+    async with make_runner(store, broker.path) as runner:
+        watcher = Watcher(runner)
+        running = await runner.submit(job("sleep", "1000", name="one"))
+        queued = await runner.submit(job("true", name="one"))
+        scheduled = await runner.submit(job("true", start_at=EPOCH + 1e9))
+        with trio.fail_after(20):
+            await watcher.until(running.id, S.RUNNING)
+            cancelled = await runner.cancel(queued.id)
+            assert (
+                cancelled.state is S.CANCELLED and cancelled.reason == "cancelled before it started"
+            )
+            assert (await runner.cancel(scheduled.id)).state is S.CANCELLED
+            ended = await runner.cancel(running.id)
+        assert ended.state is S.CANCELLED and ended.termsig is None and ended.exitcode is None
+        assert ended.reason is not None and "terminated" in ended.reason
+        assert (await store.get(running.id)).state is S.CANCELLED
+        with pytest.raises(IllegalTransition):
+            await runner.cancel(running.id)
+        with pytest.raises(JobNotFound):
+            await runner.cancel("0" * 26)
+    assert queued.id not in watcher.started and scheduled.id not in watcher.started
+    await trio.to_thread.run_sync(broker.wait_idle)  # the broker terminated sleep
+
+
+async def test_timeout_fails_the_job(store: Store, broker: Any, make_runner: Any) -> None:
+    async with make_runner(store, broker.path) as runner:
+        submitted = await runner.submit(job("sleep", "1000", timeout=0.3))
+        with trio.fail_after(20):
+            done = await runner.wait(submitted.id)
+    assert (
+        done.state is S.FAILED
+        and done.reason is not None
+        and "timed out after 0.3 s" in done.reason
+    )
+
+
+async def test_keep_false_removes_only_successes(
+    store: Store, broker: Any, make_runner: Any
+) -> None:
+    async with make_runner(store, broker.path, max_running=2) as runner:
+        ok = await runner.submit(job("echo", "x", keep=False))
+        bad = await runner.submit(job("false", keep=False))
+        with trio.fail_after(20):
+            assert (await runner.wait(ok.id)).state is S.SUCCEEDED
+            assert (await runner.wait(bad.id)).state is S.FAILED
+    with pytest.raises(JobNotFound):
+        await store.get(ok.id)
+    assert (await store.get(bad.id)).state is S.FAILED
+    assert not list((store.data_dir / "output").rglob(f"{ok.id}*"))
+
+
+async def test_output_cap_truncates_and_the_job_goes_on(
+    store: Store, broker: Any, make_runner: Any
+) -> None:
+    async with make_runner(store, broker.path, cap=1000) as runner:
+        submitted = await runner.submit(job("sh", "-c", "head -c 100000 /dev/zero; echo done >&2"))
+        with trio.fail_after(20):
+            done = await runner.wait(submitted.id)
+    assert done.state is S.SUCCEEDED and done.truncated
+    assert done.stdout_bytes + done.stderr_bytes <= 1000
+    assert done.stdout_bytes + done.stderr_bytes + done.dropped_bytes == 100005
+
+
+async def test_following_a_running_job(
+    store: Store, broker: Any, make_runner: Any, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    async with make_runner(store, broker.path) as runner:
+        submitted = await runner.submit(job("sh", "-c", f"echo first; cat {fifo}; echo last"))
+        with trio.fail_after(20):
+            reader = await runner.read_output(submitted.id, follow=True)
+            items = []
+            async for item in reader:
+                items.append(item)
+                if isinstance(item, Chunk) and item.data == b"first\n":
+                    # The program now waits on the fifo: feed it from a thread.
+                    await trio.to_thread.run_sync(fifo.write_bytes, b"middle\n")
+            late = await runner.read_output(submitted.id, offset=6, follow=True)
+            assert (
+                b"".join([i.data async for i in late if isinstance(i, Chunk)]) == b"middle\nlast\n"
+            )
+        assert b"".join(i.data for i in items if isinstance(i, Chunk)) == b"first\nmiddle\nlast\n"
+        assert (await store.get(submitted.id)).state is S.SUCCEEDED
+
+
+async def test_broker_down_then_up_runs_the_job_once(
+    store: Store, start_broker: Any, make_runner: Any, tmp_path: Path
+) -> None:
+    socket_path = tmp_path / "broker0.sock"  # where start_broker will put it
+    marker = tmp_path / "ran"
+    async with make_runner(store, socket_path, retry_initial=0.05, retry_max=0.2) as runner:
+        watcher = Watcher(runner)
+        submitted = await runner.submit(job("sh", "-c", f"echo x >> {marker}"))
+        with trio.fail_after(20):
+            # Submitted, claimed, and back in the queue (not failed): the broker is down.
+            await watcher.until(submitted.id, S.QUEUED, S.RUNNING, S.QUEUED)
+            broker = await trio.to_thread.run_sync(start_broker)
+            assert broker.path == socket_path
+            done = await runner.wait(submitted.id)
+    assert done.state is S.SUCCEEDED and marker.read_text() == "x\n"
+    assert S.FAILED not in {state for _, state in watcher.changes}
+
+
+async def test_restart_marks_running_lost_and_runs_the_queued(
+    tmp_path: Path, broker: Any, make_runner: Any
+) -> None:
+    data = tmp_path / "data"
+    async with open_store(data) as store:
+        running = await store.submit(job("sleep", "1000"))
+        await store.claim(1, {}, {}, 1)  # the previous process had started it
+        queued = await store.submit(job("echo", "after"))
+        scheduled = await store.submit(job("echo", "later", start_at=store.clock() + 0.2))
+    async with open_store(data) as store, make_runner(store, broker.path) as runner:
+        with trio.fail_after(20):
+            done = await runner.wait(queued.id)
+            later = await runner.wait(scheduled.id)
+        lost = await store.get(running.id)
+        assert runner._watches == {}  # waiters leave nothing behind
+        with pytest.raises(JobNotFound):
+            await runner.read_output("0" * 26)
+    assert lost.state is S.LOST and lost.reason == LOST_REASON and lost.ended_at is not None
+    assert done.state is S.SUCCEEDED and later.state is S.SUCCEEDED
+
+
+GATEWAY = textwrap.dedent(
+    """
+    import sys, trio
+    from sockexec_py.jobs.output import OutputStore
+    from sockexec_py.jobs.request import parse_submit
+    from sockexec_py.jobs.runner import Runner, RunnerConfig
+    from sockexec_py.jobs.store import open_store
+
+    async def main(data, socket_path):
+        async with open_store(data) as store, trio.open_nursery() as nursery:
+            runner = Runner(store, OutputStore(data + "/output"), RunnerConfig(socket_path))
+            await nursery.start(runner.run)
+            first = await runner.submit(parse_submit({"argv": ["sleep", "1000"], "name": "a"}))
+            second = await runner.submit(parse_submit({"argv": ["echo", "2nd"], "name": "a"}))
+            await runner.wait(first.id, started=True)
+            print(first.id, second.id, flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main, *sys.argv[1:])
+    """
+)
+
+
+async def test_kill_9_mid_run_then_restart(tmp_path: Path, broker: Any, make_runner: Any) -> None:
+    """The process running the jobs dies by SIGKILL while one runs and one waits:
+    at the next start, the running one is lost (the broker ended its program) and
+    the waiting one runs, once."""
+    data = tmp_path / "data"
+    process = subprocess.Popen(
+        [sys.executable, "-c", GATEWAY, str(data), str(broker.path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert process.stdout is not None
+    with trio.fail_after(30):
+        line = await trio.to_thread.run_sync(process.stdout.readline)
+    first_id, second_id = line.split()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+    await trio.to_thread.run_sync(broker.wait_idle)  # the session dropped: sleep is gone
+    async with open_store(data) as store, make_runner(store, broker.path) as runner:
+        watcher = Watcher(runner)
+        with trio.fail_after(20):
+            second = await runner.wait(second_id)
+        first = await store.get(first_id)
+        counts = await store.counts()
+    assert first.state is S.LOST and first.reason == LOST_REASON
+    assert second.state is S.SUCCEEDED and watcher.started == [second_id]
+    assert counts[S.LOST] == 1 and counts[S.SUCCEEDED] == 1 and sum(counts.values()) == 2
