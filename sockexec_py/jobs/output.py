@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-import trio  # noqa: TID251 - output files are read and written off the trio thread
+import trio
 
 __all__ = ["DEFAULT_CAP", "Chunk", "OutputStore", "RunOutput", "Truncated", "View"]
 

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-import trio  # noqa: TID251 - the runner drives broker sessions
+import trio
 
 from sockexec_py.client import BrokerUnavailable
 from sockexec_py.events import Exited

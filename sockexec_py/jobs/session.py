@@ -11,7 +11,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-import trio  # noqa: TID251 - drives a broker session
+import trio
 
 from sockexec_py.client import open_async_session
 from sockexec_py.events import Exited, Output

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import outcome
-import trio  # noqa: TID251 - the store's facade runs SQLite off the trio thread
+import trio
 
 from . import queries
 from .errors import DataDirLocked, JobError, StoreUnavailable
