@@ -33,6 +33,12 @@ class StdinClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class TerminateRequested:
+    """The client asks for the program to be terminated (TERM, then KILL after ``-k``);
+    it still wants the exit pair. Nothing more comes from it."""
+
+
+@dataclass(frozen=True, slots=True)
 class InputEnded:
     """The client will send nothing more (end of its byte stream)."""
 
@@ -67,5 +73,5 @@ class Exited:
         return f"exitcode={self.exitcode}"
 
 
-ServerEvent = ArgvReady | StdinData | StdinClosed | InputEnded
+ServerEvent = ArgvReady | StdinData | StdinClosed | TerminateRequested | InputEnded
 ClientEvent = Output | Exited

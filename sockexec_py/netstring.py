@@ -106,6 +106,16 @@ class Decoder:
         """Bytes fed but not yet returned (for bounds and diagnostics)."""
         return len(self._buf) - self._pos
 
+    def take_marker(self, marker: int) -> bool:
+        """At a frame boundary, consume one byte equal to ``marker`` (a byte no netstring
+        can start with); True when it was there."""
+        self._check_usable()
+        pos = self._pos
+        if self._frame_length is None and pos < len(self._buf) and self._buf[pos] == marker:
+            self._pos = pos + 1
+            return True
+        return False
+
     # -- output -----------------------------------------------------------------
 
     def next_frame(

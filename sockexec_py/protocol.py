@@ -7,10 +7,16 @@ Rules of the protocol, all enforced here and nowhere else:
    arrive, then ``0:,`` to close stdin. End of input at a frame boundary after the argv
    also closes stdin (a half-close, what ``socat`` does); anywhere else in the request
    it is a protocol error. Any byte after ``0:,`` is a protocol error.
-2. Server -> client: pairs of netstrings, a type then its data. Types are ``stdout``,
+2. After the argv, and only between frames, the byte ``!`` asks for the program's
+   termination (TERM, then KILL after ``-k``; the exit pair is still sent). It is
+   the last thing the client sends: anything after it is a protocol error. (Any
+   protocol error after the start terminates the program, SPEC §4; this one is not
+   an error but a request, so the broker says so.) Clients of the C sockexec never
+   send it.
+3. Server -> client: pairs of netstrings, a type then its data. Types are ``stdout``,
    ``stderr``, ``exitcode``, ``termsig`` (and ``unknown``, which we never send but
    accept). The ``exitcode``/``termsig`` pair is the last one.
-3. A peer's violation is a :class:`RemoteProtocolError` whose message is one line fit
+4. A peer's violation is a :class:`RemoteProtocolError` whose message is one line fit
    to send back; misuse by our own code is a :class:`LocalProtocolError`.
 """
 
@@ -33,6 +39,7 @@ from .events import (
     ServerEvent,
     StdinClosed,
     StdinData,
+    TerminateRequested,
 )
 from .netstring import END, NEED_DATA, Chunk, Decoder, _Sentinel, encode, encode_parts
 
@@ -50,6 +57,8 @@ __all__ = [
     "termsig_text",
 ]
 
+#: The byte that asks for the program's termination (rule 2).
+TERMINATE = b"!"
 #: The largest output chunk the server sends in one pair: small enough to fit a Unix
 #: socket buffer whole, so a pair is never split across two arrivals.
 MAX_OUTPUT_CHUNK = 64 * 1024
@@ -122,6 +131,7 @@ class _ServerState(enum.Enum):
     ARGV = "argv"
     STDIN = "stdin"
     STDIN_CLOSED = "stdin closed"
+    TERMINATING = "terminating"
     ENDED = "ended"
 
 
@@ -131,7 +141,8 @@ class ServerSession:
     Feed every byte read from the client to :meth:`receive_data` (``b""`` at end of
     input) and call :meth:`next_event` until it returns :data:`NEED_DATA`. Events come in
     this order: one :class:`ArgvReady`, any number of :class:`StdinData`, at most one
-    :class:`StdinClosed`, and :class:`InputEnded` when the client's input ended.
+    :class:`StdinClosed`, at most one :class:`TerminateRequested` (after which no
+    stdin event comes), and :class:`InputEnded` when the client's input ended.
     A client that leaves before sending a byte yields just :class:`InputEnded`.
 
     Error handling: malformed or out-of-limit input raises :class:`RemoteProtocolError`
@@ -167,6 +178,8 @@ class ServerSession:
             return self._next_request_event()
         if state is _ServerState.STDIN_CLOSED:
             return self._next_after_close()
+        if state is _ServerState.TERMINATING:
+            return self._next_after_terminate()
         return NEED_DATA
 
     def _next_request_event(self) -> ServerEvent | _Sentinel:
@@ -217,6 +230,8 @@ class ServerSession:
                 return ArgvReady(argv)
 
     def _next_stdin_event(self) -> ServerEvent | _Sentinel:
+        if self._decoder.take_marker(TERMINATE[0]):
+            return self._terminate_requested()
         chunk = self._decoder.next_chunk()
         if chunk is NEED_DATA:
             return NEED_DATA
@@ -239,8 +254,22 @@ class ServerSession:
             self._input_ended_pending = False
             self._state = _ServerState.ENDED
             return InputEnded()
+        if self._decoder.take_marker(TERMINATE[0]):
+            return self._terminate_requested()
         if self._decoder.buffered:
             raise RemoteProtocolError("data received after stdin was closed")
+        if self._decoder.next_frame() is END:
+            self._state = _ServerState.ENDED
+            return InputEnded()
+        return NEED_DATA
+
+    def _terminate_requested(self) -> TerminateRequested:
+        self._state = _ServerState.TERMINATING
+        return TerminateRequested()
+
+    def _next_after_terminate(self) -> ServerEvent | _Sentinel:
+        if self._decoder.buffered:
+            raise RemoteProtocolError("data received after the request to terminate")
         if self._decoder.next_frame() is END:
             self._state = _ServerState.ENDED
             return InputEnded()

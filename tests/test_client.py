@@ -464,3 +464,19 @@ def test_readme_python_examples_run(broker: Broker) -> None:
         assert proc.returncode == 0, proc.stderr.decode()
         outputs.append(proc.stdout)
     assert b"Exited(exitcode=0" in outputs[1] and b"data=b'hi'" in outputs[1]
+
+
+def test_session_terminate_gets_the_exit_frame(broker: Broker) -> None:
+    with open_session(str(broker.path), ["sleep", "300"], timeout=30) as session:
+        session.terminate()
+        session.send(b"dropped: nothing goes after the request")
+        assert session.wait() == Result(b"", b"", None, "TERM")
+
+
+async def test_async_session_terminate_gets_the_exit_frame(broker: Broker) -> None:
+    async with open_async_session(str(broker.path), ["cat"], timeout=30) as session:
+        await session.send(b"one")
+        assert await session.__anext__() == Output("stdout", b"one")
+        await session.terminate()
+        await session.terminate()  # once is enough
+        assert await session.wait() == Result(b"", b"", None, "TERM")

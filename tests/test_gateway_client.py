@@ -237,3 +237,10 @@ def test_a_body_over_max_body_is_the_gateways_413_not_a_broken_pipe(broker: Brok
         assert isinstance(caught.value, ProtocolError)
     finally:
         gateway.stop()
+
+
+def test_terminate_through_the_websocket(gateway: GatewayProcess) -> None:
+    with open_session(gateway.base, ["sleep", "300"], timeout=30) as session:
+        session.close_stdin()
+        session.terminate()  # after close_stdin too
+        assert session.wait().termsig == "TERM"

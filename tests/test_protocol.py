@@ -27,11 +27,13 @@ from sockexec_py.events import (
     ServerEvent,
     StdinClosed,
     StdinData,
+    TerminateRequested,
 )
 from sockexec_py.netstring import encode
 from sockexec_py.protocol import (
     MAX_OUTPUT_CHUNK,
     NEED_DATA,
+    TERMINATE,
     ClientSession,
     ServerLimits,
     ServerSession,
@@ -379,7 +381,10 @@ def test_receive_after_end_of_input_is_local_error() -> None:
 # -- server: stateful -------------------------------------------------------------
 
 argv_items = st.binary(max_size=12).filter(lambda a: b"\0" not in a)
-garbage_bytes = st.binary(min_size=1, max_size=12).filter(lambda b: b[0] not in DIGITS)
+# Neither a netstring's first byte nor the terminate request (``!``).
+garbage_bytes = st.binary(min_size=1, max_size=12).filter(
+    lambda b: b[0] not in DIGITS and b[:1] != TERMINATE
+)
 
 
 class ServerSessionMachine(RuleBasedStateMachine):
@@ -409,6 +414,7 @@ class ServerSessionMachine(RuleBasedStateMachine):
         self.boundaries: set[int] = {0}  # where end of input is clean
         self.frame_ends: list[int] = []  # every frame end, inside the request too
         self.close_end: int | None = None
+        self.terminate_end: int | None = None
         self.error_at: int | None = None
 
     @initialize(
@@ -448,7 +454,8 @@ class ServerSessionMachine(RuleBasedStateMachine):
 
     def _queue_frame(self, payload: bytes) -> None:
         start = len(self.pending) + len(b"%d:" % len(payload))
-        if self.close_end is not None and self.error_at is None:
+        ended = self.close_end is not None or self.terminate_end is not None
+        if ended and self.error_at is None:
             self.error_at = len(self.pending)
         self.pending += encode(payload)
         self.frame_ends.append(len(self.pending))
@@ -468,6 +475,22 @@ class ServerSessionMachine(RuleBasedStateMachine):
     @rule()
     def queue_close(self) -> None:
         self._queue_frame(b"")
+
+    @precondition(
+        lambda self: (
+            not self.eof
+            and not self.request_frames
+            and self.error_at is None
+            and self.terminate_end is None
+        )
+    )
+    @rule()
+    def queue_terminate(self) -> None:
+        """``!`` between frames after the argv: the client asks for termination."""
+        self.pending += TERMINATE
+        self.terminate_end = len(self.pending)
+        self.frame_ends.append(self.terminate_end)
+        self.boundaries.add(self.terminate_end)
 
     @precondition(lambda self: not self.eof and self.error_at is None)
     @rule(garbage=garbage_bytes)
@@ -550,6 +573,10 @@ class ServerSessionMachine(RuleBasedStateMachine):
             assert kinds[0] is ArgvReady
         assert kinds.count(ArgvReady) <= 1
         assert kinds.count(StdinClosed) <= 1
+        assert kinds.count(TerminateRequested) <= 1
+        if TerminateRequested in kinds:
+            after = kinds[kinds.index(TerminateRequested) + 1 :]
+            assert after in ([], [InputEnded])
         assert kinds.count(InputEnded) <= 1
         if InputEnded in kinds:
             assert kinds[-1] is InputEnded
@@ -578,8 +605,10 @@ class ServerSessionMachine(RuleBasedStateMachine):
             bytes(self.pending[a : min(b, fed)]) for a, b in self.stdin_spans if fed >= a
         )
         assert b"".join(e.data for e in self.events if isinstance(e, StdinData)) == stdin
+        terminated = self.terminate_end is not None and fed >= self.terminate_end
+        assert (TerminateRequested() in self.events) == terminated
         closed = (self.close_end is not None and fed >= self.close_end) or (
-            self.eof and not error_expected and argv_ready
+            self.eof and not error_expected and argv_ready and not terminated
         )
         assert (StdinClosed() in self.events) == closed
         assert (InputEnded() in self.events) == (self.eof and not error_expected)
@@ -831,4 +860,39 @@ def test_argument_longer_than_the_argv_budget_is_refused_on_its_digits() -> None
     assert session.next_event() is NEED_DATA
     session.receive_data(b"997:")  # 4 bytes used by "cat\0": 996 left
     with pytest.raises(RemoteProtocolError, match="argv exceeds the limit of 1000 bytes"):
+        session.next_event()
+
+
+def test_terminate_request_is_the_last_thing_the_client_sends() -> None:
+    session = ServerSession()
+    session.receive_data(encode_request(["sleep", "9"]) + b"5:hello,!")
+    assert session.next_event() == ArgvReady((b"sleep", b"9"))
+    assert session.next_event() == StdinData(b"hello")
+    assert session.next_event() == TerminateRequested()
+    assert session.next_event() is NEED_DATA
+    session.receive_data(b"")
+    assert session.next_event() == InputEnded()
+    after = ServerSession()
+    after.receive_data(encode_request(["cat"]) + b"0:,!1:x,")
+    assert [after.next_event() for _ in range(3)] == [
+        ArgvReady((b"cat",)),
+        StdinClosed(),
+        TerminateRequested(),
+    ]
+    with pytest.raises(RemoteProtocolError, match="after the request to terminate"):
+        after.next_event()
+
+
+def test_an_exclamation_mark_inside_stdin_is_stdin() -> None:
+    session = ServerSession()
+    session.receive_data(encode_request(["cat"]) + b"3:!!!,!")
+    assert session.next_event() == ArgvReady((b"cat",))
+    assert session.next_event() == StdinData(b"!!!")
+    assert session.next_event() == TerminateRequested()
+
+
+def test_before_the_argv_it_is_a_protocol_error() -> None:
+    session = ServerSession()
+    session.receive_data(b"1:1,!")
+    with pytest.raises(RemoteProtocolError, match="invalid character"):
         session.next_event()

@@ -427,3 +427,21 @@ def test_an_empty_program_name_is_127_and_leaks_nothing(broker: Broker) -> None:
     broker.wait_idle()
     assert broker.open_fds() == before
     assert "internal error" not in broker.log()
+
+
+def test_the_client_may_ask_for_termination_and_still_gets_the_exit(
+    start_broker: StartBroker,
+) -> None:
+    broker = start_broker("-k", "1")
+    with connect(broker.path) as sock:
+        sock.sendall(encode_request(["sleep", "300"]) + b"0:,")
+        sock.sendall(b"!")
+        assert parse_reply(read_all(sock)).termsig == "TERM"
+    # A program that ignores TERM gets KILL after -k, as on a hang-up.
+    with connect(broker.path) as sock:
+        sock.sendall(encode_request([str(MISC / "ignore-term")]))
+        ready = sock.recv(100)
+        assert ready.startswith(b"6:stdout,")  # it ignores TERM from now on
+        sock.sendall(b"!")
+        result = parse_reply(ready + read_all(sock))
+        assert result.stdout.startswith(b"ready ") and result.termsig == "KILL"

@@ -268,7 +268,11 @@ class Connection:
         writer = self.writer
         pumps = [OutputPump(writer, program, "stdout"), OutputPump(writer, program, "stderr")]
         stdin = StdinPump(
-            session, program, lambda: self.receive(session), self._stdin_protocol_error
+            session,
+            program,
+            lambda: self.receive(session),
+            self._stdin_protocol_error,
+            lambda: self.terminate("the client asked"),
         )
         async with trio.open_nursery() as nursery:
             writer.attach(nursery.start_soon)

@@ -13,7 +13,13 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from sockexec_py.errors import RemoteProtocolError
-from sockexec_py.events import InputEnded, OutputKind, StdinClosed, StdinData
+from sockexec_py.events import (
+    InputEnded,
+    OutputKind,
+    StdinClosed,
+    StdinData,
+    TerminateRequested,
+)
 from sockexec_py.protocol import NEED_DATA, ServerSession
 
 from . import _io
@@ -67,6 +73,7 @@ class StdinPump:
             ``trio.ClosedResourceError`` once the session is over (socket closed).
         protocol_error: what to do when the client breaks the protocol after the
             program started (terminate it: SPEC §4).
+        terminate: what to do when the client asks for the program's termination.
     """
 
     def __init__(
@@ -75,11 +82,13 @@ class StdinPump:
         program: Program,
         receive: Callable[[], Awaitable[None]],
         protocol_error: Callable[[RemoteProtocolError], None],
+        terminate: Callable[[], None],
     ) -> None:
         self._session = session
         self._program = program
         self._receive = receive
         self._protocol_error = protocol_error
+        self._terminate = terminate
 
     def first_event(self) -> object:
         """Take what the client sent with its request (``0:,`` closes stdin at once).
@@ -93,6 +102,9 @@ class StdinPump:
             event = self._session.next_event()
             if isinstance(event, StdinClosed):
                 self._program.close_stdin()
+                event = self._session.next_event()
+            if isinstance(event, TerminateRequested):
+                self._terminate()  # the signal first: stdin stays as it is
                 event = self._session.next_event()
         except RemoteProtocolError as exc:
             self._protocol_error(exc)
@@ -115,6 +127,8 @@ class StdinPump:
                     continue
                 elif isinstance(event, StdinClosed):
                     program.close_stdin()
+                elif isinstance(event, TerminateRequested):
+                    self._terminate()  # the signal first: stdin stays as it is
                 elif isinstance(event, InputEnded):
                     return
                 event = session.next_event()

@@ -129,6 +129,12 @@ class Session:
         with self._send_lock:
             self._sendall(self._state.close_stdin())
 
+    def terminate(self) -> None:
+        """Ask the broker to terminate the program (TERM, then KILL after its ``-k``);
+        keep iterating: the exit frame says how it ended. No stdin after this."""
+        with self._send_lock:
+            self._sendall(self._state.terminate())
+
     def _sendall(self, data: bytes) -> None:
         if not data:
             return

@@ -8,7 +8,9 @@ in return (the WebSocket's request after its handshake, pongs); :attr:`ready` sa
 that the session is open (stdin may go out, frames come). Stdin: :meth:`stdin`
 yields the bytes that send a chunk, bounded pieces however large the chunk (none
 after the close or once the peer is gone), :meth:`close_stdin` the bytes that close
-it, once; :meth:`stdin_gone` records that the peer no longer takes any. Output:
+it, once; :meth:`terminate` the bytes that ask for the program's termination (the
+exit still comes, with its signal); :meth:`stdin_gone` records that the peer no
+longer takes any. Output:
 :meth:`next_frame` gives the next frame or None until more bytes arrive; ``exited`` is
 set with the last one, and ``on_stdout``/``on_stderr`` are called with each output
 frame as it is taken.
@@ -20,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from sockexec_py.events import Exited, Output
-from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
+from sockexec_py.protocol import NEED_DATA, TERMINATE, ClientSession, encode_request
 
 from ._common import CLOSE_STDIN, Frame, OutputCallback, stdin_netstrings
 
@@ -38,6 +40,7 @@ class SessionState(Protocol):
     def next_frame(self) -> Frame | None: ...
     def stdin(self, data: bytes) -> Iterator[bytes]: ...
     def close_stdin(self) -> bytes: ...
+    def terminate(self) -> bytes: ...
     def stdin_gone(self) -> None: ...
 
 
@@ -47,6 +50,7 @@ class FrameDelivery:
     def __init__(self, on_stdout: OutputCallback | None, on_stderr: OutputCallback | None) -> None:
         self._callbacks = {"stdout": on_stdout, "stderr": on_stderr}
         self._stdin_closed = False
+        self._terminate_sent = False
         #: How the program ended, once the last frame was taken.
         self.exited: Exited | None = None
 
@@ -98,6 +102,13 @@ class UnixSessionState(FrameDelivery):
             return b""
         self._stdin_closed = True
         return CLOSE_STDIN
+
+    def terminate(self) -> bytes:
+        """``!`` between frames (the last thing sent: no stdin after it)."""
+        if self._terminate_sent:
+            return b""
+        self._terminate_sent = self._stdin_closed = True
+        return TERMINATE
 
     def receive_data(self, data: bytes) -> None:
         self._parser.receive_data(data)

@@ -101,6 +101,12 @@ class AsyncSession:
         async with self._send_lock:
             await self._sendall(self._state.close_stdin())
 
+    async def terminate(self) -> None:
+        """Ask the broker to terminate the program (TERM, then KILL after its ``-k``);
+        keep iterating: the exit frame says how it ended. No stdin after this."""
+        async with self._send_lock:
+            await self._sendall(self._state.terminate())
+
     def __aiter__(self) -> AsyncSession:
         return self
 

@@ -30,7 +30,14 @@ from sockexec_py.errors import ProtocolError
 
 from ._common import STDIN_CHUNK, Frame, OutputCallback
 from ._state import FrameDelivery
-from .wire import CLOSE_STDIN_MESSAGE, argv_text, auth_headers, parse_frame, raise_for_status
+from .wire import (
+    CLOSE_STDIN_MESSAGE,
+    TERMINATE_MESSAGE,
+    argv_text,
+    auth_headers,
+    parse_frame,
+    raise_for_status,
+)
 
 
 class GatewayAddress:
@@ -142,3 +149,9 @@ class WebSocketSessionState(FrameDelivery):
             return b""
         self._stdin_closed = True
         return self._ws.send(TextMessage(data=CLOSE_STDIN_MESSAGE))
+
+    def terminate(self) -> bytes:
+        if self._terminate_sent:
+            return b""
+        self._terminate_sent = self._stdin_closed = True
+        return self._ws.send(TextMessage(data=TERMINATE_MESSAGE))

@@ -26,6 +26,8 @@ from sockexec_py.events import Exited, Output
 
 #: What a WebSocket client sends to close the program's stdin.
 CLOSE_STDIN_MESSAGE = json.dumps({"type": "close_stdin"})
+#: What a WebSocket client sends to have the program terminated (its exit still comes).
+TERMINATE_MESSAGE = json.dumps({"type": "terminate"})
 
 
 class GatewayRefused(ProtocolError):

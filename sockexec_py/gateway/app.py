@@ -229,30 +229,31 @@ class Gateway:
         """Stdin messages to the program until ``close_stdin``, and the client watched
         until the session ends: leaving at any time (even after ``close_stdin``, while
         the program prints nothing) raises WebSocketDisconnect, which closes the broker
-        session, so the program is terminated. Messages after ``close_stdin`` are
-        dropped, as :meth:`AsyncSession.send` drops them."""
+        session, so the program is terminated. ``{"type": "terminate"}`` asks the
+        broker to terminate it (the exit frame still comes). Stdin after
+        ``close_stdin`` is dropped, as :meth:`AsyncSession.send` drops it."""
         total, stdin_open = 0, True
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(message.get("code", 1000))
-            if not stdin_open:
-                continue
             data: bytes
             if message.get("bytes") is not None:
                 data = message["bytes"]
             else:
                 text = message.get("text") or ""
-                if text.startswith("{"):
-                    try:
-                        control = json.loads(text)
-                    except ValueError:
-                        control = None
-                    if isinstance(control, dict) and control.get("type") == "close_stdin":
-                        await session.close_stdin()
-                        stdin_open = False
-                        continue
+                control = _control(text)
+                if control == "close_stdin":
+                    await session.close_stdin()
+                    stdin_open = False
+                    continue
+                if control == "terminate":
+                    await session.terminate()
+                    stdin_open = False
+                    continue
                 data = text.encode()
+            if not stdin_open:
+                continue
             total += len(data)
             if total > self.settings.max_ws_stdin:
                 raise HTTPError(
@@ -260,3 +261,15 @@ class Gateway:
                 )
             self.metrics.bytes_in.inc(len(data))
             await session.send(data)
+
+
+def _control(text: str) -> str | None:
+    """The type of a control message (``{"type": "close_stdin"}``...), None for stdin."""
+    if not text.startswith("{"):
+        return None
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    kind = message.get("type") if isinstance(message, dict) else None
+    return kind if kind in ("close_stdin", "terminate") else None
