@@ -41,7 +41,10 @@ def back_to_baseline(broker: BrokerProcess, before: tuple[int, int]) -> list[str
 
 def fuzz(workdir: Path, sessions: int, seed: int, only: int | None = None) -> RunReport:
     """Start a broker, fuzz it, and add the final check's findings to the report."""
-    with BrokerProcess(workdir / "fuzz.sock", ["-t", "2", "-k", "1", "-m", "64"]) as broker:
+    # Mutated arguments may make the programs write files (`echo err >e2`): they land
+    # in the work directory, not in the checkout.
+    broker_args = ["-t", "2", "-k", "1", "-m", "64"]
+    with BrokerProcess(workdir / "fuzz.sock", broker_args, cwd=workdir) as broker:
         before = baseline(broker)
 
         def progress(done: int) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import socket
 import sys
 import termios
@@ -13,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from sockexec_py.broker import pairs
 from sockexec_py.broker.pairs import PairWriter, footprint
 from sockexec_py.broker.server import SEND_BUFFER
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair
@@ -163,10 +165,16 @@ def test_footprint_bounds_what_the_kernel_charges_for_a_pair() -> None:
         theirs.close()
 
 
-async def test_the_final_sendmsg_and_close_run_back_to_back() -> None:
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "sendmsg"])
+async def test_the_final_send_and_close_run_back_to_back(
+    uring: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The close race (issue 18): whatever closing does besides close(2) happens before
-    the exit pair is sent, so nothing stands between the sendmsg that wakes the
-    client and the close it waits for."""
+    the exit pair is sent, so nothing stands between the send that wakes the client
+    and the close it waits for: one io_uring system call where there is one, else
+    sendmsg and close back to back."""
+    if not uring:
+        monkeypatch.setattr(pairs, "_RING", None)
     calls: list[str] = []
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
@@ -185,9 +193,17 @@ async def test_the_final_sendmsg_and_close_run_back_to_back() -> None:
 
     sock = Spy(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=ours.detach())
     sock.setblocking(False)
+    fd = sock.fileno()
     writer = PairWriter(sock, before_close=lambda: calls.append("unwatch"))
     theirs.sendall(b"unread")
     await writer.send_final(b"8:exitcode,1:0,")
     assert calls[0] == "unwatch" and "recv" in calls
-    assert calls[-2:] == ["sendmsg", "close"] and calls.count("sendmsg") == 1
+    if uring and pairs.final_ring() is not None:
+        assert "sendmsg" not in calls  # the ring sent it, linked to the close
+    else:
+        assert calls[-2:] == ["sendmsg", "close"] and calls.count("sendmsg") == 1
+    assert theirs.recv(100) == b"8:exitcode,1:0," and theirs.recv(100) == b""
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed, whichever way
+    assert writer.closed and writer.bytes_out == len(b"8:exitcode,1:0,")
     theirs.close()

@@ -117,3 +117,21 @@ async def test_a_directory_that_cannot_be_entered_starts_nothing(tmp_path: Path)
             await supervisor.spawn(missing, started.append)
     assert caught.value.exitcode == 125 and started == [] and not supervisor.running
     assert os.getcwd() == str(Path.cwd())
+
+
+async def test_the_exec_helper_still_starts_programs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept for limits above the broker's hard limit (root with CAP_SYS_RESOURCE) and
+    systems without prlimit; forced here, where neither can be arranged."""
+    monkeypatch.setattr("sockexec_py.broker.supervisor.needs_helper", lambda spec: True)
+    argv = (b"sh", b"-c", b"pwd; umask")
+    settings = ExecSpec(b"/bin/sh", argv, server_environ(), cwd=str(tmp_path), umask=0o027)
+    async with trio.open_nursery() as nursery:
+        supervisor = Supervisor(nursery, kill_timeout=1)
+        program = await supervisor.spawn(settings, lambda _: None)
+        output = await read_line(program.stdout_fd)
+        output += await read_line(program.stdout_fd)
+        await program.exited.wait()
+        program.close_fds()
+    assert output.split() == [str(tmp_path).encode(), b"0027"]

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
+from sockexec_py.broker import pairs as pair_writer
 from sockexec_py.broker.config import ServerConfig
 from sockexec_py.broker.server import Server
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
@@ -21,7 +23,14 @@ from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 from conftest import MISC, Broker
 
 
-async def test_each_pair_is_handed_to_the_socket_in_a_single_send(tmp_path: Path) -> None:
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "sendmsg"])
+async def test_each_pair_is_handed_to_the_socket_in_a_single_send(
+    tmp_path: Path, uring: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output pairs through sendmsg; the exit pair too without io_uring, or with it
+    the ring's SEND (see below)."""
+    if not uring:
+        monkeypatch.setattr(pair_writer, "_RING", None)
     path = str(tmp_path / "rec.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
@@ -67,9 +76,13 @@ async def test_each_pair_is_handed_to_the_socket_in_a_single_send(tmp_path: Path
         lengths = _pair_lengths(sent)
         assert len(events) == len(lengths) >= 1, sent[:40]
         pairs += len(lengths)
-    # 1,000,000 + 300,000 bytes in pairs of at most 64 KiB, and the exit pair.
-    assert pairs >= 16 + 5 + 1
-    assert b"".join(sends) == bytes(reply)
+    # 1,000,000 + 300,000 bytes in pairs of at most 64 KiB, and the exit pair, which
+    # the ring sends linked to the close (one SEND of the whole pair) where it exists.
+    exit_pair = b"8:exitcode,1:0,"
+    if uring and pairs_module_ring():
+        assert pairs >= 16 + 5 and b"".join(sends) + exit_pair == bytes(reply)
+    else:
+        assert pairs >= 16 + 5 + 1 and b"".join(sends) == bytes(reply)
 
 
 def _pair_lengths(data: bytes) -> list[int]:
@@ -159,3 +172,8 @@ def test_two_hundred_parallel_lua_like_clients_all_succeed(broker: Broker) -> No
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert errors == [], f"{len(errors)} failures, e.g. {errors[:3]}"
     assert time.monotonic() - started < 60
+
+
+def pairs_module_ring() -> bool:
+    """Whether this machine gives the broker an io_uring for the final send."""
+    return pair_writer.final_ring() is not None

@@ -386,7 +386,7 @@ def test_gateway_requests_obey_the_policy(start_broker: StartBroker, tmp_path: P
         gateway.stop()
 
 
-def test_client_leaving_while_the_exec_helper_starts_terminates_the_program(
+def test_client_leaving_as_a_run_as_program_starts_terminates_it(
     start_broker: StartBroker, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "pid"
@@ -395,11 +395,12 @@ def test_client_leaving_while_the_exec_helper_starts_terminates_the_program(
         tmp_path,
         f'[[allow]]\nprogram = "sh"\ncwd = "{tmp_path}"\nmax_running = 1\nmax_queue = 0\n',
     )
-    with connect(broker.path) as sock:  # the request, then gone while the helper starts
-        sock.sendall(encode_request(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 300"]))
+    script = f"echo $$ > {pidfile}.new && mv {pidfile}.new {pidfile}; exec sleep 300"
+    with connect(broker.path) as sock:  # the request, then gone as the program starts
+        sock.sendall(encode_request(["sh", "-c", script]))
         deadline = time.monotonic() + 10
-        while not broker.children():  # the helper takes ~20 ms to exec: leave meanwhile
-            assert time.monotonic() < deadline, "the exec helper never started"
+        while not broker.children():
+            assert time.monotonic() < deadline, "the program never started"
     broker.wait_idle()
     if pidfile.exists():  # the hang-up came after the exec: the program was terminated
         wait_exit(int(pidfile.read_text()), timeout=10)

@@ -26,6 +26,7 @@ from sockexec_py.events import OutputKind
 from sockexec_py.protocol import MAX_OUTPUT_CHUNK, encode_output_pair
 
 from . import _io
+from ._uring import Ring, open_ring
 from .spool import Spool
 
 # Bytes of an output pair besides its data ("6:stdout," "65536:" ","), rounded up.
@@ -42,6 +43,17 @@ _DISCARD_CHUNK = 256 * 1024
 # its output never touches the disk; lua-resty-exec, writing all of stdin first, does
 # not read at all.
 SPOOL_AFTER = 0.05
+
+
+_RING: Ring | bool | None = False  # False: not opened yet
+
+
+def final_ring() -> Ring | None:
+    """The process's ring for the final send, opened at first use (None: no io_uring)."""
+    global _RING
+    if _RING is False:
+        _RING = open_ring()
+    return _RING if isinstance(_RING, Ring) else None
 
 
 def _sched_yield() -> None:
@@ -128,12 +140,15 @@ class PairWriter:
         """Send the last bytes of the session and close the socket in the same step.
 
         lua-resty-exec waits about 1 ms for the close after the exit pair (a later
-        close is its fatal ``timeout``). The ``sendmsg`` wakes the client, which takes
-        the CPU at once on a busy machine: whatever stands between the send and
-        ``close(2)`` may then wait for milliseconds. So everything closing does is
-        done first, room for the bytes is made sure of, the CPU is offered to what is
-        runnable (``sched_yield``: the broker is next in line after it), and then
-        ``sendmsg`` and ``close(2)`` run back to back.
+        close is its fatal ``timeout``). The send wakes the client, which takes the
+        CPU as soon as the broker returns to user space on a busy machine, and
+        whatever stands between the send and ``close(2)`` then waits for
+        milliseconds. So everything closing does is done first and room for the bytes
+        is made sure of; then the send and the close happen in one system call (an
+        io_uring SEND linked to a CLOSE, :mod:`._uring`), or, where io_uring is not
+        available, the CPU is offered to what is runnable first (``sched_yield``: the
+        broker is next in line after it) and ``sendmsg`` and ``close(2)`` run back to
+        back.
         """
         if self.usable:
             await self._drained.wait()  # what was spooled goes out before the end
@@ -142,10 +157,14 @@ class PairWriter:
                 if not self._fits(len(data)):  # POLLOUT: a short pair fits then
                     await trio.lowlevel.wait_writable(self.sock)
                 self._prepare_close()
-                _sched_yield()
-                pending = _io.sendmsg_nowait(self.sock, [data])
-                if pending:  # not expected: the room was made sure of
-                    await _io.sendmsg_all(self.sock, pending)
+                ring = final_ring()
+                if ring is not None:
+                    self._send_and_close(ring, data)
+                else:
+                    _sched_yield()
+                    pending = _io.sendmsg_nowait(self.sock, [data])
+                    if pending:  # not expected: the room was made sure of
+                        await _io.sendmsg_all(self.sock, pending)
             except _io.BROKEN_ERRORS:
                 self._broke()
             else:
@@ -153,6 +172,24 @@ class PairWriter:
             finally:
                 self._lock.release()
         self.close()
+
+    def _send_and_close(self, ring: Ring, data: bytes) -> None:
+        """The io_uring way (see :meth:`send_final`); raises what ``sendmsg`` would."""
+        self.closed = True
+        fd = self.sock.detach()
+        sent, closed = ring.send_and_close(fd, data)
+        if closed == 0:
+            return
+        # The link broke (not expected: the room was made sure of); the fd is ours.
+        try:
+            if sent < 0:
+                raise OSError(-sent, os.strerror(-sent))
+            view = memoryview(data)[sent:]
+            while view:  # a pair cut short is already out: finish it as fast as we can
+                select.select([], [fd], [], 1.0)
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         """Close the socket (idempotent); tasks blocked on it get ClosedResourceError."""

@@ -29,6 +29,7 @@ from .admission import Admission
 from .config import ServerConfig
 from .connection import Connection, Services
 from .hangup import HangupMonitor
+from .pairs import final_ring
 from .spool import SpoolBudget
 from .supervisor import OrphanReaper, Supervisor
 
@@ -115,6 +116,7 @@ class Server:
             self._supervisor = Supervisor(supervisor_nursery, self.config.kill_timeout)
             try:
                 async with trio.open_nursery() as nursery:
+                    final_ring()  # opened now: no first-session cost, a stable fd count
                     nursery.start_soon(self.hangups.run)
                     self._update_backlog()
                     if self._reap_orphans and OrphanReaper.enable():

@@ -50,6 +50,8 @@ class BrokerProcess:
         args: flags before the socket path.
         env: the environment (default: ours).
         pythonpath: a checkout whose ``sockexec_py`` to run instead of ours.
+        cwd: the broker's working directory, which its programs inherit (default:
+            ``pythonpath``, else ours).
         start_timeout: seconds to wait for readiness.
 
     Resource handling: :meth:`stop` (SIGTERM, then a wait) ends it and closes the log.
@@ -63,6 +65,7 @@ class BrokerProcess:
         env: Mapping[str, str] | None = None,
         *,
         pythonpath: Path | None = None,
+        cwd: Path | None = None,
         start_timeout: float = 20.0,
     ) -> None:
         self.path = path
@@ -76,7 +79,7 @@ class BrokerProcess:
             stderr=self._stderr,
             pass_fds=(write_fd,),
             env=with_pythonpath(env, pythonpath) if (env or pythonpath) else None,
-            cwd=pythonpath,
+            cwd=cwd or pythonpath,
         )
         os.close(write_fd)
         try:
