@@ -151,7 +151,8 @@ class PairWriter:
         back.
         """
         if self.usable:
-            await self._drained.wait()  # what was spooled goes out before the end
+            if not self._drained.is_set():  # (a set Event's wait() still costs a round)
+                await self._drained.wait()  # what was spooled goes out before the end
             await self._acquire()
             try:
                 if not self._fits(len(data)):  # POLLOUT: a short pair fits then
