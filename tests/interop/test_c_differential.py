@@ -42,6 +42,7 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -65,7 +66,7 @@ REPLY_TIMEOUT = 3.0
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux; not in the socket module
 
 
-def _unavailable(message: str) -> None:
+def _unavailable(message: str) -> NoReturn:
     if IN_CI:
         pytest.fail(message)
     pytest.skip(message)
@@ -78,9 +79,12 @@ def c_sockexec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not BUILD_SCRIPT.is_file():
         _unavailable(f"no {BUILD_SCRIPT} (set SOCKEXEC_LUA_REF to the reference folder)")
     out = tmp_path_factory.mktemp("c-sockexec")
-    build = subprocess.run(
-        ["bash", str(BUILD_SCRIPT), str(out)], capture_output=True, text=True, timeout=100
-    )
+    try:
+        build = subprocess.run(
+            ["bash", str(BUILD_SCRIPT), str(out)], capture_output=True, text=True, timeout=100
+        )
+    except subprocess.TimeoutExpired:
+        _unavailable("build-sockexec.sh took more than 100 s (installing skalibs-dev?)")
     binary = out / "sockexec"
     if build.returncode != 0 or not binary.is_file():
         _unavailable(

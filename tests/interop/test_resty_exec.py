@@ -267,9 +267,13 @@ class Stack:
         *argv: str | bytes,
         stdin: bytes | None = None,
         host: str | None = None,
+        fatal: bool = False,
         **params: str,
     ) -> Outcome:
-        """lua-resty-exec's one-shot through /r/run."""
+        """lua-resty-exec's one-shot through /r/run (``fatal``: the library's default
+        timeout_fatal = true instead of the conf's false)."""
+        if fatal:
+            params["fatal"] = "1"
         query = urlencode([("a", a) for a in argv] + list(params.items()))
         status, headers, body = self.nginx.request(f"/r/run?{query}", stdin, host)
         assert status == 200, (status, body)
@@ -503,7 +507,7 @@ def test_timeout_fatal_false_waits_past_the_timeout(stack: Stack) -> None:
     # keeps reading until the broker closes: `timeout` no longer bounds the call (the
     # broker's -t does).
     script = "sleep 0.5; echo done"
-    assert stack.run("sh", "-c", script, timeout="100", fatal="1").error == "timeout"
+    assert stack.run("sh", "-c", script, timeout="100", fatal=True).error == "timeout"
     outcome = stack.run("sh", "-c", script, timeout="100")
     assert (outcome.error, outcome.stdout, outcome.exitcode) == (None, b"done\n", "0")
     wait_until(lambda: not stack.programs(b"sleep 0.5"), 15, "the first sleep to be stopped")
@@ -563,18 +567,18 @@ def test_fifty_parallel_requests_to_the_locations(stack: Stack) -> None:
 SEQ_1000 = "".join(f"{n}\n" for n in range(1, 1001)).encode()
 
 
-def _mixed_workload(stack: Stack, **params: str) -> Callable[[int], str | None]:
+def _mixed_workload(stack: Stack, fatal: bool = False) -> Callable[[int], str | None]:
     """The issue's mix: `echo`, `cat` of a few KB, `seq 1000`. Returns lua-resty-exec's
     error, "wrong output" or None."""
 
     def one(i: int) -> str | None:
         if i % 3 == 0:
-            outcome, expected = stack.run("echo", f"hello {i}", **params), f"hello {i}\n".encode()
+            outcome, expected = stack.run("echo", f"hello {i}", fatal=fatal), b"hello %d\n" % i
         elif i % 3 == 1:
             expected = random.Random(i).randbytes(2000 + 100 * i)
-            outcome = stack.run("cat", stdin=expected, **params)
+            outcome = stack.run("cat", stdin=expected, fatal=fatal)
         else:
-            outcome, expected = stack.run("seq", "1000", **params), SEQ_1000
+            outcome, expected = stack.run("seq", "1000", fatal=fatal), SEQ_1000
         if outcome.error is not None:
             return outcome.error
         return None if (outcome.stdout, outcome.exitcode) == (expected, "0") else "wrong output"
@@ -585,7 +589,7 @@ def _mixed_workload(stack: Stack, **params: str) -> Callable[[int], str | None]:
 def test_fifty_parallel_one_shots_with_the_defaults(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    results = _in_parallel(PARALLEL, _mixed_workload(stack, fatal="1"))
+    results = _in_parallel(PARALLEL, _mixed_workload(stack, fatal=True))
     assert [r for r in results if r not in (None, "timeout")] == []
     with capsys.disabled():  # the count is the result, shown even when it passes
         timeouts = results.count("timeout")
