@@ -6,12 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-# Debian packages the interoperability tests drive (real socat, real nginx + Lua).
+# Debian packages the interoperability tests drive (real socat, real nginx + Lua), and
+# what they build the C sockexec with (../shared/reference/build-sockexec.sh).
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
-for pkg in libnginx-mod-http-lua lua-resty-core lua-socket; do
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+for pkg in libnginx-mod-http-lua lua-resty-core lua-socket libc6-dev skalibs-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -29,6 +29,9 @@ __all__ = ["Broker", "GatewayProcess", "StartBroker", "wait_until"]
 ROOT = Path(__file__).resolve().parent.parent
 MISC = ROOT / "misc"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+# Third-party reference material (lua-resty-exec, netstring.lua, the C sockexec with its
+# build script), never copied into the repository: see ../shared/reference/README.md.
+REFERENCE = Path(os.environ.get("SOCKEXEC_LUA_REF") or ROOT.parent / "shared" / "reference")
 
 
 def require_tool(name: str) -> str:
@@ -76,15 +79,26 @@ def parse_reply(data: bytes) -> Result:
 def connect(path: str | Path, timeout: float = 30.0) -> socket.socket:
     """A blocking connect (it waits while the backlog is full), then a timeout."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(path))
+    try:
+        sock.connect(str(path))
+    except BaseException:
+        sock.close()  # (left to the garbage collector, it is a ResourceWarning)
+        raise
     sock.settimeout(timeout)
     return sock
 
 
-def read_all(sock: socket.socket) -> bytes:
+def read_all(sock: socket.socket, reset_is_eof: bool = False) -> bytes:
+    """Read until EOF. With ``reset_is_eof``, a reset also ends the reply: a server
+    closing while the client still sends stdin the program never read resets the
+    connection, and Linux hands over the data queued before the reset first."""
     chunks = []
-    while data := sock.recv(1 << 20):
-        chunks.append(data)
+    try:
+        while data := sock.recv(1 << 20):
+            chunks.append(data)
+    except ConnectionResetError:
+        if not reset_is_eof:
+            raise
     return b"".join(chunks)
 
 
@@ -94,6 +108,7 @@ def run_raw(
     *,
     half_close: bool = False,
     timeout: float = 30.0,
+    reset_is_eof: bool = False,
 ) -> bytes:
     """Send raw request bytes while reading the reply until the server closes.
 
@@ -113,7 +128,7 @@ def run_raw(
         sender = threading.Thread(target=send)
         sender.start()
         try:
-            return read_all(sock)
+            return read_all(sock, reset_is_eof)
         finally:
             sender.join(timeout)
 
