@@ -473,13 +473,11 @@ def test_sixteen_mebibytes_of_output(stack: Stack) -> None:
     assert len(outcome.stdout) == len(payload) and outcome.stdout == payload
 
 
-@pytest.mark.needs_spool
-@pytest.mark.xfail(strict=True, reason="broker stalls until the spool lands")
 def test_eight_mebibytes_of_stdin_through_cat(stack: Stack) -> None:
     # lua-resty-exec sends all of stdin before it reads: the broker must take it all
-    # while the output waits (SPEC section 7, spill instead of stall). Today the
-    # broker stops reading at about 1 MiB, and the library's send and reads wait
-    # until the broker's -t (5 s on this broker) ends the program: nothing comes back.
+    # while the output waits (SPEC section 7, spill instead of stall). Without the
+    # spool it stopped reading at about 1 MiB, and the library's send and reads
+    # waited until the broker's -t (5 s on this broker) ended the program.
     payload = random.Random(8).randbytes(8 << 20)
     outcome = stack.run("cat", stdin=payload, host="deadline.test")
     assert (outcome.error, outcome.exitcode) == (None, "0")
