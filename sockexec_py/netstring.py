@@ -106,14 +106,21 @@ class Decoder:
         """Bytes fed but not yet returned (for bounds and diagnostics)."""
         return len(self._buf) - self._pos
 
-    def take_marker(self, marker: int) -> bool:
-        """At a frame boundary, consume one byte equal to ``marker`` (a byte no netstring
-        can start with); True when it was there."""
+    def take_prefix(self, prefix: bytes) -> bool | None:
+        """At a frame boundary, consume ``prefix`` if the buffered bytes start with it.
+
+        True when consumed; None when what is buffered is a proper beginning of it (the
+        caller waits for more); False otherwise, or when not at a frame boundary.
+        """
         self._check_usable()
-        pos = self._pos
-        if self._frame_length is None and pos < len(self._buf) and self._buf[pos] == marker:
-            self._pos = pos + 1
+        if self._frame_length is not None:
+            return False
+        pos, end = self._pos, self._pos + len(prefix)
+        if self._buf[pos:end] == prefix:
+            self._pos = end
             return True
+        if len(self._buf) < end and prefix.startswith(self._buf[pos:]) and not self._eof:
+            return None
         return False
 
     # -- output -----------------------------------------------------------------

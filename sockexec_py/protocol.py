@@ -6,7 +6,9 @@ Rules of the protocol, all enforced here and nowhere else:
    netstrings (no NUL byte, total size bounded), then stdin netstrings streamed as they
    arrive, then ``0:,`` to close stdin. End of input at a frame boundary after the argv
    also closes stdin (a half-close, what ``socat`` does); anywhere else in the request
-   it is a protocol error. Any byte after ``0:,`` is a protocol error.
+   it is a protocol error. After ``0:,`` only more ``0:,`` may come, and are ignored
+   (lua-resty-exec sends two for an empty stdin, and the C sockexec takes them);
+   any other byte after it is a protocol error.
 2. After the argv, and only between frames, the byte ``!`` asks for the program's
    termination (TERM, then KILL after ``-k``; the exit pair is still sent). It is
    the last thing the client sends: anything after it is a protocol error. (Any
@@ -59,6 +61,8 @@ __all__ = [
 
 #: The byte that asks for the program's termination (rule 2).
 TERMINATE = b"!"
+#: The empty netstring: it closes the program's stdin.
+CLOSE_STDIN = b"0:,"
 #: The largest output chunk the server sends in one pair: small enough to fit a Unix
 #: socket buffer whole, so a pair is never split across two arrivals.
 MAX_OUTPUT_CHUNK = 64 * 1024
@@ -230,7 +234,7 @@ class ServerSession:
                 return ArgvReady(argv)
 
     def _next_stdin_event(self) -> ServerEvent | _Sentinel:
-        if self._decoder.take_marker(TERMINATE[0]):
+        if self._decoder.take_prefix(TERMINATE):
             return self._terminate_requested()
         chunk = self._decoder.next_chunk()
         if chunk is NEED_DATA:
@@ -254,10 +258,14 @@ class ServerSession:
             self._input_ended_pending = False
             self._state = _ServerState.ENDED
             return InputEnded()
-        if self._decoder.take_marker(TERMINATE[0]):
-            return self._terminate_requested()
-        if self._decoder.buffered:
-            raise RemoteProtocolError("data received after stdin was closed")
+        while self._decoder.buffered:
+            if self._decoder.take_prefix(TERMINATE):
+                return self._terminate_requested()
+            taken = self._decoder.take_prefix(CLOSE_STDIN)
+            if taken is None:
+                return NEED_DATA
+            if not taken:
+                raise RemoteProtocolError("data received after stdin was closed")
         if self._decoder.next_frame() is END:
             self._state = _ServerState.ENDED
             return InputEnded()

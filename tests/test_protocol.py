@@ -262,11 +262,18 @@ SERVER_ERRORS = [
         id="frame-after-close",
     ),
     pytest.param(
-        b"1:1,3:cat,0:,0:,",
+        b"1:1,3:cat,0:,0:,0:,1:a,",
         None,
         [ArgvReady((b"cat",)), StdinClosed()],
         "after stdin was closed",
-        id="second-close",
+        id="frame-after-repeated-closes",
+    ),
+    pytest.param(
+        b"1:1,3:cat,0:,0:x",
+        None,
+        [ArgvReady((b"cat",)), StdinClosed()],
+        "after stdin was closed",
+        id="broken-second-close",
     ),
     pytest.param(
         b"1:1,3:cat,2:hi,01:a,",
@@ -454,8 +461,11 @@ class ServerSessionMachine(RuleBasedStateMachine):
 
     def _queue_frame(self, payload: bytes) -> None:
         start = len(self.pending) + len(b"%d:" % len(payload))
+        # After 0:, only more 0:, may come (ignored); after ! nothing.
+        repeated_close = not payload and self.close_end is not None
         ended = self.close_end is not None or self.terminate_end is not None
-        if ended and self.error_at is None:
+        tolerated = repeated_close and self.terminate_end is None
+        if ended and not tolerated and self.error_at is None:
             self.error_at = len(self.pending)
         self.pending += encode(payload)
         self.frame_ends.append(len(self.pending))
@@ -463,7 +473,7 @@ class ServerSessionMachine(RuleBasedStateMachine):
             self.boundaries.add(len(self.pending))
             if payload:
                 self.stdin_spans.append((start, start + len(payload)))
-            else:
+            elif self.close_end is None:
                 self.close_end = len(self.pending)
 
     @precondition(lambda self: not self.eof and not self.request_frames)
@@ -896,3 +906,19 @@ def test_before_the_argv_it_is_a_protocol_error() -> None:
     session.receive_data(b"1:1,!")
     with pytest.raises(RemoteProtocolError, match="invalid character"):
         session.next_event()
+
+
+def test_repeated_closes_are_ignored() -> None:
+    """lua-resty-exec sends ``0:,`` twice for an empty stdin; the C takes it."""
+    session = ServerSession()
+    session.receive_data(encode_request(["cat"]) + b"3:abc,0:,0:")
+    assert [session.next_event() for _ in range(3)] == [
+        ArgvReady((b"cat",)),
+        StdinData(b"abc"),
+        StdinClosed(),
+    ]
+    assert session.next_event() is NEED_DATA  # half of a second 0:,
+    session.receive_data(b",0:,")
+    assert session.next_event() is NEED_DATA
+    session.receive_data(b"")
+    assert session.next_event() == InputEnded()

@@ -445,3 +445,18 @@ def test_the_client_may_ask_for_termination_and_still_gets_the_exit(
         sock.sendall(b"!")
         result = parse_reply(ready + read_all(sock))
         assert result.stdout.startswith(b"ready ") and result.termsig == "KILL"
+
+
+def test_a_client_still_sending_stdin_when_the_program_ends_may_finish(broker: Broker) -> None:
+    """``head -c 5`` fed 4 MiB: the program is gone long before the client has sent
+    it all. Closing then would reset the connection in the middle of the client's
+    send (nginx drops the reply lua-resty-exec had); the broker takes the rest of
+    stdin (and drops it) up to the client's 0:, and then answers."""
+    stdin = b"".join(b"65536:" + bytes(65536) + b"," for _ in range(64))
+    for _ in range(5):
+        with connect(broker.path) as sock:
+            # All of stdin first, then read, as lua-resty-exec does: a reset would
+            # fail the sendall.
+            sock.sendall(encode_request(["head", "-c", "5"]) + stdin + b"0:,")
+            reply = parse_reply(read_all(sock))
+            assert (reply.stdout, reply.exitcode) == (bytes(5), 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import socket
 import struct
 import time
@@ -50,6 +51,9 @@ from .supervisor import Supervisor
 
 log = logging.getLogger("sockexec_py")
 _UCRED = struct.Struct("3i")
+#: How long a client still sending stdin after its program ended may pause between
+#: two reads before the exit pair goes out anyway.
+SENDING_GRACE = 0.05
 
 
 class Phase(enum.Enum):
@@ -100,6 +104,8 @@ class Connection:
         self.phase = Phase.REQUEST
         self.program: Program | None = None
         self.bytes_in = 0
+        #: When the client's last bytes were read (trio's clock).
+        self.last_input = -math.inf
         #: Why the connection was cut short (client gone, shutdown), once it was.
         self.abandoned: str | None = None
         self.client_gone = False
@@ -229,7 +235,9 @@ class Connection:
         finally:
             if buffer is not None:
                 _io.BUFFERS.give(buffer)
-        self.bytes_in += len(data)
+        if data:
+            self.bytes_in += len(data)
+            self.last_input = trio.current_time()
 
     async def _spawn(self, verdict: Allowed) -> Program:
         """Start what was allowed; from the moment the process exists, it holds the
@@ -305,6 +313,7 @@ class Connection:
                         pump.stop()
                     for pump in pumps:
                         await pump.done.wait()
+                await self._let_the_client_finish_stdin(stdin)
                 self.phase = Phase.CLOSING
                 await self._send_exit(program)
                 nursery.cancel_scope.cancel()
@@ -313,6 +322,25 @@ class Connection:
                 # task in a closed nursery (once closed, the socket has no watch left).
                 if not self.writer.closed:
                     hangups.unwatch_input(self.fd)
+
+    async def _let_the_client_finish_stdin(self, stdin: StdinPump) -> None:
+        """A client still sending stdin when the program has ended gets to finish it
+        (up to its ``0:,``; the pump drops what nobody reads) before the exit pair.
+
+        Closing over a client in the middle of a send resets the connection, and
+        nginx then drops the reply lua-resty-exec already has (a ``head -c 5`` fed
+        4 MiB). Only a client that is sending — whose last bytes came less than
+        ``SENDING_GRACE`` ago — is waited for, as long as more keeps coming, within
+        ``--drain-timeout``: one that merely keeps stdin open (a duplex session
+        waiting for the exit) gets its exit pair at once.
+        """
+        with trio.move_on_after(self._services.config.drain_timeout):
+            while not stdin.client_done.is_set():
+                quiet = trio.current_time() - self.last_input
+                if quiet >= SENDING_GRACE:
+                    return
+                with trio.move_on_after(SENDING_GRACE - quiet):
+                    await stdin.client_done.wait()
 
     def _stdin_protocol_error(self, exc: RemoteProtocolError) -> None:
         log.debug("protocol error conn=%d: %s", self.number, exc)

@@ -89,6 +89,9 @@ class StdinPump:
         self._receive = receive
         self._protocol_error = protocol_error
         self._terminate = terminate
+        #: Set once the client has sent all it will send for stdin (``0:,``, a
+        #: terminate request, the end of its input, or a protocol error).
+        self.client_done = trio.Event()
 
     def first_event(self) -> object:
         """Take what the client sent with its request (``0:,`` closes stdin at once).
@@ -102,11 +105,14 @@ class StdinPump:
             event = self._session.next_event()
             if isinstance(event, StdinClosed):
                 self._program.close_stdin()
+                self.client_done.set()
                 event = self._session.next_event()
             if isinstance(event, TerminateRequested):
                 self._terminate()  # the signal first: stdin stays as it is
+                self.client_done.set()
                 event = self._session.next_event()
         except RemoteProtocolError as exc:
+            self.client_done.set()
             self._protocol_error(exc)
             return None
         return event
@@ -127,8 +133,10 @@ class StdinPump:
                     continue
                 elif isinstance(event, StdinClosed):
                     program.close_stdin()
+                    self.client_done.set()
                 elif isinstance(event, TerminateRequested):
                     self._terminate()  # the signal first: stdin stays as it is
+                    self.client_done.set()
                 elif isinstance(event, InputEnded):
                     return
                 event = session.next_event()
@@ -136,3 +144,5 @@ class StdinPump:
             return  # the session is over: the exit pair was sent and the socket closed
         except RemoteProtocolError as exc:
             self._protocol_error(exc)
+        finally:
+            self.client_done.set()

@@ -22,8 +22,6 @@ RECV_CHUNK = 256 * 1024
 #: Stdin goes out in netstrings of at most this size: a broker started with a
 #: --max-frame below it (default 64 MiB) refuses the client's stdin.
 STDIN_CHUNK = 64 * 1024
-#: The empty netstring: it closes the program's stdin.
-CLOSE_STDIN = b"0:,"
 
 _GATEWAY_SCHEMES = ("http://", "https://", "ws://", "wss://")
 

@@ -22,9 +22,9 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from sockexec_py.events import Exited, Output
-from sockexec_py.protocol import NEED_DATA, TERMINATE, ClientSession, encode_request
+from sockexec_py.protocol import CLOSE_STDIN, NEED_DATA, TERMINATE, ClientSession, encode_request
 
-from ._common import CLOSE_STDIN, Frame, OutputCallback, stdin_netstrings
+from ._common import Frame, OutputCallback, stdin_netstrings
 
 
 class SessionState(Protocol):
