@@ -143,12 +143,14 @@ class PairWriter:
         close is its fatal ``timeout``). The send wakes the client, which takes the
         CPU as soon as the broker returns to user space on a busy machine, and
         whatever stands between the send and ``close(2)`` then waits for
-        milliseconds. So everything closing does is done first and room for the bytes
-        is made sure of; then the send and the close happen in one system call (an
-        io_uring SEND linked to a CLOSE, :mod:`._uring`), or, where io_uring is not
-        available, the CPU is offered to what is runnable first (``sched_yield``: the
-        broker is next in line after it) and ``sendmsg`` and ``close(2)`` run back to
-        back.
+        milliseconds. So everything closing does is done first, room for the bytes
+        is made sure of, the CPU is offered to what is runnable (``sched_yield``:
+        the broker is next in line after it), and then the send and the close happen
+        in one system call (an io_uring SEND linked to a CLOSE, :mod:`._uring`) —
+        or, where io_uring is not available, ``sendmsg`` and ``close(2)`` back to
+        back. Measured with lua-resty-exec through nginx (issue 18), 10,000 requests
+        each: 0.40% late closes with the ring alone, 0.14 to 0.18% with the yield alone,
+        0.07% with both.
         """
         if self.usable:
             if not self._drained.is_set():  # (a set Event's wait() still costs a round)
@@ -158,11 +160,11 @@ class PairWriter:
                 if not self._fits(len(data)):  # POLLOUT: a short pair fits then
                     await trio.lowlevel.wait_writable(self.sock)
                 self._prepare_close()
+                _sched_yield()
                 ring = final_ring()
                 if ring is not None:
                     self._send_and_close(ring, data)
                 else:
-                    _sched_yield()
                     pending = _io.sendmsg_nowait(self.sock, [data])
                     if pending:  # not expected: the room was made sure of
                         await _io.sendmsg_all(self.sock, pending)
