@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -68,6 +68,9 @@ class RunnerConfig:
     keep_for: float | None = None
     keep_max: int | None = None
     purge_interval: float = 60.0
+    #: How long a cancel waits for the broker's exit pair after asking it to
+    #: terminate (it sends KILL after its -k, 10 s by default) before closing.
+    kill_grace: float = 15.0
 
 
 @dataclass
@@ -120,11 +123,22 @@ class Runner:
             log.warning("job %s was running when the gateway stopped: marked lost", job_id)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._dispatch)
-            nursery.start_soon(self._schedule)
+            nursery.start_soon(self._guarded, self._dispatch)
+            nursery.start_soon(self._guarded, self._schedule)
             if self.config.keep_for is not None or self.config.keep_max is not None:
-                nursery.start_soon(self._retention)
+                nursery.start_soon(self._guarded, self._retention)
             task_status.started()
+
+    async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop for ever: a bug that escapes it is logged and the
+        loop starts again after a pause, so it never takes the runner (and the
+        gateway serving it) down."""
+        while True:
+            try:
+                await loop()
+            except Exception:
+                log.exception("jobs: %s failed; restarting it", loop.__name__)
+            await trio.sleep(self.config.retry_max)
 
     def add_listener(self, listener: Callable[[Job], object]) -> Callable[[], None]:
         """Call ``listener(job)`` (in the trio thread, not awaited) on every state
@@ -142,6 +156,11 @@ class Runner:
         """The job; a running one with its live output sizes and progress."""
         run = self._runs.get(job_id)
         return run.snapshot() if run is not None else await self.store.get(job_id)
+
+    def current(self, job: Job) -> Job:
+        """``job`` (read from the store) with its live sizes and progress if it runs."""
+        run = self._runs.get(job.id)
+        return run.snapshot() if run is not None else job
 
     async def wait(self, job_id: str, *, started: bool = False) -> Job:
         """Wait until the job has finished (or, with ``started``, left the queue)."""
@@ -174,8 +193,7 @@ class Runner:
         for _attempt in range(5):
             run = self._runs.get(job_id)
             if run is not None:
-                run.cancel_requested = True
-                terminate_session(run)
+                await terminate_session(run, self.config.kill_grace)
                 await run.done.wait()
                 if run.final is not None:
                     return run.final
@@ -362,7 +380,7 @@ class Runner:
             run.progress_dirty = trio.Event()
             try:
                 await self.store.save_progress(run.snapshot())
-            except JobError as exc:
+            except Exception as exc:  # never the job's end: it goes on
                 log.error("cannot save the progress of job %s: %s", run.job.id, exc)
             await trio.sleep(self.config.progress_interval)
 
