@@ -21,32 +21,13 @@ from sockexec_py._cli import EXIT_SYSTEM, EXIT_USAGE
 from sockexec_py.events import Exited, Output
 
 from . import BrokerUnavailable, ProtocolError, Timeout, open_session
+from ._common import signal_name, signal_number
 
 PROG = "sockexec-client"
 USAGE = (
     f"usage: {PROG} SOCKET_OR_URL PROGRAM [ARGS...]\n"
     f"       {PROG} jobs [-u URL] submit|list|show|logs|cancel|wait ... (see jobs --help)"
 )
-
-
-def signal_number(termsig: str) -> int | None:
-    """The number of a signal as the broker names it: ``TERM`` (the default) or ``15``
-    (``--termsig-format number``); None for a name this system does not know."""
-    if termsig.isdigit():
-        return int(termsig)
-    try:
-        return int(signal.Signals[f"SIG{termsig}"])
-    except KeyError:
-        return None
-
-
-def signal_name(termsig: str) -> str:
-    """``TERM`` for ``TERM`` or ``15``: the name without ``SIG`` when it is known."""
-    number = signal_number(termsig)
-    try:
-        return termsig if number is None else signal.Signals(number).name.removeprefix("SIG")
-    except ValueError:
-        return termsig
 
 
 class _StdinSink(Protocol):

@@ -22,7 +22,7 @@ from sockexec_py._cli import EXIT_SYSTEM, EXIT_USAGE, UsageParser, number
 from sockexec_py.errors import SockexecError
 from sockexec_py.events import Output
 
-from .cli import signal_name, signal_number
+from ._common import signal_name, signal_number
 from .jobs import Job, JobStatus, list_jobs, submit
 
 PROG = "sockexec-client jobs"
