@@ -303,7 +303,7 @@ class Api:
         if operation.answer is not None:
             content["application/json"] = {"schema": keys[(operation.answer, "serialization")]}
         for media_type, text in operation.media.items():
-            content[media_type] = {"schema": {"type": "string"}, "description": text}
+            content[media_type] = {"schema": {"type": "string", "description": text}}
         if content:
             success["content"] = content
         error_ref = keys[(ErrorBody, "serialization")]

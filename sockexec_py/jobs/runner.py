@@ -155,12 +155,14 @@ class Runner:
     async def get(self, job_id: str) -> Job:
         """The job; a running one with its live output sizes and progress."""
         run = self._runs.get(job_id)
-        return run.snapshot() if run is not None else await self.store.get(job_id)
+        if run is not None:
+            return run.final or run.snapshot()
+        return await self.store.get(job_id)
 
     def current(self, job: Job) -> Job:
         """``job`` (read from the store) with its live sizes and progress if it runs."""
         run = self._runs.get(job.id)
-        return run.snapshot() if run is not None else job
+        return (run.final or run.snapshot()) if run is not None else job
 
     async def wait(self, job_id: str, *, started: bool = False) -> Job:
         """Wait until the job has finished (or, with ``started``, left the queue)."""
@@ -387,8 +389,9 @@ class Runner:
     async def _finish(
         self, run: RunningJob, state: JobState, reason: str | None, exited: Exited | None
     ) -> None:
-        """Record the end (the database first, so a follower that sees the output
-        end finds the final record), close the output, free the slot."""
+        """Record the end (the database and :attr:`RunningJob.final` first, so a
+        follower that sees the output end finds the final record), close the output,
+        free the slot."""
         await run.output.flush()  # the sizes recorded are those of the files
         run.parser.end()
         ended = replace(
@@ -404,10 +407,10 @@ class Runner:
             await self.store.finish(ended, remove=remove)
         except JobError as exc:
             log.error("cannot record the end of job %s: %s", ended.id, exc)
+        run.final = ended
         await run.output.close()
         if remove:
             await self.output.remove(ended.id)
-        run.final = ended
         self._runs.pop(ended.id, None)
         run.done.set()
         self._changed(ended)
