@@ -372,8 +372,7 @@ class JobsService:
         runner = self._runner()
         with job_errors():
             submitted = parse_submit(body.model_dump(exclude_unset=True), self.limits)
-            job = await runner.submit(submitted)
-        position = await self._position(job)
+            job, position = await runner.submit_positioned(submitted)
         return JobAccepted(id=job.id, state=job.state.value, position=position, url=job_url(job.id))
 
     async def list_jobs(self, request: Request, body: None, query: JobListQuery) -> JobPage:

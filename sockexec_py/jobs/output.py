@@ -267,7 +267,8 @@ class RunOutput:
             self.closed = True
             self._store._live.pop(self.job_id, None)
             self._notify()
-            await trio.to_thread.run_sync(self._close_files)
+            if self._handles:  # a job that printed nothing opened no file
+                await trio.to_thread.run_sync(self._close_files)
 
 
 class OutputStore:

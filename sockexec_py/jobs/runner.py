@@ -148,9 +148,17 @@ class Runner:
 
     async def submit(self, request: SubmitRequest) -> Job:
         """Record a job (committed when this returns) and wake the scheduler."""
-        job = await self.store.submit(request, max_waiting=self.config.max_waiting)
-        self._changed(job)
+        job, _ = await self.submit_positioned(request)
         return job
+
+    async def submit_positioned(self, request: SubmitRequest) -> tuple[Job, int | None]:
+        """:meth:`submit`, with the job's place in its queue when it was committed
+        (``None`` unless queued)."""
+        job, position = await self.store.submit_positioned(
+            request, max_waiting=self.config.max_waiting
+        )
+        self._changed(job)
+        return job, position
 
     async def get(self, job_id: str) -> Job:
         """The job; a running one with its live output sizes and progress."""
@@ -281,12 +289,14 @@ class Runner:
         running = Counter(run.job.name for run in self._runs.values())
         self._claiming = claiming = trio.Event()
         try:
-            jobs = await self.store.claim(
+            claimed = await self.store.claim_with_stdin(
                 slots, running, self.config.limits, self.config.default_limit
             )
-            for job in jobs:
+            jobs = [job for job, _ in claimed]
+            for job, stdin in claimed:
                 # Registered with its output before anyone can see it running.
                 run = self._runs[job.id] = RunningJob(job, self.output.open(job.id))
+                run.stdin = stdin
                 self._nursery.start_soon(self._execute, run)
         except JobError as exc:  # StoreUnavailable: try again after a while
             log.error("cannot start jobs: %s", exc)
@@ -338,11 +348,10 @@ class Runner:
         """
         try:
             try:
-                stdin = await self.store.stdin(run.job.id)
                 exited, reason = await run_session(
                     run,
                     self.config.socket_path,
-                    stdin,
+                    run.stdin,
                     on_connected=self._broker_ok,
                     alongside=self._save_progress,
                 )

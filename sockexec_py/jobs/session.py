@@ -38,6 +38,8 @@ class RunningJob:
     def __init__(self, job: Job, output: RunOutput) -> None:
         self.job = job
         self.output = output
+        #: What the program reads, sent once connected (read with the claim).
+        self.stdin = b""
         # Created now, entered by the job's task: a cancel that comes before the
         # session is even connected still applies.
         self.session_scope = trio.CancelScope()
