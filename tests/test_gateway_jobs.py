@@ -414,6 +414,33 @@ def _start_fails(broker: Broker, data_dir: Path) -> str:
     return proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--jobs-limit", "nolimit"),
+        ("--jobs-limit", "build=0"),
+        ("--jobs-keep", "7y"),
+        ("--jobs-keep", "0"),
+        ("--jobs-max-running", "0"),
+        ("--jobs-max-queue", "-1"),
+        ("--job-output-max", "lots"),
+        ("--jobs-keep-max", "0"),
+    ],
+)
+def test_bad_jobs_flags_are_usage_errors(
+    broker: Broker, tmp_path: Path, flag: str, value: str
+) -> None:
+    command = [sys.executable, "-m", "sockexec_py.gateway", "--socket", str(broker.path)]
+    proc = subprocess.run(
+        [*command, "--data-dir", str(tmp_path / "data"), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 100, proc.stderr
+    assert flag in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_a_second_gateway_on_the_data_dir_is_refused(
     jobs: GatewayProcess, broker: Broker, data_dir: Path
 ) -> None:
