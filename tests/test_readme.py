@@ -108,3 +108,46 @@ def test_policy_example_is_a_valid_policy(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "command 'thumbnail':" in proc.stdout
+
+
+def test_jobs_examples_work(broker: Broker, tmp_path: Path) -> None:
+    require_tool("curl")
+    section = _section("Jobs")
+    blocks = _shell_blocks(section)
+    curls = [line for block in blocks for line in block.splitlines() if line.startswith("curl ")]
+    assert len(curls) == 7
+    with GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data")) as gateway:
+
+        def shell(line: str, job_id: str = "") -> str:
+            command = line.replace("http://127.0.0.1:8080", gateway.base).replace("ID", job_id)
+            command = command.replace(
+                "sockexec-client ", f"{sys.executable} -m sockexec_py.client.cli "
+            )
+            proc = subprocess.run(["bash", "-c", command], capture_output=True, timeout=60)
+            assert proc.returncode == 0, (line, proc.stderr)
+            return proc.stdout.decode()
+
+        accepted = json.loads(shell(curls[0]))
+        job_id = accepted["id"]
+        assert set(accepted) == {"id", "state", "position", "url"}
+        job = json.loads(shell(curls[1], job_id))
+        assert (job["state"], job["exitcode"], job["progress"]["title"]) == ("failed", 3, "build")
+        frames = [json.loads(line) for line in shell(curls[2], job_id).splitlines()]
+        assert frames[0] == {"type": "stdout", "data": "[1/2] build\nbuilt\n", "offset": 0}
+        assert frames[-1]["type"] == "exit" and frames[-1]["exitcode"] == 3
+        assert shell(curls[3], job_id) == "built\n"
+        assert [each["id"] for each in json.loads(shell(curls[4]))["jobs"]] == [job_id]
+        assert json.loads(shell(curls[5], job_id))["error"] == "conflict"  # it had ended
+        assert shell(curls[6], job_id) == "204\n"
+        python_blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+        assert len(python_blocks) == 2
+        for block in python_blocks:
+            proc = subprocess.run(
+                [sys.executable, "-c", f"GATEWAY = {gateway.base!r}\n{block}"],
+                capture_output=True,
+                timeout=60,
+            )
+            assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode().splitlines()[-1] == "succeeded"
+        (cli,) = [block for block in blocks if "sockexec-client jobs" in block]
+        assert shell(cli) == "exit 5\nhi\n"

@@ -4,6 +4,7 @@ the stdin netstrings and the wording of errors. No sockets here (sans-IO)."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -143,3 +144,23 @@ def gateway_extra() -> Iterator[None]:
 def timeout_error(timeout: float | None, what: str = "the program") -> str:
     """The message of a :class:`~sockexec_py.errors.Timeout`."""
     return f"{what} did not finish within {timeout:g} s" if timeout else f"{what} timed out"
+
+
+def signal_number(termsig: str) -> int | None:
+    """The number of a signal as the broker names it: ``TERM`` (the default) or ``15``
+    (``--termsig-format number``); None for a name this system does not know."""
+    if termsig.isdigit():
+        return int(termsig)
+    try:
+        return int(signal.Signals[f"SIG{termsig}"])
+    except KeyError:
+        return None
+
+
+def signal_name(termsig: str) -> str:
+    """``TERM`` for ``TERM`` or ``15``: the name without ``SIG`` when it is known."""
+    number = signal_number(termsig)
+    try:
+        return termsig if number is None else signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return termsig

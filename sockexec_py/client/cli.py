@@ -3,7 +3,8 @@
 Its stdin goes to the program (unless it is a terminal), the program's stdout and
 stderr come out on its own as they arrive, and it exits with the program's status:
 128+n after a signal (with a note on stderr), 111 when the broker cannot be reached
-or breaks the protocol, 100 on a usage error.
+or breaks the protocol, 100 on a usage error. ``sockexec-client jobs ...`` is the
+jobs command line (:mod:`.jobs_cli`).
 """
 
 from __future__ import annotations
@@ -20,29 +21,13 @@ from sockexec_py._cli import EXIT_SYSTEM, EXIT_USAGE
 from sockexec_py.events import Exited, Output
 
 from . import BrokerUnavailable, ProtocolError, Timeout, open_session
+from ._common import signal_name, signal_number
 
 PROG = "sockexec-client"
-USAGE = f"usage: {PROG} SOCKET_OR_URL PROGRAM [ARGS...]"
-
-
-def signal_number(termsig: str) -> int | None:
-    """The number of a signal as the broker names it: ``TERM`` (the default) or ``15``
-    (``--termsig-format number``); None for a name this system does not know."""
-    if termsig.isdigit():
-        return int(termsig)
-    try:
-        return int(signal.Signals[f"SIG{termsig}"])
-    except KeyError:
-        return None
-
-
-def signal_name(termsig: str) -> str:
-    """``TERM`` for ``TERM`` or ``15``: the name without ``SIG`` when it is known."""
-    number = signal_number(termsig)
-    try:
-        return termsig if number is None else signal.Signals(number).name.removeprefix("SIG")
-    except ValueError:
-        return termsig
+USAGE = (
+    f"usage: {PROG} SOCKET_OR_URL PROGRAM [ARGS...]\n"
+    f"       {PROG} jobs [-u URL] submit|list|show|logs|cancel|wait ... (see jobs --help)"
+)
 
 
 class _StdinSink(Protocol):
@@ -91,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
+    if args[:1] == ["jobs"]:  # a socket named "jobs" is ./jobs or unix:jobs
+        from .jobs_cli import main as jobs_main
+
+        return jobs_main(args[1:])
     if len(args) < 2:
         sys.stderr.write(f"{PROG}: {USAGE}\n")
         return EXIT_USAGE

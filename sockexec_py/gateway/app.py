@@ -1,8 +1,9 @@
-"""The gateway's ASGI application (Starlette): the broker's modes over HTTP.
+"""The gateway's ASGI application (Starlette): the broker's modes over HTTP, and
+the jobs API with a data dir (:mod:`.jobs_api`).
 
-It spawns nothing: every request opens one broker session over the Unix socket, so
-the broker's limits and policy apply unchanged. Errors are JSON ``{error, detail}``
-with a 4xx/5xx status and never a stack trace.
+It spawns nothing: every request (and every job) opens one broker session over the
+Unix socket, so the broker's limits and policy apply unchanged. Errors are JSON
+``{error, detail}`` with a 4xx/5xx status and never a stack trace.
 """
 
 from __future__ import annotations
@@ -12,63 +13,192 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
-from starlette.requests import ClientDisconnect, Request
+from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from sockexec_py._version import __version__
 from sockexec_py.client import AsyncSession, BrokerUnavailable, check_broker
 from sockexec_py.client.wire import error_frame, frame_json
 from sockexec_py.events import Exited, Output
+from sockexec_py.jobs import JobError
 
+from .api import Api, validation_error
 from .auth import TokenStore
+from .jobs_api import JobsService
 from .metrics import GatewayMetrics
-from .openapi import OPENAPI
+from .models import EncodingQuery, ExecRequest, ExecResult, Health
 from .request import (
-    ExecRequest,
+    ExecCall,
     HTTPError,
     error_response,
+    exec_call,
     refuse_cross_site,
     refuse_foreign_host,
-    require_json,
 )
 from .sessions import SessionRunner
-from .settings import GatewaySettings
-from .streaming import NDJSON, SSE, ClientLeft, Stream, unless_client_leaves
+from .settings import GatewaySettings, JobsSettings
+from .streaming import NDJSON, SSE, Stream, session_frames, unless_client_leaves
 
 log = logging.getLogger(__name__)
 
+#: What the jobs routes are declared with when jobs are off (never opened).
+_NO_JOBS = JobsSettings(data_dir="")
+
+_EXEC_REQUEST: TypeAdapter[ExecRequest] = TypeAdapter(ExecRequest)
+
+#: The WebSocket route, which OpenAPI cannot describe: written here by hand.
+_WEBSOCKET_PATH = {
+    "get": {
+        "summary": "Duplex session over a WebSocket",
+        "description": "Upgrade to a WebSocket. The first message is an ExecRequest "
+        "(JSON text, without stdin fields); then stdin as text or binary messages, "
+        '{"type": "close_stdin"} to close it, {"type": "terminate"} to have the program '
+        'terminated. Frames come back as JSON text: {"type": "stdout"|"stderr", "data"} '
+        '(data_b64 with ?encoding=base64), then {"type": "exit", "exitcode", "termsig"}; '
+        'an error after the upgrade is {"type": "error", "error", "detail", "status"} and '
+        "a close. A refusal before the upgrade is an HTTP answer with the Error body.",
+        "parameters": [
+            {
+                "name": "encoding",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": ["text", "base64"], "default": "text"},
+            }
+        ],
+        "responses": {
+            "101": {"description": "Switching protocols: the session runs"},
+            **{
+                str(code): {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                }
+                for code, text in (
+                    (401, "Missing or wrong bearer token"),
+                    (403, "Refused: sent by a web browser for a page (an Origin header)"),
+                    (421, "Without tokens, the Host must be a loopback name"),
+                )
+            },
+        },
+    }
+}
+
 
 class Gateway:
-    """Holds the settings, tokens and metrics; its ``app`` is the ASGI application."""
+    """Holds the settings, tokens, metrics and (with a data dir) the jobs service;
+    its ``app`` is the ASGI application. Every HTTP route is declared on :attr:`api`
+    with its models, which also make ``/openapi.json``."""
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.tokens = TokenStore(settings.token_file) if settings.token_file else None
         self.metrics = GatewayMetrics()
         self.sessions = SessionRunner(settings.socket_path, self.metrics, settings.max_output)
+        self.jobs = (
+            JobsService(settings.jobs, settings.socket_path, self.metrics)
+            if settings.jobs is not None
+            else None
+        )
+        #: The one line saying why the app could not start (the CLI prints it).
+        self.startup_error: str | None = None
+        self.api = api = Api(self._screen, self._count, settings.max_body)
+        api.route(
+            "POST",
+            "/v1/exec",
+            "Run a program (one-shot JSON, or streamed frames by Accept)",
+            body=ExecRequest,
+            query=EncodingQuery,
+            answer=ExecResult,
+            errors=(502, 503, 504),
+            mode="oneshot",
+            media={
+                NDJSON: 'One JSON frame per line: {"type": "stdout"|"stderr", "data"} '
+                '(or "data_b64"), then {"type": "exit", "exitcode", "termsig"}',
+                SSE: "The same frames as server-sent events",
+            },
+        )(self.exec_http)
+        api.route(
+            "GET",
+            "/healthz",
+            "Whether the broker socket answers",
+            answer=Health,
+            errors=(503,),
+            auth=False,
+        )(self.healthz)
+        api.route(
+            "GET",
+            "/metrics",
+            "Prometheus metrics",
+            media={"text/plain": "Prometheus text format"},
+        )(self.metrics_endpoint)
+        api.route(
+            "GET",
+            "/openapi.json",
+            "This document (OpenAPI 3.1, generated from the models)",
+            media={"application/json": "OpenAPI 3.1"},
+            auth=False,
+        )(self.openapi)
+        # Declared even without a data dir: they answer 404 jobs_disabled then.
+        (self.jobs or JobsService(_NO_JOBS, settings.socket_path, self.metrics)).register(api)
+        self.document = api.openapi(
+            {
+                "title": "sockexec-gateway",
+                "version": __version__,
+                "description": "Runs programs through the sockexec_py broker: one-shot, "
+                "streamed (NDJSON or SSE), duplex (WebSocket /v1/exec/ws) and as jobs "
+                "(/v1/jobs, with --data-dir).",
+            },
+            {"/v1/exec/ws": _WEBSOCKET_PATH},
+        )
         self.app = Starlette(
-            routes=[
-                Route("/v1/exec", self._guard("oneshot", self.exec_http), methods=["POST"]),
-                WebSocketRoute("/v1/exec/ws", self.exec_ws),
-                Route("/healthz", self._guard("other", self.healthz, auth=False)),
-                Route("/metrics", self._guard("other", self.metrics_endpoint)),
-                Route("/openapi.json", self._guard("other", self.openapi, auth=False)),
-            ],
+            routes=[*api.routes(), WebSocketRoute("/v1/exec/ws", self.exec_ws)],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
+            lifespan=self._lifespan,
         )
 
     # -- plumbing ------------------------------------------------------------------
 
-    def _authorized(self, headers: Any) -> bool:
+    @asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """The jobs service runs for the life of the app (one nursery, its own)."""
+        if self.jobs is None:
+            yield
+            return
+        started = False
+        try:
+            async with self.jobs.running():
+                started = True
+                yield
+        except JobError as exc:
+            if not started:
+                self.startup_error = str(exc)
+            raise
+
+    @asynccontextmanager
+    async def prepared(self) -> AsyncIterator[None]:
+        """What the app needs before it may listen: the jobs' data dir, opened and
+        locked (see :meth:`JobsService.opened`); nothing without jobs."""
+        if self.jobs is None:
+            yield
+            return
+        async with self.jobs.opened():
+            yield
+
+    def _authorized(self, headers: Headers) -> bool:
         return self.tokens is None or self.tokens.check(headers.get("authorization"))
 
-    def _screen(self, headers: Any, *, auth: bool) -> None:
+    def _screen(self, headers: Headers, auth: bool) -> None:
         """The checks every request passes, HTTP or WebSocket; HTTPError if refused."""
         refuse_cross_site(headers)
         if self.tokens is None:
@@ -76,28 +206,8 @@ class Gateway:
         if auth and not self._authorized(headers):
             raise HTTPError(401, "unauthorized", "a valid bearer token is required")
 
-    def _guard(
-        self,
-        mode: str,
-        handler: Callable[[Request], Awaitable[Response]],
-        *,
-        auth: bool = True,
-    ) -> Callable[[Request], Awaitable[Response]]:
-        """Auth, JSON errors and the request counter around a handler."""
-
-        async def endpoint(request: Request) -> Response:
-            try:
-                self._screen(request.headers, auth=auth)
-                response = await handler(request)
-            except HTTPError as exc:
-                response = error_response(exc)
-            except ClientLeft:  # nobody reads this answer: 499 is for the metrics (nginx's)
-                response = Response(status_code=499)
-            counted = getattr(response, "mode", mode)
-            self.metrics.requests.labels(counted, str(response.status_code)).inc()
-            return response
-
-        return endpoint
+    def _count(self, mode: str, status: int) -> None:
+        self.metrics.requests.labels(mode, str(status)).inc()
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return error_response(HTTPError(404, "not_found", f"no such endpoint: {request.url.path}"))
@@ -107,28 +217,9 @@ class Gateway:
             HTTPError(405, "method_not_allowed", f"{request.method} is not allowed here")
         )
 
-    async def _read_json(self, request: Request) -> Any:
-        limit = self.settings.max_body
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise HTTPError(413, "too_large", f"the request body exceeds {limit} bytes")
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise ClientLeft from None
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise HTTPError(400, "bad_request", "the body is not valid JSON") from None
-
     # -- endpoints -------------------------------------------------------------------
 
-    async def healthz(self, request: Request) -> Response:
+    async def healthz(self, request: Request, body: None, query: None) -> Health:
         """Whether the broker answers. Probes need no token, so the answer says no more
         than that: the reason (which names the socket path) goes to the log."""
         try:
@@ -136,21 +227,21 @@ class Gateway:
         except BrokerUnavailable as exc:
             log.warning("healthz: %s", exc)
             raise HTTPError(503, "broker_unavailable", "broker unavailable") from None
-        return JSONResponse({"status": "ok"})
+        return Health(status="ok")
 
-    async def metrics_endpoint(self, request: Request) -> Response:
+    async def metrics_endpoint(self, request: Request, body: None, query: None) -> Response:
+        if self.jobs is not None:
+            await self.jobs.refresh_metrics()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def openapi(self, request: Request) -> Response:
-        return JSONResponse(OPENAPI)
+    async def openapi(self, request: Request, body: None, query: None) -> Response:
+        return JSONResponse(self.document)
 
-    async def exec_http(self, request: Request) -> Response:
-        require_json(request.headers)
-        body = await self._read_json(request)
-        exec_request = ExecRequest(body, self.settings)
-        b64 = request.query_params.get("encoding") == "base64"
-        if request.query_params.get("encoding") not in (None, "base64", "text"):
-            raise HTTPError(400, "bad_request", "encoding must be text or base64")
+    async def exec_http(
+        self, request: Request, body: ExecRequest, query: EncodingQuery
+    ) -> Response | ExecResult:
+        call = exec_call(body, self.settings)
+        b64 = query.encoding == "base64"
         accept = request.headers.get("accept", "")
         if NDJSON in accept or SSE in accept:
             media_type = NDJSON if NDJSON in accept else SSE
@@ -158,26 +249,27 @@ class Gateway:
                 await check_broker(self.settings.socket_path)
             except BrokerUnavailable as exc:
                 raise HTTPError(503, "broker_unavailable", str(exc)) from None
-            return Stream(functools.partial(self.sessions.run, exec_request), media_type, b64)
-        return await unless_client_leaves(request.receive, lambda: self._oneshot(exec_request, b64))
+            run = functools.partial(self.sessions.run, call)
+            return Stream(session_frames(run, b64), media_type)
+        return await unless_client_leaves(request.receive, lambda: self._oneshot(call, b64))
 
-    async def _oneshot(self, exec_request: ExecRequest, b64: bool) -> Response:
+    async def _oneshot(self, call: ExecCall, b64: bool) -> ExecResult:
         """Run to the end and answer everything at once (bounded: see
         :meth:`SessionRunner.collect`)."""
         started = time.monotonic()
-        ran = await self.sessions.collect(exec_request)
+        ran = await self.sessions.collect(call)
         result: dict[str, Any] = {}
         for kind, data in (("stdout", ran.stdout), ("stderr", ran.stderr)):
             if b64:
                 result[f"{kind}_b64"] = base64.b64encode(data).decode()
             else:
                 result[kind] = data.decode("utf-8", "replace")
-        result.update(
+        return ExecResult(
+            **result,
             exitcode=ran.exitcode,
             termsig=ran.termsig,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )
-        return JSONResponse(result)
 
     async def exec_ws(self, websocket: WebSocket) -> None:
         """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
@@ -200,13 +292,14 @@ class Gateway:
             first = await websocket.receive()
             if first["type"] == "websocket.disconnect":
                 raise WebSocketDisconnect(first.get("code", 1000))
+            text = first.get("text")
+            if text is None:
+                raise HTTPError(400, "bad_request", "the first message must be a JSON request")
             try:
-                body = json.loads(first.get("text") or "")
-            except (ValueError, RecursionError):
-                raise HTTPError(
-                    400, "bad_request", "the first message must be a JSON request"
-                ) from None
-            exec_request = ExecRequest(body, self.settings, allow_stdin=False)
+                body = _EXEC_REQUEST.validate_json(text)
+            except ValidationError as exc:
+                raise validation_error(exc) from None
+            exec_request = exec_call(body, self.settings, allow_stdin=False)
             b64 = websocket.query_params.get("encoding") == "base64"
 
             async def forward(event: Output | Exited) -> None:

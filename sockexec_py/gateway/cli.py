@@ -1,13 +1,15 @@
 """``sockexec-gateway``: serve the HTTP/WebSocket gateway with Hypercorn's trio worker.
 
 Exit statuses as the broker's: 100 for a usage or configuration error (including a
-non-loopback address without tokens), 111 when the address cannot be bound.
+non-loopback address without tokens), 111 when the address cannot be bound or the
+data dir cannot be used (locked by another gateway, unwritable, not ours).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,7 +18,7 @@ import trio
 
 from sockexec_py._cli import EXIT_SYSTEM, EXIT_USAGE, UsageParser, number
 
-from .settings import GatewaySettings
+from .settings import GatewaySettings, JobsSettings
 
 PROG = "sockexec-gateway"
 
@@ -26,6 +28,25 @@ def _listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"--listen takes HOST:PORT, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` or plain seconds."""
+    match = _DURATION.fullmatch(text.strip())
+    if match is None or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration like 7d, 12h, 30m, got {text!r}")
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def _name_limit(text: str) -> tuple[str, int]:
+    name, sep, limit = text.rpartition("=")
+    if not sep or not name or not limit.isdigit() or int(limit) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=N with N >= 1, got {text!r}")
+    return name, int(limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +82,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="timeout of a request without one",
     )
+    jobs = parser.add_argument_group("jobs (on with --data-dir)")
+    add = jobs.add_argument
+    add("--data-dir", help="where jobs are kept (SQLite and output files); jobs are off without")
+    add(
+        "--jobs-max-running",
+        type=number(int, 1, "jobs_max_running"),
+        default=8,
+        help="jobs running at once in all (8)",
+    )
+    add(
+        "--jobs-limit",
+        type=_name_limit,
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="jobs of NAME running at once (repeatable; default 1 per name)",
+    )
+    add(
+        "--jobs-max-queue",
+        type=number(int, 1, "jobs_max_queue"),
+        default=1000,
+        help="waiting jobs per name, 429 past it (1000)",
+    )
+    add(
+        "--job-output-max",
+        type=number(int, 1, "job_output_max"),
+        default=64 << 20,
+        help="output stored per job in bytes, then truncated with a marker (64 MiB)",
+    )
+    add(
+        "--jobs-keep",
+        type=_duration,
+        default=7 * 86400.0,
+        help="purge finished jobs this long after they ended (7d; s, m, h, d, w)",
+    )
+    add(
+        "--jobs-keep-max",
+        type=number(int, 1, "jobs_keep_max"),
+        default=None,
+        help="keep at most this many finished jobs (oldest purged first)",
+    )
     return parser
 
 
@@ -69,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from hypercorn.config import Config
         from hypercorn.trio import serve
+
+        from sockexec_py.jobs import JobError
 
         from .app import Gateway
         from .auth import TokenFileError
@@ -89,6 +153,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_output=args.max_output,
         max_timeout=args.max_timeout,
         default_timeout=min(args.default_timeout, args.max_timeout),
+        jobs=None
+        if args.data_dir is None
+        else JobsSettings(
+            data_dir=args.data_dir,
+            max_running=args.jobs_max_running,
+            limits=dict(args.jobs_limit),
+            max_queue=args.jobs_max_queue,
+            output_max=args.job_output_max,
+            keep_for=args.jobs_keep,
+            keep_max=args.jobs_keep_max,
+        ),
     )
     if not settings.loopback and settings.token_file is None:
         sys.stderr.write(
@@ -109,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.graceful_timeout = 5
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
+        async with gateway.prepared(), trio.open_nursery() as nursery:
             stop = trio.Event()
 
             async def on_signals() -> None:
@@ -134,7 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         trio.run(run)
+    except JobError as exc:  # the data dir: locked, unusable, or not ours
+        sys.stderr.write(f"{PROG}: fatal: {exc}\n")
+        return EXIT_SYSTEM
     except OSError as exc:
         sys.stderr.write(f"{PROG}: fatal: cannot listen on {host}:{port}: {exc.strerror}\n")
+        return EXIT_SYSTEM
+    except BaseException:
+        if gateway.startup_error is None:
+            raise
+        # The lifespan failed (Hypercorn wraps it): the one line says why.
+        sys.stderr.write(f"{PROG}: fatal: {gateway.startup_error}\n")
         return EXIT_SYSTEM
     return 0

@@ -6,7 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class GatewayMetrics:
-    """Requests by mode and status, running sessions, exit codes, durations, bytes."""
+    """Requests by mode and status, running sessions, exit codes, durations, bytes;
+    with jobs, jobs by state, queued jobs per name and run durations by end state."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -39,5 +40,24 @@ class GatewayMetrics:
         self.bytes_out = Counter(
             "sockexec_gateway_output_bytes",
             "Bytes programs wrote to stdout and stderr.",
+            registry=self.registry,
+        )
+        self.jobs = Gauge(
+            "sockexec_gateway_jobs",
+            "Jobs in the store by state (read at each scrape).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.queue_length = Gauge(
+            "sockexec_gateway_job_queue_length",
+            "Queued jobs per name (read at each scrape).",
+            ["name"],
+            registry=self.registry,
+        )
+        self.job_seconds = Histogram(
+            "sockexec_gateway_job_run_seconds",
+            "Run durations of finished jobs (start to end), by end state.",
+            ["state"],
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400),
             registry=self.registry,
         )

@@ -1,5 +1,6 @@
-"""What the gateway accepts: the checks every request passes and the validated exec
-request. No I/O here: the app (``app.py``) awaits, these only look at what arrived.
+"""What the gateway accepts: the checks every request passes (Origin, Host, JSON
+content type) and the exec session a validated body asks for. The shapes of bodies
+are the models' (:mod:`.models`, enforced by :mod:`.api`). No I/O here.
 """
 
 from __future__ import annotations
@@ -7,12 +8,14 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.responses import JSONResponse
 
 from sockexec_py.client.wire import error_body
 
+from .models import ExecRequest
 from .settings import GatewaySettings
 
 
@@ -99,63 +102,38 @@ def error_response(exc: HTTPError) -> JSONResponse:
     return JSONResponse(error_body(exc.error, exc.detail), status_code=exc.status)
 
 
-class ExecRequest:
-    """A validated ``POST /v1/exec`` (or first WebSocket message) body."""
+@dataclass(frozen=True, slots=True)
+class ExecCall:
+    """A broker session to open: what :class:`~.sessions.SessionRunner` runs."""
 
-    def __init__(self, body: Any, settings: GatewaySettings, *, allow_stdin: bool = True) -> None:
-        if not isinstance(body, dict):
-            raise HTTPError(400, "bad_request", "the body must be a JSON object")
-        unknown = set(body) - {"argv", "stdin", "stdin_b64", "timeout"}
-        if unknown:
-            raise HTTPError(400, "bad_request", f"unknown field(s): {', '.join(sorted(unknown))}")
-        argv = body.get("argv")
-        if (
-            not isinstance(argv, list)
-            or not argv
-            or not all(isinstance(a, str) and "\0" not in a for a in argv)
-        ):
-            raise HTTPError(
-                400, "bad_request", "argv must be a non-empty list of strings without NUL"
-            )
-        if not all(_encodable(a) for a in argv):
-            raise HTTPError(400, "bad_request", "argv holds text that is not valid Unicode")
-        if len(argv) > settings.max_argv:
-            raise HTTPError(400, "bad_request", f"argv has more than {settings.max_argv} items")
-        self.argv: list[str] = argv
-        self.stdin = b""
-        if "stdin" in body and "stdin_b64" in body:
-            raise HTTPError(400, "bad_request", "give stdin or stdin_b64, not both")
-        if not allow_stdin and ("stdin" in body or "stdin_b64" in body):
-            raise HTTPError(400, "bad_request", "send stdin as WebSocket messages")
-        if "stdin" in body:
-            if not isinstance(body["stdin"], str):
-                raise HTTPError(400, "bad_request", "stdin must be a string")
-            if not _encodable(body["stdin"]):
-                raise HTTPError(400, "bad_request", "stdin is not valid Unicode text")
-            self.stdin = body["stdin"].encode()
-        if "stdin_b64" in body:
-            if not isinstance(body["stdin_b64"], str):
-                raise HTTPError(400, "bad_request", "stdin_b64 must be a base64 string")
-            try:
-                self.stdin = base64.b64decode(body["stdin_b64"], validate=True)
-            except binascii.Error:
-                raise HTTPError(400, "bad_request", "stdin_b64 is not valid base64") from None
-        timeout = body.get("timeout", settings.default_timeout)
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not 0 < timeout <= settings.max_timeout
-        ):
-            raise HTTPError(
-                400, "bad_request", f"timeout must be a number in (0, {settings.max_timeout}]"
-            )
-        self.timeout = float(timeout)
+    argv: list[str]
+    stdin: bytes
+    timeout: float
 
 
-def _encodable(text: str) -> bool:
-    """False for text UTF-8 cannot encode (lone surrogates from JSON escapes)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+def exec_call(
+    body: ExecRequest, settings: GatewaySettings, *, allow_stdin: bool = True
+) -> ExecCall:
+    """The session a validated exec body asks for, within the gateway's settings
+    (the model checked the shape; these bounds are the operator's).
+
+    Error handling: :class:`HTTPError` 400 naming the field.
+    """
+    if len(body.argv) > settings.max_argv:
+        raise HTTPError(400, "bad_request", f"argv: more than {settings.max_argv} items")
+    stdin = b""
+    if body.stdin is not None and body.stdin_b64 is not None:
+        raise HTTPError(400, "bad_request", "stdin_b64: give stdin or stdin_b64, not both")
+    if not allow_stdin and (body.stdin is not None or body.stdin_b64 is not None):
+        raise HTTPError(400, "bad_request", "stdin: send stdin as WebSocket messages")
+    if body.stdin is not None:
+        stdin = body.stdin.encode()
+    if body.stdin_b64 is not None:
+        try:
+            stdin = base64.b64decode(body.stdin_b64, validate=True)
+        except binascii.Error:
+            raise HTTPError(400, "bad_request", "stdin_b64: not valid base64") from None
+    timeout = settings.default_timeout if body.timeout is None else body.timeout
+    if not 0 < timeout <= settings.max_timeout:
+        raise HTTPError(400, "bad_request", f"timeout: must be in (0, {settings.max_timeout:g}]")
+    return ExecCall(list(body.argv), stdin, float(timeout))

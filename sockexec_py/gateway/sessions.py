@@ -22,7 +22,7 @@ from sockexec_py.errors import single_errors
 from sockexec_py.events import Exited, Output
 
 from .metrics import GatewayMetrics
-from .request import ExecRequest, HTTPError
+from .request import ExecCall, HTTPError
 from .streaming import NDJSON
 
 #: What receives each frame of a session as it arrives.
@@ -48,7 +48,7 @@ class SessionRunner:
 
     async def run(
         self,
-        request: ExecRequest,
+        request: ExecCall,
         on_frame: FrameSink,
         stdin_source: StdinSource | None = None,
     ) -> None:
@@ -90,7 +90,7 @@ class SessionRunner:
             metrics.running.dec()
             metrics.duration.observe(time.monotonic() - started)
 
-    async def collect(self, request: ExecRequest) -> Result:
+    async def collect(self, request: ExecCall) -> Result:
         """Run to the end and return everything at once.
 
         The whole output is held in memory, so it is bounded: past ``max_output``

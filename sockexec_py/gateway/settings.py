@@ -3,7 +3,29 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class JobsSettings:
+    """The jobs API (on with a data dir): where its state lives and how it schedules.
+
+    ``max_running`` jobs at once in all, ``limits.get(name, default_limit)`` per
+    name, at most ``max_queue`` waiting per name (429 past it); ``output_max``
+    bytes stored per job; finished jobs kept ``keep_for`` seconds and at most
+    ``keep_max`` of them (None: no bound of that kind).
+    """
+
+    data_dir: str
+    max_running: int = 8
+    limits: Mapping[str, int] = field(default_factory=dict)
+    default_limit: int = 1
+    max_queue: int = 1000
+    output_max: int = 64 << 20
+    keep_for: float | None = 7 * 86400.0
+    keep_max: int | None = None
+    kill_grace: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +50,7 @@ class GatewaySettings:
     max_argv: int = 1000
     default_timeout: float = 60.0
     max_timeout: float = 3600.0
+    jobs: JobsSettings | None = None
 
     @property
     def loopback(self) -> bool:

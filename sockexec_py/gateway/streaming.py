@@ -22,8 +22,10 @@ NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 
 _T = TypeVar("_T")
-#: Runs a broker session, handing each frame to the given callable.
-SessionRun = Callable[[Callable[[Output | Exited], Awaitable[None]]], Awaitable[None]]
+#: Sends one JSON frame of a stream.
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+#: Produces a stream's frames (a broker session, a job's output), handing each to emit.
+Produce = Callable[[Emit], Awaitable[None]]
 
 
 class ClientLeft(Exception):
@@ -60,11 +62,25 @@ async def unless_client_leaves(receive: Receive, work: Callable[[], Awaitable[_T
     return result
 
 
-class Stream(Response):
-    """NDJSON or SSE frames as they happen; the program is terminated if the HTTP
-    client goes away (see :func:`unless_client_leaves`)."""
+def session_frames(
+    run_session: Callable[[Callable[[Output | Exited], Awaitable[None]]], Awaitable[None]],
+    b64: bool,
+) -> Produce:
+    """A broker session's frames as a stream's JSON frames."""
 
-    def __init__(self, run_session: SessionRun, media_type: str, b64: bool) -> None:
+    async def produce(emit: Emit) -> None:
+        await run_session(lambda frame: emit(frame_json(frame, b64)))
+
+    return produce
+
+
+class Stream(Response):
+    """NDJSON or SSE frames as they happen; the producer is cancelled (a broker
+    session closed: the program is terminated) if the HTTP client goes away (see
+    :func:`unless_client_leaves`). An :class:`HTTPError` after the answer started
+    becomes an ``error`` frame."""
+
+    def __init__(self, produce: Produce, media_type: str) -> None:
         self.status_code = 200
         self.media_type = media_type
         self.background = None
@@ -75,7 +91,7 @@ class Stream(Response):
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
         ]
-        self.run_session, self.b64 = run_session, b64
+        self.produce = produce
         self.mode = "ndjson" if media_type == NDJSON else "sse"
 
     def _encode(self, obj: dict[str, Any]) -> bytes:
@@ -87,18 +103,15 @@ class Stream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
 
-        async def forward(event: Output | Exited) -> None:
-            body = self._encode(frame_json(event, self.b64))
+        async def emit(obj: dict[str, Any]) -> None:
+            body = self._encode(obj)
             await send({"type": "http.response.body", "body": body, "more_body": True})
 
         async def stream() -> None:
             try:
-                await self.run_session(forward)
+                await self.produce(emit)
             except HTTPError as exc:
-                error = error_frame(exc.status, exc.error, exc.detail)
-                await send(
-                    {"type": "http.response.body", "body": self._encode(error), "more_body": True}
-                )
+                await emit(error_frame(exc.status, exc.error, exc.detail))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         with contextlib.suppress(ClientLeft):

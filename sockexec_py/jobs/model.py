@@ -88,6 +88,14 @@ CANCELLED_WAITING_REASON = "cancelled before it started"
 CANCELLED_RUNNING_REASON = "cancelled while running; the broker terminated the program"
 
 
+def cancelled_unconfirmed_reason(grace: float) -> str:
+    return (
+        f"cancelled while running; the broker did not report the end within {grace:g} s, "
+        "so the session was closed (the broker terminates the program then; its "
+        "termsig is unknown)"
+    )
+
+
 def timeout_reason(timeout: float) -> str:
     return f"timed out after {timeout:g} s; the broker terminated the program"
 

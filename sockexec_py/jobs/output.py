@@ -27,6 +27,7 @@ trio loop), in batches: one thread hop per chunk would cap a job at ~100 MiB/s.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import struct
@@ -48,6 +49,10 @@ MAX_PENDING = 1 << 20
 _RECORD = struct.Struct("<BQQ")
 _KINDS: tuple[Stream, Stream] = ("stdout", "stderr")
 _MARK_TRUNCATED = 2
+#: Bytes of the latest stored output a running job keeps in memory for followers.
+RECENT = 2 << 20
+#: Buffers per writev (the kernel's IOV_MAX is 1024).
+_IOV_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,12 @@ class RunOutput:
         self._flush_lock = trio.Lock()
         # Files stay open for the run (opened at the first byte of each).
         self._handles: dict[int, BinaryIO] = {}
+        # The stored chunks of the pending writes, then of the latest batches
+        # (kind, offset in both, offset in its stream, bytes), at most RECENT bytes:
+        # live followers read the tail here, without a thread hop per read.
+        self._pending_chunks: list[tuple[int, int, int, bytes]] = []
+        self._recent: list[tuple[int, int, int, bytes]] = []
+        self._recent_bytes = 0
 
     @property
     def both_bytes(self) -> int:
@@ -167,6 +178,7 @@ class RunOutput:
                 self._records += 1
                 self._kind = kind
             self._pending.append((kind, stored))
+            self._pending_chunks.append((kind, both, self._accepted[kind], stored))
             self._accepted[kind] += len(stored)
             self._pending_bytes += len(stored)
         if len(stored) < len(data):
@@ -215,6 +227,7 @@ class RunOutput:
             if not self._pending:
                 return
             pending, self._pending, self._pending_bytes = self._pending, [], 0
+            chunks, self._pending_chunks = self._pending_chunks, []
             stdout, stderr = self._accepted
             with trio.CancelScope(shield=True):
                 try:
@@ -225,8 +238,61 @@ class RunOutput:
                     written = await trio.to_thread.run_sync(self._written)
                     self.dropped_bytes += stdout + stderr - sum(written)
                     stdout, stderr = self._accepted = written
+                    chunks = self._recent = []  # the files say what was stored
+                    self._recent_bytes = 0
+            self._remember(chunks)
             self.stdout_bytes, self.stderr_bytes = stdout, stderr
             self._notify()
+
+    def _remember(self, chunks: list[tuple[int, int, int, bytes]]) -> None:
+        """Keep the latest stored chunks, at most :data:`RECENT` bytes of them."""
+        self._recent.extend(chunks)
+        self._recent_bytes += sum(len(chunk[3]) for chunk in chunks)
+        drop = 0
+        while self._recent_bytes > RECENT and drop < len(self._recent) - 1:
+            self._recent_bytes -= len(self._recent[drop][3])
+            drop += 1
+        if drop:
+            del self._recent[:drop]
+
+    def recent(self, view: View, offset: int, limit: int) -> Chunk | None:
+        """Up to ``limit`` stored bytes at ``offset`` of ``view`` from memory, or
+        None when they are no longer (or not) there: read the files then."""
+        chunks = self._recent
+        if not chunks or limit <= 0:
+            return None
+        kind = None if view == "both" else _KINDS.index(view)
+        start = None
+        if kind is None:
+            # Offsets in both grow with the list: bisect on them.
+            index = bisect.bisect_right(chunks, offset, key=lambda chunk: chunk[1]) - 1
+            if index >= 0 and offset < chunks[index][1] + len(chunks[index][3]):
+                start = index
+        else:
+            for index in range(len(chunks) - 1, -1, -1):
+                chunk = chunks[index]
+                if chunk[0] == kind and chunk[2] <= offset:
+                    if offset < chunk[2] + len(chunk[3]):
+                        start = index
+                    break
+        if start is None:
+            return None
+        stream = chunks[start][0]
+        pieces: list[bytes] = []
+        size = 0
+        for chunk in chunks[start:]:
+            if size >= limit:
+                break
+            if chunk[0] != stream:
+                if kind is None:
+                    break  # a chunk is of one stream: the next one starts here
+                continue
+            skip = offset + size - (chunk[1] if kind is None else chunk[2])
+            piece = chunk[3][skip : skip + limit - size]
+            pieces.append(piece)
+            size += len(piece)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return Chunk(_KINDS[stream], offset, data)
 
     def _handle(self, target: int) -> BinaryIO:
         handle = self._handles.get(target)
@@ -241,7 +307,16 @@ class RunOutput:
         """In a worker thread: consecutive writes to one file go out as one.
         Unbuffered: once this returns, readers with their own descriptors see it."""
         for target, group in itertools.groupby(pending, key=lambda item: item[0]):
-            self._handle(target).write(b"".join(data for _, data in group))
+            # writev, not a join: no copy of the batch with the GIL held (the trio
+            # thread waits for the GIL while a worker copies).
+            fd = self._handle(target).fileno()
+            chunks = [memoryview(data) for _, data in group]
+            while chunks:
+                written = os.writev(fd, chunks[:_IOV_MAX])
+                while chunks and written >= len(chunks[0]):
+                    written -= len(chunks.pop(0))
+                if chunks and written:
+                    chunks[0] = chunks[0][written:]
 
     def _written(self) -> list[int]:
         """In a worker thread: the stream bytes really in the files (after an error)."""
@@ -267,7 +342,8 @@ class RunOutput:
             self.closed = True
             self._store._live.pop(self.job_id, None)
             self._notify()
-            await trio.to_thread.run_sync(self._close_files)
+            if self._handles:  # a job that printed nothing opened no file
+                await trio.to_thread.run_sync(self._close_files)
 
 
 class OutputStore:
@@ -341,7 +417,10 @@ class OutputReader:
                 size, truncated = self._stored
                 ended = True
             if self._offset < size:
-                chunk = await trio.to_thread.run_sync(self._read, size)
+                limit = min(READ_CHUNK, size - self._offset)
+                chunk = live.recent(self._view, self._offset, limit) if live else None
+                if chunk is None:
+                    chunk = await trio.to_thread.run_sync(self._read, size)
                 if not chunk.data:  # the files were deleted meanwhile (the job was)
                     break
                 self._offset += len(chunk.data)

@@ -198,6 +198,20 @@ def claim(
     return jobs
 
 
+def claim_with_stdin(
+    conn: sqlite3.Connection,
+    now: float,
+    slots: int,
+    running: Mapping[str, int],
+    limits: Mapping[str, int],
+    default_limit: int,
+) -> list[tuple[Job, bytes]]:
+    """:func:`claim`, each job with its stdin (read in the same transaction: the
+    runner needs it at once, and a read of its own would cost a thread hop)."""
+    jobs = claim(conn, now, slots, running, limits, default_limit)
+    return [(job, get_stdin(conn, job.id)) for job in jobs]
+
+
 def requeue(conn: sqlite3.Connection, job_id: str) -> None:
     """``running → queued`` (the broker was unreachable); the job keeps its
     ``queued_at``, hence its place in the queue."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -68,6 +68,9 @@ class RunnerConfig:
     keep_for: float | None = None
     keep_max: int | None = None
     purge_interval: float = 60.0
+    #: How long a cancel waits for the broker's exit pair after asking it to
+    #: terminate (it sends KILL after its -k, 10 s by default) before closing.
+    kill_grace: float = 15.0
 
 
 @dataclass
@@ -120,11 +123,22 @@ class Runner:
             log.warning("job %s was running when the gateway stopped: marked lost", job_id)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._dispatch)
-            nursery.start_soon(self._schedule)
+            nursery.start_soon(self._guarded, self._dispatch)
+            nursery.start_soon(self._guarded, self._schedule)
             if self.config.keep_for is not None or self.config.keep_max is not None:
-                nursery.start_soon(self._retention)
+                nursery.start_soon(self._guarded, self._retention)
             task_status.started()
+
+    async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run a background loop for ever: a bug that escapes it is logged and the
+        loop starts again after a pause, so it never takes the runner (and the
+        gateway serving it) down."""
+        while True:
+            try:
+                await loop()
+            except Exception:
+                log.exception("jobs: %s failed; restarting it", loop.__name__)
+            await trio.sleep(self.config.retry_max)
 
     def add_listener(self, listener: Callable[[Job], object]) -> Callable[[], None]:
         """Call ``listener(job)`` (in the trio thread, not awaited) on every state
@@ -134,14 +148,29 @@ class Runner:
 
     async def submit(self, request: SubmitRequest) -> Job:
         """Record a job (committed when this returns) and wake the scheduler."""
-        job = await self.store.submit(request, max_waiting=self.config.max_waiting)
-        self._changed(job)
+        job, _ = await self.submit_positioned(request)
         return job
+
+    async def submit_positioned(self, request: SubmitRequest) -> tuple[Job, int | None]:
+        """:meth:`submit`, with the job's place in its queue when it was committed
+        (``None`` unless queued)."""
+        job, position = await self.store.submit_positioned(
+            request, max_waiting=self.config.max_waiting
+        )
+        self._changed(job)
+        return job, position
 
     async def get(self, job_id: str) -> Job:
         """The job; a running one with its live output sizes and progress."""
         run = self._runs.get(job_id)
-        return run.snapshot() if run is not None else await self.store.get(job_id)
+        if run is not None:
+            return run.final or run.snapshot()
+        return await self.store.get(job_id)
+
+    def current(self, job: Job) -> Job:
+        """``job`` (read from the store) with its live sizes and progress if it runs."""
+        run = self._runs.get(job.id)
+        return (run.final or run.snapshot()) if run is not None else job
 
     async def wait(self, job_id: str, *, started: bool = False) -> Job:
         """Wait until the job has finished (or, with ``started``, left the queue)."""
@@ -174,8 +203,7 @@ class Runner:
         for _attempt in range(5):
             run = self._runs.get(job_id)
             if run is not None:
-                run.cancel_requested = True
-                terminate_session(run)
+                await terminate_session(run, self.config.kill_grace)
                 await run.done.wait()
                 if run.final is not None:
                     return run.final
@@ -261,12 +289,14 @@ class Runner:
         running = Counter(run.job.name for run in self._runs.values())
         self._claiming = claiming = trio.Event()
         try:
-            jobs = await self.store.claim(
+            claimed = await self.store.claim_with_stdin(
                 slots, running, self.config.limits, self.config.default_limit
             )
-            for job in jobs:
+            jobs = [job for job, _ in claimed]
+            for job, stdin in claimed:
                 # Registered with its output before anyone can see it running.
                 run = self._runs[job.id] = RunningJob(job, self.output.open(job.id))
+                run.stdin = stdin
                 self._nursery.start_soon(self._execute, run)
         except JobError as exc:  # StoreUnavailable: try again after a while
             log.error("cannot start jobs: %s", exc)
@@ -318,11 +348,10 @@ class Runner:
         """
         try:
             try:
-                stdin = await self.store.stdin(run.job.id)
                 exited, reason = await run_session(
                     run,
                     self.config.socket_path,
-                    stdin,
+                    run.stdin,
                     on_connected=self._broker_ok,
                     alongside=self._save_progress,
                 )
@@ -362,15 +391,16 @@ class Runner:
             run.progress_dirty = trio.Event()
             try:
                 await self.store.save_progress(run.snapshot())
-            except JobError as exc:
+            except Exception as exc:  # never the job's end: it goes on
                 log.error("cannot save the progress of job %s: %s", run.job.id, exc)
             await trio.sleep(self.config.progress_interval)
 
     async def _finish(
         self, run: RunningJob, state: JobState, reason: str | None, exited: Exited | None
     ) -> None:
-        """Record the end (the database first, so a follower that sees the output
-        end finds the final record), close the output, free the slot."""
+        """Record the end (the database and :attr:`RunningJob.final` first, so a
+        follower that sees the output end finds the final record), close the output,
+        free the slot."""
         await run.output.flush()  # the sizes recorded are those of the files
         run.parser.end()
         ended = replace(
@@ -386,10 +416,10 @@ class Runner:
             await self.store.finish(ended, remove=remove)
         except JobError as exc:
             log.error("cannot record the end of job %s: %s", ended.id, exc)
+        run.final = ended
         await run.output.close()
         if remove:
             await self.output.remove(ended.id)
-        run.final = ended
         self._runs.pop(ended.id, None)
         run.done.set()
         self._changed(ended)

@@ -7,13 +7,14 @@ limits, the store): :func:`run_session` drives the session of a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import trio
 
-from sockexec_py.client import open_async_session
+from sockexec_py.client import AsyncSession, open_async_session
 from sockexec_py.events import Exited, Output
 
 from .model import (
@@ -21,6 +22,7 @@ from .model import (
     MAX_REASON_BYTES,
     Job,
     broken_session_reason,
+    cancelled_unconfirmed_reason,
     refusal_reason,
     timeout_reason,
 )
@@ -36,10 +38,16 @@ class RunningJob:
     def __init__(self, job: Job, output: RunOutput) -> None:
         self.job = job
         self.output = output
+        #: What the program reads, sent once connected (read with the claim).
+        self.stdin = b""
         # Created now, entered by the job's task: a cancel that comes before the
         # session is even connected still applies.
         self.session_scope = trio.CancelScope()
         self.cancel_requested = False
+        #: The open session, once connected (to ask the broker for a terminate).
+        self.session: AsyncSession | None = None
+        #: Set when a terminate got no exit pair within this grace (seconds).
+        self.terminate_timed_out: float | None = None
         self.parser = ProgressParser()
         self.progress_dirty = trio.Event()
         self.done = trio.Event()
@@ -58,17 +66,26 @@ class RunningJob:
         )
 
 
-def terminate_session(run: RunningJob) -> None:
-    """Have the broker terminate a running job's program (TERM, then KILL after -k).
+async def terminate_session(run: RunningJob, grace: float) -> None:
+    """Have the broker terminate a running job's program and wait for its end.
 
-    The wire protocol has no terminate message. The broker terminates the program
-    when the client closes the connection, and also when the client sends a protocol
-    error after the program started; only in the second case does it still send the
-    exit pair with the termsig (SPEC §4). For now we close the connection, so the
-    job ends ``cancelled`` with termsig unknown (``None``). This is the one place to
-    swap in an in-band terminate that reads the exit pair.
+    The session asks the broker in-band (:meth:`AsyncSession.terminate`): TERM to
+    the program's group, KILL after the broker's ``-k``, and the exit pair still
+    comes, so the job ends with its termsig. A job not yet connected terminates as
+    soon as it is (:func:`run_session` looks at ``cancel_requested``). Only if the
+    end does not come within ``grace`` seconds (a broker that hangs) is the
+    connection closed; the broker then terminates the program anyway, but the
+    termsig is unknown and the reason says so.
     """
-    run.session_scope.cancel()
+    run.cancel_requested = True
+    if run.session is not None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await run.session.terminate()
+    with trio.move_on_after(grace):
+        await run.done.wait()
+    if not run.done.is_set():
+        run.terminate_timed_out = grace
+        run.session_scope.cancel()
 
 
 def one_line(exc: BaseException) -> str:
@@ -104,6 +121,9 @@ async def run_session(
     with run.session_scope, trio.move_on_after(job.timeout or math.inf) as deadline:
         async with open_async_session(socket_path, job.argv) as session:
             on_connected()
+            run.session = session
+            if run.cancel_requested:  # asked while we connected
+                await session.terminate()
 
             async def feed() -> None:
                 await session.send(stdin)
@@ -124,7 +144,10 @@ async def run_session(
                         exited = frame
                 # The program may have ended without reading its stdin.
                 nursery.cancel_scope.cancel()
+    run.session = None
     if run.cancel_requested:
+        if exited is None and run.terminate_timed_out is not None:
+            return None, cancelled_unconfirmed_reason(run.terminate_timed_out)
         return exited, CANCELLED_RUNNING_REASON
     if deadline.cancelled_caught:
         return exited, timeout_reason(job.timeout or 0)

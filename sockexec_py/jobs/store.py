@@ -305,11 +305,21 @@ class Store:
 
         Error handling: :class:`QueueFull`, :class:`StoreUnavailable`.
         """
+        job, _ = await self.submit_positioned(request, max_waiting=max_waiting)
+        return job
+
+    async def submit_positioned(
+        self, request: SubmitRequest, *, max_waiting: int | None = None
+    ) -> tuple[Job, int | None]:
+        """:meth:`submit`, with the job's queue position read in its transaction."""
         now = self.clock()
         job_id = new_job_id(now)
-        return await self._writer.run(
-            lambda conn: queries.insert_job(conn, job_id, request, now, max_waiting)
-        )
+
+        def insert(conn: sqlite3.Connection) -> tuple[Job, int | None]:
+            job = queries.insert_job(conn, job_id, request, now, max_waiting)
+            return job, queries.queue_position(conn, job_id)
+
+        return await self._writer.run(insert)
 
     async def claim(
         self,
@@ -322,6 +332,20 @@ class Store:
         running, limits = dict(running), dict(limits)  # snapshots for the writer thread
         return await self._writer.run(
             lambda conn: queries.claim(conn, now, slots, running, limits, default_limit)
+        )
+
+    async def claim_with_stdin(
+        self,
+        slots: int,
+        running: Mapping[str, int],
+        limits: Mapping[str, int],
+        default_limit: int,
+    ) -> list[tuple[Job, bytes]]:
+        """:meth:`claim`, each job with its stdin."""
+        now = self.clock()
+        running, limits = dict(running), dict(limits)
+        return await self._writer.run(
+            lambda conn: queries.claim_with_stdin(conn, now, slots, running, limits, default_limit)
         )
 
     async def requeue(self, job_id: str) -> None:

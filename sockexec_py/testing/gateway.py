@@ -8,6 +8,8 @@ import re
 import select
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,8 @@ class GatewayProcess:
         )
         assert self.proc.stderr is not None
         self.lines: list[str] = []
+        self._reader: threading.Thread | None = None
+        self._log_changed = threading.Condition()
         ready, _, _ = select.select([self.proc.stderr], [], [], start_timeout)
         if not ready:
             self.proc.kill()
@@ -91,16 +95,64 @@ class GatewayProcess:
             conn.close()
         return response.status, dict(response.getheaders()), data
 
+    def log_until(self, needle: str, timeout: float = 20.0, count: int = 1) -> list[str]:
+        """Wait until ``needle`` appeared ``count`` times in the gateway's stderr;
+        returns the lines that have it. From the first call on, a thread reads the
+        log into :attr:`lines` (the pipe is then no longer for anyone else to read).
+
+        Error handling: :class:`HarnessError` past ``timeout``."""
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read_log, daemon=True)
+            self._reader.start()
+        deadline = time.monotonic() + timeout
+        with self._log_changed:
+            while len(found := [line for line in self.lines if needle in line]) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise HarnessError(
+                        f"{needle!r} not {count} time(s) in the gateway's log after {timeout}s: "
+                        f"{''.join(self.lines)[-2000:]}"
+                    )
+                self._log_changed.wait(left)
+        return found
+
+    def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._log_changed:
+                self.lines.append(line)
+                self._log_changed.notify_all()
+
+    def rss_kib(self) -> int:
+        """The gateway's resident memory now, in KiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise HarnessError(f"/proc/{self.proc.pid}/status has no VmRSS")
+
+    def kill(self) -> None:
+        """SIGKILL: the gateway dies at once, as in a crash (nothing of it runs)."""
+        self.proc.kill()
+        self._close()
+
     def stop(self) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         try:
             self.proc.wait(20)
         finally:
             if self.proc.poll() is None:
                 self.proc.kill()
-                self.proc.wait()
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
+            self._close()
+
+    def _close(self) -> None:
+        """Reap the process, let the log reader reach the end, close the pipe."""
+        self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
     def __enter__(self) -> GatewayProcess:
         return self

@@ -192,3 +192,32 @@ async def test_a_reader_ends_when_the_job_is_deleted_under_it(tmp_path: Path) ->
         for stream in ("stdout", "stderr") * 3:
             await output.write(stream, b"z" * READ_CHUNK)  # type: ignore[arg-type]
         await output.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(writes=WRITES, window=st.integers(1, 120), data=st.data())
+async def test_live_reads_past_the_memory_window_come_from_the_files(
+    writes: list[tuple[str, bytes]], window: int, data: st.DataObject
+) -> None:
+    """A running job keeps only its latest output in memory (output.RECENT bytes,
+    tiny here); reads before that window come from the files, byte for byte."""
+    from sockexec_py.jobs import output as module
+
+    saved, module.RECENT = module.RECENT, window
+    with tempfile.TemporaryDirectory() as root:
+        store = OutputStore(root)
+        output = store.open(JOB)
+        try:
+            for stream, chunk in writes:
+                await output.write(stream, chunk)  # type: ignore[arg-type]
+                assert output._recent_bytes <= window or len(output._recent) == 1
+            both = b"".join(chunk for _, chunk in writes)
+            offset = data.draw(st.integers(0, len(both)))
+            assert joined(await collect(store, "both", offset)) == both[offset:]
+            stream = data.draw(st.sampled_from(["stdout", "stderr"]))
+            own = b"".join(c for k, c in writes if k == stream)
+            offset = data.draw(st.integers(0, len(own)))
+            assert joined(await collect(store, stream, offset)) == own[offset:]  # type: ignore[arg-type]
+        finally:
+            module.RECENT = saved
+            await output.close()

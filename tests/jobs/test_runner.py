@@ -179,7 +179,7 @@ async def test_cancel_queued_then_running(store: Store, broker: Any, make_runner
             )
             assert (await runner.cancel(scheduled.id)).state is S.CANCELLED
             ended = await runner.cancel(running.id)
-        assert ended.state is S.CANCELLED and ended.termsig is None and ended.exitcode is None
+        assert ended.state is S.CANCELLED and ended.termsig == "TERM" and ended.exitcode is None
         assert ended.reason is not None and "terminated" in ended.reason
         assert (await store.get(running.id)).state is S.CANCELLED
         with pytest.raises(IllegalTransition):
@@ -342,3 +342,45 @@ async def test_kill_9_mid_run_then_restart(tmp_path: Path, broker: Any, make_run
     assert first.state is S.LOST and first.reason == LOST_REASON
     assert second.state is S.SUCCEEDED and watcher.started == [second_id]
     assert counts[S.LOST] == 1 and counts[S.SUCCEEDED] == 1 and sum(counts.values()) == 2
+
+
+MISC = ROOT / "misc"
+
+
+async def _cancel_when_ready(runner: Runner, submitted: Job) -> Job:
+    """Cancel the job once its program said ``ready`` (its signal handling is set)."""
+    reader = await runner.read_output(submitted.id, "stdout", follow=True)
+    async for item in reader:
+        if isinstance(item, Chunk) and b"ready" in item.data:
+            break
+    return await runner.cancel(submitted.id)
+
+
+async def test_cancel_escalates_to_kill_through_the_broker(
+    store: Store, start_broker: Any, make_runner: Any
+) -> None:
+    """A program that ignores TERM is killed after the broker's -k, and the job ends
+    cancelled with KILL: the broker reported it, the connection was not just closed."""
+    broker = start_broker("-k", "1")
+    async with make_runner(store, broker.path) as runner:
+        submitted = await runner.submit(job(str(MISC / "ignore-term")))
+        with trio.fail_after(20):
+            ended = await _cancel_when_ready(runner, submitted)
+    assert ended.state is S.CANCELLED and ended.termsig == "KILL"
+    assert ended.reason == "cancelled while running; the broker terminated the program"
+
+
+async def test_cancel_without_an_answer_closes_the_session_and_says_so(
+    store: Store, start_broker: Any, make_runner: Any
+) -> None:
+    """The broker takes longer than the grace to report the end (its -k is 3 s, the
+    program ignores TERM): the session is closed, termsig unknown, and the reason
+    says why."""
+    broker = start_broker("-k", "3")
+    async with make_runner(store, broker.path, kill_grace=0.3) as runner:
+        submitted = await runner.submit(job(str(MISC / "ignore-term")))
+        with trio.fail_after(20):
+            ended = await _cancel_when_ready(runner, submitted)
+    assert ended.state is S.CANCELLED and ended.termsig is None
+    assert ended.reason is not None and "within 0.3 s" in ended.reason
+    assert "termsig is unknown" in ended.reason

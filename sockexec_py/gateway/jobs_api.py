@@ -1,0 +1,473 @@
+"""The jobs API (``/v1/jobs``): submit, list, show, cancel, delete and follow jobs
+run by :mod:`sockexec_py.jobs` on the gateway's behalf.
+
+Who owns what: :class:`JobsService` opens the store (which locks the data dir) and
+runs the :class:`~sockexec_py.jobs.Runner` for the life of the app, in the app's
+lifespan nursery (:meth:`JobsService.running`); the handlers only call the runner and
+the store. The runner's own loops log and restart on a bug, and a last guard here
+does the same for the runner as a whole: nothing in the background takes the server
+down. Errors of the jobs layer map one to one onto answers (:func:`job_errors`).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from sockexec_py.jobs import (
+    Chunk,
+    IllegalTransition,
+    InvalidField,
+    Job,
+    JobNotFound,
+    JobState,
+    ListQuery,
+    OutputStore,
+    QueueFull,
+    Runner,
+    RunnerConfig,
+    Store,
+    StoreUnavailable,
+    SubmitLimits,
+    is_job_id,
+    open_store,
+    parse_start_at,
+    parse_submit,
+)
+
+from .api import Api
+from .metrics import GatewayMetrics
+from .models import (
+    JobAccepted,
+    JobGetQuery,
+    JobListQuery,
+    JobPage,
+    JobSubmit,
+    JobView,
+    OutputQuery,
+    ProgressView,
+)
+from .request import HTTPError
+from .settings import JobsSettings
+from .streaming import NDJSON, SSE, Emit, Stream, unless_client_leaves
+
+log = logging.getLogger("sockexec_py.gateway")
+
+#: How long the runner as a whole pauses before it restarts after a bug.
+_RESTART_PAUSE = 5.0
+
+
+@contextmanager
+def job_errors() -> Iterator[None]:
+    """The jobs layer's errors as HTTP answers (each message is already one line)."""
+    try:
+        yield
+    except InvalidField as exc:
+        raise HTTPError(400, "bad_request", f"{exc.field}: {exc.detail}") from None
+    except JobNotFound as exc:
+        raise HTTPError(404, "not_found", str(exc)) from None
+    except IllegalTransition as exc:
+        raise HTTPError(409, "conflict", str(exc)) from None
+    except QueueFull as exc:
+        raise HTTPError(429, "queue_full", str(exc)) from None
+    except StoreUnavailable as exc:
+        raise HTTPError(503, "store_unavailable", str(exc)) from None
+
+
+def rfc3339(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return (
+        datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def job_url(job_id: str) -> str:
+    return f"/v1/jobs/{job_id}"
+
+
+def job_view(job: Job, position: int | None = None) -> JobView:
+    progress = job.progress
+    return JobView(
+        id=job.id,
+        name=job.name,
+        argv=list(job.argv),
+        labels=dict(job.labels),
+        state=job.state.value,
+        position=position,
+        created_at=rfc3339(job.created_at) or "",
+        start_at=rfc3339(job.start_at),
+        started_at=rfc3339(job.started_at),
+        ended_at=rfc3339(job.ended_at),
+        duration=job.duration,
+        timeout=job.timeout,
+        keep=job.keep,
+        exitcode=job.exitcode,
+        termsig=job.termsig,
+        reason=job.reason,
+        stdout_bytes=job.stdout_bytes,
+        stderr_bytes=job.stderr_bytes,
+        dropped_bytes=job.dropped_bytes,
+        truncated=job.truncated,
+        progress=ProgressView(
+            task=progress.task,
+            tasks=progress.tasks,
+            title=progress.title,
+            percent=progress.percent,
+            step=progress.step,
+        ),
+        url=job_url(job.id),
+    )
+
+
+def exit_frame(job: Job) -> dict[str, Any]:
+    """The last frame of a finished job's output: the exit, with the job's end."""
+    return {
+        "type": "exit",
+        "exitcode": job.exitcode,
+        "termsig": job.termsig,
+        "state": job.state.value,
+        "reason": job.reason,
+    }
+
+
+def _time_filter(text: str | None, field: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        number: object = float(text)
+    except ValueError:
+        number = text
+    return parse_start_at(number, field)
+
+
+def _labels(pairs: list[str]) -> dict[str, str] | None:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidField("label", f"expected KEY=VALUE, got {pair[:70]!r}")
+        labels[key] = value
+    return labels or None
+
+
+class _StartedOnce:
+    """A task status that remembers whether ``started`` was called."""
+
+    def __init__(self, inner: trio.TaskStatus[None]) -> None:
+        self.inner = inner
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        self.done = True
+        self.inner.started(value)
+
+
+class JobsService:
+    """The jobs API's state while the app runs, and its handlers.
+
+    Args:
+        settings: the data dir and the scheduling limits.
+        socket_path: the broker's socket (every job is one broker session).
+        metrics: where jobs by state, queue lengths and run durations go.
+    """
+
+    def __init__(self, settings: JobsSettings, socket_path: str, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.socket_path = socket_path
+        self.metrics = metrics
+        self.limits = SubmitLimits()
+        self.store: Store | None = None
+        self.runner: Runner | None = None
+        self._opened: Store | None = None
+
+    # -- life ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def opened(self) -> AsyncIterator[Store]:
+        """Open the store (locking the data dir) for the block; :meth:`running` then
+        uses it. The CLI opens it before it listens, so a data dir it cannot use is
+        a one-line error and no port is ever bound for nothing.
+
+        Error handling: :class:`~sockexec_py.jobs.DataDirLocked`,
+        :class:`~sockexec_py.jobs.StoreUnavailable` (cannot create, open or write
+        the data dir) and :class:`~sockexec_py.jobs.SchemaError` propagate.
+        Resource handling: leaving closes the store and releases the lock.
+        """
+        async with open_store(self.settings.data_dir) as store:
+            self._opened = store
+            try:
+                yield store
+            finally:
+                self._opened = None
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Run the runner for the block (the app's lifespan), over the store of
+        :meth:`opened` (or one opened here, for an ASGI server other than our CLI).
+
+        Error handling: as :meth:`opened`, and what marking the previous run's jobs
+        ``lost`` raises. Resource handling: leaving cancels the runner (running jobs'
+        sessions close; they are recorded ``lost``).
+        """
+        if self._opened is None:
+            async with self.opened(), self.running():
+                yield
+            return
+        settings = self.settings
+        store = self._opened
+        async with trio.open_nursery() as nursery:
+            output = OutputStore(Path(settings.data_dir) / "output", cap=settings.output_max)
+            config = RunnerConfig(
+                self.socket_path,
+                max_running=settings.max_running,
+                limits=dict(settings.limits),
+                default_limit=settings.default_limit,
+                max_waiting=settings.max_queue,
+                keep_for=settings.keep_for,
+                keep_max=settings.keep_max,
+                kill_grace=settings.kill_grace,
+            )
+            runner = Runner(store, output, config)
+            runner.add_listener(self._observe)
+            await nursery.start(self._supervise, runner)
+            self.store, self.runner = store, runner
+            try:
+                yield
+            finally:
+                self.store = self.runner = None
+                nursery.cancel_scope.cancel()
+
+    async def _supervise(
+        self, runner: Runner, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the runner; a failure before it started fails the startup, one after
+        is logged and the runner restarted (it marks what ran then ``lost``)."""
+        status = _StartedOnce(task_status)
+        while True:
+            try:
+                await runner.run(task_status=trio.TASK_STATUS_IGNORED if status.done else status)
+            except Exception:
+                if not status.done:
+                    raise
+                log.exception("jobs: the runner failed; restarting it")
+            await trio.sleep(_RESTART_PAUSE)
+
+    def _observe(self, job: Job) -> None:
+        if job.finished and job.duration is not None:
+            self.metrics.job_seconds.labels(job.state.value).observe(job.duration)
+
+    async def refresh_metrics(self) -> None:
+        """Jobs by state and queue lengths, read from the store for /metrics."""
+        if self.store is None:
+            return
+        with job_errors():
+            counts = await self.store.counts()
+            queues = await self.store.queue_lengths()
+        for state, count in counts.items():
+            self.metrics.jobs.labels(state.value).set(count)
+        self.metrics.queue_length.clear()
+        for name, length in queues.items():
+            self.metrics.queue_length.labels(name).set(length)
+
+    def _runner(self) -> Runner:
+        if self.runner is None:
+            raise HTTPError(
+                404, "jobs_disabled", "jobs are off: start sockexec-gateway with --data-dir DIR"
+            )
+        return self.runner
+
+    def _job_id(self, request: Request) -> str:
+        job_id: str = request.path_params["job_id"]
+        if not is_job_id(job_id):
+            raise HTTPError(404, "not_found", f"no job {job_id[:40]!r}")
+        return job_id
+
+    async def _position(self, job: Job) -> int | None:
+        if job.state is not JobState.QUEUED or self.store is None:
+            return None
+        with job_errors():
+            try:
+                return await self.store.position(job.id)
+            except JobNotFound:
+                return None
+
+    # -- endpoints ----------------------------------------------------------------
+
+    def register(self, api: Api) -> None:
+        """Declare the jobs endpoints on ``api``."""
+        common = (404, 503)
+        api.route(
+            "POST",
+            "/v1/jobs",
+            "Submit a job (answered once it is committed)",
+            body=JobSubmit,
+            answer=JobAccepted,
+            status=202,
+            errors=(429, 503),
+            mode="jobs",
+        )(self.submit)
+        api.route(
+            "GET",
+            "/v1/jobs",
+            "List jobs: filters, sort, cursor pages, totals per state",
+            query=JobListQuery,
+            answer=JobPage,
+            errors=common,
+            mode="jobs",
+        )(self.list_jobs)
+        api.route(
+            "GET",
+            "/v1/jobs/{job_id}",
+            "A job's state, times, exit, output sizes and progress",
+            query=JobGetQuery,
+            answer=JobView,
+            errors=common,
+            mode="jobs",
+        )(self.show)
+        api.route(
+            "POST",
+            "/v1/jobs/{job_id}/cancel",
+            "Cancel a job: a waiting one never starts, a running one is terminated "
+            "through the broker (TERM, then KILL); answered once it is cancelled",
+            answer=JobView,
+            errors=(*common, 409),
+            mode="jobs",
+        )(self.cancel)
+        api.route(
+            "DELETE",
+            "/v1/jobs/{job_id}",
+            "Delete a finished job's record and output",
+            status=204,
+            errors=(*common, 409),
+            mode="jobs",
+        )(self.delete)
+        api.route(
+            "GET",
+            "/v1/jobs/{job_id}/output",
+            "A job's stored output; with follow=1 (or Accept: NDJSON/SSE) frames as they "
+            "come, ending with the exit frame",
+            query=OutputQuery,
+            errors=common,
+            mode="jobs",
+            media={
+                "application/octet-stream": "The stored bytes of the stream (not following)",
+                NDJSON: 'One JSON frame per line: {"type": "stdout"|"stderr", "data" (or '
+                '"data_b64"), "offset"}, {"type": "truncated"}, then {"type": "exit", '
+                '"exitcode", "termsig", "state", "reason"} once the job has ended',
+                SSE: "The same frames as server-sent events",
+            },
+        )(self.output)
+
+    async def submit(self, request: Request, body: JobSubmit, query: None) -> JobAccepted:
+        runner = self._runner()
+        with job_errors():
+            submitted = parse_submit(body.model_dump(exclude_unset=True), self.limits)
+            job, position = await runner.submit_positioned(submitted)
+        return JobAccepted(id=job.id, state=job.state.value, position=position, url=job_url(job.id))
+
+    async def list_jobs(self, request: Request, body: None, query: JobListQuery) -> JobPage:
+        runner = self._runner()
+        assert self.store is not None
+        with job_errors():
+            listing = ListQuery(
+                states=frozenset(JobState(state) for state in query.state) or None,
+                name=query.name,
+                labels=_labels(query.label),
+                created_from=_time_filter(query.created_after, "created_after"),
+                created_to=_time_filter(query.created_before, "created_before"),
+                sort=query.sort,
+                descending=query.order == "desc",
+                limit=query.limit,
+                cursor=query.cursor,
+            )
+            page = await self.store.list_jobs(listing)
+            totals = await self.store.counts()
+        return JobPage(
+            jobs=[job_view(runner.current(job)) for job in page.jobs],
+            next_cursor=page.next_cursor,
+            totals={state.value: count for state, count in totals.items()},
+        )
+
+    async def show(self, request: Request, body: None, query: JobGetQuery) -> JobView:
+        runner = self._runner()
+        job_id = self._job_id(request)
+        with job_errors():
+            job = await runner.get(job_id)
+            if query.wait and not job.finished:
+
+                async def wait() -> Job:
+                    with trio.move_on_after(query.wait):
+                        return await runner.wait(job_id)
+                    return await runner.get(job_id)
+
+                job = await unless_client_leaves(request.receive, wait)
+        return job_view(job, await self._position(job))
+
+    async def cancel(self, request: Request, body: None, query: None) -> JobView:
+        runner = self._runner()
+        job_id = self._job_id(request)
+        with job_errors():
+            job = await runner.cancel(job_id)
+        return job_view(job)
+
+    async def delete(self, request: Request, body: None, query: None) -> Response:
+        runner = self._runner()
+        job_id = self._job_id(request)
+        with job_errors():
+            await runner.delete(job_id)
+        return Response(status_code=204)
+
+    async def output(self, request: Request, body: None, query: OutputQuery) -> Response:
+        runner = self._runner()
+        job_id = self._job_id(request)
+        with job_errors():
+            job = await runner.get(job_id)
+        accept = request.headers.get("accept", "")
+        framed = query.follow or NDJSON in accept or SSE in accept
+        if not framed:
+            with job_errors():
+                reader = await runner.read_output(job_id, query.stream, query.offset)
+
+            async def raw() -> AsyncIterator[bytes]:
+                async for item in reader:
+                    if isinstance(item, Chunk):
+                        yield item.data
+
+            return StreamingResponse(
+                raw(),
+                media_type="application/octet-stream",
+                headers={"x-job-state": job.state.value},
+            )
+        b64 = query.encoding == "base64"
+        key = "data_b64" if b64 else "data"
+
+        async def produce(emit: Emit) -> None:
+            with job_errors():
+                reader = await runner.read_output(
+                    job_id, query.stream, query.offset, follow=query.follow
+                )
+                async for item in reader:
+                    if isinstance(item, Chunk):
+                        data = (
+                            base64.b64encode(item.data).decode()
+                            if b64
+                            else item.data.decode("utf-8", "replace")
+                        )
+                        await emit({"type": item.stream, key: data, "offset": item.offset})
+                    else:
+                        await emit({"type": "truncated"})
+                final = await runner.get(job_id)
+            if final.finished:
+                await emit(exit_frame(final))
+
+        return Stream(produce, SSE if SSE in accept and NDJSON not in accept else NDJSON)
