@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import trio
 from starlette.requests import Request
@@ -25,26 +23,22 @@ from starlette.responses import Response, StreamingResponse
 
 from sockexec_py.jobs import (
     Chunk,
-    IllegalTransition,
-    InvalidField,
     Job,
     JobNotFound,
     JobState,
     ListQuery,
     OutputStore,
-    QueueFull,
     Runner,
     RunnerConfig,
     Store,
-    StoreUnavailable,
     SubmitLimits,
     is_job_id,
     open_store,
-    parse_start_at,
     parse_submit,
 )
 
 from .api import Api
+from .jobs_views import exit_frame, job_errors, job_url, job_view, label_filter, time_filter
 from .metrics import GatewayMetrics
 from .models import (
     JobAccepted,
@@ -54,7 +48,6 @@ from .models import (
     JobSubmit,
     JobView,
     OutputQuery,
-    ProgressView,
 )
 from .request import HTTPError
 from .settings import JobsSettings
@@ -64,100 +57,6 @@ log = logging.getLogger("sockexec_py.gateway")
 
 #: How long the runner as a whole pauses before it restarts after a bug.
 _RESTART_PAUSE = 5.0
-
-
-@contextmanager
-def job_errors() -> Iterator[None]:
-    """The jobs layer's errors as HTTP answers (each message is already one line)."""
-    try:
-        yield
-    except InvalidField as exc:
-        raise HTTPError(400, "bad_request", f"{exc.field}: {exc.detail}") from None
-    except JobNotFound as exc:
-        raise HTTPError(404, "not_found", str(exc)) from None
-    except IllegalTransition as exc:
-        raise HTTPError(409, "conflict", str(exc)) from None
-    except QueueFull as exc:
-        raise HTTPError(429, "queue_full", str(exc)) from None
-    except StoreUnavailable as exc:
-        raise HTTPError(503, "store_unavailable", str(exc)) from None
-
-
-def rfc3339(stamp: float | None) -> str | None:
-    if stamp is None:
-        return None
-    return (
-        datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
-
-
-def job_url(job_id: str) -> str:
-    return f"/v1/jobs/{job_id}"
-
-
-def job_view(job: Job, position: int | None = None) -> JobView:
-    progress = job.progress
-    return JobView(
-        id=job.id,
-        name=job.name,
-        argv=list(job.argv),
-        labels=dict(job.labels),
-        state=job.state.value,
-        position=position,
-        created_at=rfc3339(job.created_at) or "",
-        start_at=rfc3339(job.start_at),
-        started_at=rfc3339(job.started_at),
-        ended_at=rfc3339(job.ended_at),
-        duration=job.duration,
-        timeout=job.timeout,
-        keep=job.keep,
-        exitcode=job.exitcode,
-        termsig=job.termsig,
-        reason=job.reason,
-        stdout_bytes=job.stdout_bytes,
-        stderr_bytes=job.stderr_bytes,
-        dropped_bytes=job.dropped_bytes,
-        truncated=job.truncated,
-        progress=ProgressView(
-            task=progress.task,
-            tasks=progress.tasks,
-            title=progress.title,
-            percent=progress.percent,
-            step=progress.step,
-        ),
-        url=job_url(job.id),
-    )
-
-
-def exit_frame(job: Job) -> dict[str, Any]:
-    """The last frame of a finished job's output: the exit, with the job's end."""
-    return {
-        "type": "exit",
-        "exitcode": job.exitcode,
-        "termsig": job.termsig,
-        "state": job.state.value,
-        "reason": job.reason,
-    }
-
-
-def _time_filter(text: str | None, field: str) -> float | None:
-    if text is None:
-        return None
-    try:
-        number: object = float(text)
-    except ValueError:
-        number = text
-    return parse_start_at(number, field)
-
-
-def _labels(pairs: list[str]) -> dict[str, str] | None:
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidField("label", f"expected KEY=VALUE, got {pair[:70]!r}")
-        labels[key] = value
-    return labels or None
 
 
 class _StartedOnce:
@@ -382,9 +281,9 @@ class JobsService:
             listing = ListQuery(
                 states=frozenset(JobState(state) for state in query.state) or None,
                 name=query.name,
-                labels=_labels(query.label),
-                created_from=_time_filter(query.created_after, "created_after"),
-                created_to=_time_filter(query.created_before, "created_before"),
+                labels=label_filter(query.label),
+                created_from=time_filter(query.created_after, "created_after"),
+                created_to=time_filter(query.created_before, "created_before"),
                 sort=query.sort,
                 descending=query.order == "desc",
                 limit=query.limit,

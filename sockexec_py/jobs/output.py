@@ -30,86 +30,33 @@ from __future__ import annotations
 import bisect
 import itertools
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO
 
 import trio
 
-__all__ = ["DEFAULT_CAP", "Chunk", "OutputStore", "RunOutput", "Truncated", "View"]
+from .output_files import (
+    KINDS,
+    MARK_TRUNCATED,
+    RECORD,
+    Chunk,
+    Files,
+    Stream,
+    Truncated,
+    View,
+    file_size,
+)
+from .output_read import OutputReader
 
-Stream = Literal["stdout", "stderr"]
-View = Literal["stdout", "stderr", "both"]
+__all__ = ["DEFAULT_CAP", "Chunk", "OutputReader", "OutputStore", "RunOutput", "Truncated", "View"]
+
 DEFAULT_CAP = 64 << 20
-#: The largest chunk a reader yields: a few to_thread hops per MiB, bounded memory.
-READ_CHUNK = 256 << 10
 #: Accepted bytes not yet written past which a write waits for the files.
 MAX_PENDING = 1 << 20
-_RECORD = struct.Struct("<BQQ")
-_KINDS: tuple[Stream, Stream] = ("stdout", "stderr")
-_MARK_TRUNCATED = 2
 #: Bytes of the latest stored output a running job keeps in memory for followers.
 RECENT = 2 << 20
 #: Buffers per writev (the kernel's IOV_MAX is 1024).
 _IOV_MAX = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """Stored output: ``data`` from ``stream``, at ``offset`` in the view read."""
-
-    stream: Stream
-    offset: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Truncated:
-    """The output was cut at the cap here; the rest was dropped (the last item)."""
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
-
-
-def _pread(path: Path, size: int, offset: int) -> bytes:
-    try:
-        with open(path, "rb", buffering=0) as f:
-            return os.pread(f.fileno(), size, offset)
-    except (FileNotFoundError, NotADirectoryError):
-        return b""
-
-
-class _Files:
-    """The paths of one job's output."""
-
-    def __init__(self, root: Path, job_id: str) -> None:
-        base = root / job_id[-2:] / job_id
-        self.stdout = base.with_suffix(".stdout")
-        self.stderr = base.with_suffix(".stderr")
-        self.index = base.with_suffix(".index")
-
-    def stream(self, stream: Stream) -> Path:
-        return self.stdout if stream == "stdout" else self.stderr
-
-    def records(self) -> int:
-        return _size(self.index) // _RECORD.size
-
-    def record(self, number: int) -> tuple[int, int, int]:
-        kind, both, offset = _RECORD.unpack(_pread(self.index, _RECORD.size, number * _RECORD.size))
-        return kind, both, offset
-
-    def truncated(self) -> bool:
-        count = self.records()
-        return count > 0 and self.record(count - 1)[0] == _MARK_TRUNCATED
-
-    def remove(self) -> None:
-        for path in (self.stdout, self.stderr, self.index):
-            path.unlink(missing_ok=True)
 
 
 class RunOutput:
@@ -132,7 +79,7 @@ class RunOutput:
         self.closed = False
         self.error: str | None = None
         self._store = store
-        self._files = _Files(store.root, job_id)
+        self._files = Files(store.root, job_id)
         self._changed = trio.Event()
         # Accepted so far (written or pending): what the cap and the index count.
         self._accepted = [0, 0]
@@ -157,6 +104,11 @@ class RunOutput:
     def both_bytes(self) -> int:
         return self.stdout_bytes + self.stderr_bytes
 
+    @property
+    def changed(self) -> trio.Event:
+        """Set at the next write (replaced after each): what followers wait on."""
+        return self._changed
+
     def size(self, view: View) -> int:
         if view == "both":
             return self.both_bytes
@@ -169,12 +121,12 @@ class RunOutput:
     def _accept(self, kind: int, data: bytes) -> None:
         """Apply the cap to a chunk and queue what is stored (in the trio thread)."""
         both = sum(self._accepted)
-        overhead = _RECORD.size if kind != self._kind else 0
-        room = max(0, self.cap - both - self._records * _RECORD.size - overhead)
+        overhead = RECORD.size if kind != self._kind else 0
+        room = max(0, self.cap - both - self._records * RECORD.size - overhead)
         stored = data[:room] if room < len(data) else data
         if stored:
             if overhead:
-                self._pending.append((2, _RECORD.pack(kind, both, self._accepted[kind])))
+                self._pending.append((2, RECORD.pack(kind, both, self._accepted[kind])))
                 self._records += 1
                 self._kind = kind
             self._pending.append((kind, stored))
@@ -182,7 +134,7 @@ class RunOutput:
             self._accepted[kind] += len(stored)
             self._pending_bytes += len(stored)
         if len(stored) < len(data):
-            self._pending.append((2, _RECORD.pack(_MARK_TRUNCATED, both + len(stored), 0)))
+            self._pending.append((2, RECORD.pack(MARK_TRUNCATED, both + len(stored), 0)))
             self._records += 1
             self.truncated = True
             self.dropped_bytes += len(data) - len(stored)
@@ -200,7 +152,7 @@ class RunOutput:
         if self.truncated or self.closed:
             self.dropped_bytes += len(data)
             return
-        self._accept(_KINDS.index(stream), data)
+        self._accept(KINDS.index(stream), data)
         self._wake.set()
         if not self._writer_running or self._pending_bytes >= MAX_PENDING:
             await self.flush()
@@ -261,7 +213,7 @@ class RunOutput:
         chunks = self._recent
         if not chunks or limit <= 0:
             return None
-        kind = None if view == "both" else _KINDS.index(view)
+        kind = None if view == "both" else KINDS.index(view)
         start = None
         if kind is None:
             # Offsets in both grow with the list: bisect on them.
@@ -292,13 +244,13 @@ class RunOutput:
             pieces.append(piece)
             size += len(piece)
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return Chunk(_KINDS[stream], offset, data)
+        return Chunk(KINDS[stream], offset, data)
 
     def _handle(self, target: int) -> BinaryIO:
         handle = self._handles.get(target)
         if handle is None:
             files = self._files
-            path = files.index if target == 2 else files.stream(_KINDS[target])
+            path = files.index if target == 2 else files.stream(KINDS[target])
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = self._handles[target] = open(path, "ab", buffering=0)  # noqa: SIM115
         return handle
@@ -321,7 +273,7 @@ class RunOutput:
     def _written(self) -> list[int]:
         """In a worker thread: the stream bytes really in the files (after an error)."""
         try:
-            return [_size(self._files.stream(kind)) for kind in _KINDS]
+            return [file_size(self._files.stream(kind)) for kind in KINDS]
         except OSError:
             return [self.stdout_bytes, self.stderr_bytes]
 
@@ -368,7 +320,7 @@ class OutputStore:
 
     async def remove(self, job_id: str) -> None:
         """Delete a finished job's files (no error if there are none)."""
-        await trio.to_thread.run_sync(_Files(self.root, job_id).remove)
+        await trio.to_thread.run_sync(Files(self.root, job_id).remove)
 
     def read(
         self, job_id: str, view: View = "both", offset: int = 0, *, follow: bool = False
@@ -380,103 +332,4 @@ class OutputStore:
         """
         if offset < 0:
             raise ValueError("offset must be >= 0")
-        return OutputReader(self, job_id, view, offset, follow)
-
-
-class OutputReader:
-    """Iterates a job's stored (and, following, live) output. A plain async
-    iterator, not a generator: leaving a loop early leaves nothing to finalise."""
-
-    def __init__(
-        self, store: OutputStore, job_id: str, view: View, offset: int, follow: bool
-    ) -> None:
-        self._store = store
-        self._files = _Files(store.root, job_id)
-        self._job_id = job_id
-        self._view: View = view
-        self._offset = offset
-        self._follow = follow
-        self._segment = 0  # index record where the last "both" read was found
-        self._done = False
-        self._stored: tuple[int, bool] | None = None
-
-    def __aiter__(self) -> OutputReader:
-        return self
-
-    async def __anext__(self) -> Chunk | Truncated:
-        while not self._done:
-            live = self._store.live(self._job_id)
-            if live is not None:
-                changed = live._changed  # taken before the size: no wakeup is missed
-                size, ended, truncated = live.size(self._view), live.closed, live.truncated
-            else:
-                # Ended: the files do not change any more, so they are measured once.
-                changed = None
-                if self._stored is None:
-                    self._stored = await trio.to_thread.run_sync(self._stored_size)
-                size, truncated = self._stored
-                ended = True
-            if self._offset < size:
-                limit = min(READ_CHUNK, size - self._offset)
-                chunk = live.recent(self._view, self._offset, limit) if live else None
-                if chunk is None:
-                    chunk = await trio.to_thread.run_sync(self._read, size)
-                if not chunk.data:  # the files were deleted meanwhile (the job was)
-                    break
-                self._offset += len(chunk.data)
-                return chunk
-            if not self._follow or ended or changed is None:
-                self._done = True
-                if truncated:
-                    return Truncated()
-                break
-            await changed.wait()
-        raise StopAsyncIteration
-
-    def _stored_size(self) -> tuple[int, bool]:
-        files = self._files
-        if self._view == "both":
-            size = _size(files.stdout) + _size(files.stderr)
-        else:
-            size = _size(files.stream(self._view))
-        return size, files.truncated()
-
-    def _read(self, size: int) -> Chunk:
-        """In a worker thread: the next chunk at the current offset, below ``size``."""
-        want = min(READ_CHUNK, size - self._offset)
-        if self._view != "both":
-            data = _pread(self._files.stream(self._view), want, self._offset)
-            return Chunk(self._view, self._offset, data)
-        kind, stream_offset, end = self._locate(size)
-        want = min(want, end - self._offset)
-        data = _pread(self._files.stream(_KINDS[kind]), want, stream_offset)
-        return Chunk(_KINDS[kind], self._offset, data)
-
-    def _locate(self, size: int) -> tuple[int, int, int]:
-        """Where the offset is: (kind, offset in that stream's file, end of segment)."""
-        files = self._files
-        count = files.records()
-        position = self._offset
-        if count == 0:  # deleted meanwhile: nothing to read here
-            return 0, 0, position
-
-        def start_of(number: int) -> int:
-            return files.record(number)[1] if number < count else size
-
-        # Reading on sequentially, the offset is in the same or the next segment.
-        number = self._segment
-        if not (number < count and files.record(number)[1] <= position < start_of(number + 1)):
-            low, high = 0, count - 1
-            while low < high:  # the last record starting at or before the offset
-                middle = (low + high + 1) // 2
-                if files.record(middle)[1] <= position:
-                    low = middle
-                else:
-                    high = middle - 1
-            number = low
-            while start_of(number + 1) <= position:  # skip empty segments
-                number += 1
-        self._segment = number
-        kind, start, offset = files.record(number)
-        end = min(start_of(number + 1), size)
-        return kind, offset + (position - start), end
+        return OutputReader(self.root, self.live, job_id, view, offset, follow)

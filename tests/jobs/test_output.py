@@ -11,7 +11,8 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockexec_py.jobs.output import MAX_PENDING, READ_CHUNK, Chunk, OutputStore, Truncated, View
+from sockexec_py.jobs.output import MAX_PENDING, Chunk, OutputStore, Truncated, View
+from sockexec_py.jobs.output_files import READ_CHUNK
 
 JOB = "01J00000000000000000000000"
 
