@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .auth import Principal
 from .models import Error as ErrorBody
 from .request import HTTPError, error_response, require_json
 from .streaming import ClientLeft
@@ -130,7 +131,7 @@ class Api:
 
     def __init__(
         self,
-        screen: Callable[[Headers, bool], None],
+        screen: Callable[[Headers, bool], Principal],
         count: Callable[[str, int], None],
         max_body: int,
     ) -> None:
@@ -173,7 +174,7 @@ class Api:
             operation = operations[method]
             mode = operation.mode
             try:
-                self._screen(request.headers, operation.auth)
+                request.state.principal = self._screen(request.headers, operation.auth)
                 body = query = None
                 if operation.body is not None:
                     require_json(request.headers)

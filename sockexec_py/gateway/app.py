@@ -33,7 +33,7 @@ from sockexec_py.events import Exited, Output
 from sockexec_py.jobs import JobError
 
 from .api import Api, validation_error
-from .auth import TokenStore
+from .auth import ANONYMOUS, Principal, TokenStore
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .models import EncodingQuery, ExecRequest, ExecResult, Health
@@ -195,16 +195,21 @@ class Gateway:
         async with self.jobs.opened():
             yield
 
-    def _authorized(self, headers: Headers) -> bool:
-        return self.tokens is None or self.tokens.check(headers.get("authorization"))
+    def _screen(self, headers: Headers, auth: bool) -> Principal:
+        """The checks every request passes, HTTP or WebSocket; HTTPError if refused.
 
-    def _screen(self, headers: Headers, auth: bool) -> None:
-        """The checks every request passes, HTTP or WebSocket; HTTPError if refused."""
+        Returns who the request speaks for (:data:`ANONYMOUS` without tokens, or for
+        an endpoint that needs none)."""
         refuse_cross_site(headers)
         if self.tokens is None:
             refuse_foreign_host(headers)
-        if auth and not self._authorized(headers):
+            return ANONYMOUS
+        if not auth:
+            return ANONYMOUS
+        principal = self.tokens.check(headers.get("authorization"))
+        if principal is None:
             raise HTTPError(401, "unauthorized", "a valid bearer token is required")
+        return principal
 
     def _count(self, mode: str, status: int) -> None:
         self.metrics.requests.labels(mode, str(status)).inc()

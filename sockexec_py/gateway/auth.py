@@ -1,10 +1,38 @@
-"""Bearer-token authentication from a token file, reloaded when the file changes."""
+"""Bearer-token authentication from a token file, reloaded when the file changes, and
+the :class:`Principal` a request speaks for once it passed."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request speaks for: a token (named in logs by its fingerprint, never by
+    itself) or, on a gateway without tokens, anyone who reaches it on loopback.
+
+    :meth:`allows` says whether it may do ``action`` (``exec``, ``run``, ``cancel``,
+    ``status``, ``monitor``, ``admin``) on the program or command ``name``; every
+    principal may do everything today (scoped tokens come with issue 16).
+    """
+
+    fingerprint: str | None
+
+    def allows(self, action: str, name: str | None = None) -> bool:
+        return True
+
+
+#: A gateway without tokens (loopback only).
+ANONYMOUS = Principal(None)
+
+
+def fingerprint(token: bytes) -> str:
+    """A short name for a token in logs and audit lines: not the token, not enough
+    to guess it."""
+    return "tok:" + hashlib.sha256(token).hexdigest()[:12]
 
 
 class TokenFileError(Exception):
@@ -55,16 +83,17 @@ class TokenStore:
             pass  # keep the last good tokens
         return self._snapshot.tokens
 
-    def check(self, authorization: str | None) -> bool:
-        """True when ``authorization`` is ``Bearer <a valid token>``.
+    def check(self, authorization: str | None) -> Principal | None:
+        """The principal of ``authorization`` when it is ``Bearer <a valid token>``.
 
         Every token is compared in constant time, and all of them are compared, so
         timing says nothing about which token nearly matched.
         """
         if not authorization or not authorization.startswith("Bearer "):
-            return False
+            return None
         offered = authorization[len("Bearer ") :].strip().encode()
-        matched = False
+        found: bytes | None = None
         for token in self._current():
-            matched |= hmac.compare_digest(offered, token)
-        return matched
+            if hmac.compare_digest(offered, token):
+                found = token
+        return None if found is None else Principal(fingerprint(found))
