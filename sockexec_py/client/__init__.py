@@ -26,6 +26,7 @@ from sockexec_py.errors import BrokerUnavailable, ProtocolError, SockexecError, 
 
 from ._blocking import Session, open_session, run
 from ._common import (
+    STDIN_CHUNK,
     Collector,
     Frame,
     OutputCallback,
@@ -37,6 +38,7 @@ from ._common import (
 from ._trio import AsyncSession, arun, check_broker, open_async_session, open_unix_session
 
 __all__ = [
+    "STDIN_CHUNK",
     "AsyncSession",
     "BrokerUnavailable",
     "Collector",

@@ -24,7 +24,7 @@ from typing import Protocol
 from sockexec_py.events import Exited, Output
 from sockexec_py.protocol import CLOSE_STDIN, NEED_DATA, TERMINATE, ClientSession, encode_request
 
-from ._common import Frame, OutputCallback, stdin_netstrings
+from ._common import STDIN_CHUNK, Frame, OutputCallback, stdin_netstrings
 
 
 class SessionState(Protocol):
@@ -80,9 +80,19 @@ class UnixSessionState(FrameDelivery):
         argv: Sequence[str | bytes],
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
+        *,
+        stdin: bytes | None = None,
     ) -> None:
+        """``stdin``: all of the program's stdin, sent with the request and closed, in
+        the opening (at most :data:`STDIN_CHUNK` bytes: a larger one must be sent
+        while the output is read)."""
         super().__init__(on_stdout, on_stderr)
-        self._request = encode_request(argv)  # a bad argv raises before connecting
+        request = encode_request(argv)  # a bad argv raises before connecting
+        if stdin is not None:
+            if len(stdin) > STDIN_CHUNK:
+                raise ValueError(f"a stdin sent with the request is at most {STDIN_CHUNK} bytes")
+            request += b"".join(stdin_netstrings(stdin)) + self.close_stdin()
+        self._request = request
         self._parser = ClientSession()
 
     def opening(self) -> bytes:

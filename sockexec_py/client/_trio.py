@@ -164,14 +164,16 @@ async def open_unix_session(
     *,
     on_stdout: OutputCallback | None = None,
     on_stderr: OutputCallback | None = None,
+    stdin: bytes | None = None,
 ) -> AsyncIterator[AsyncSession]:
     """A duplex :class:`AsyncSession` over the broker's Unix socket only (the gateway's
-    own way to the broker); bound it with trio's cancel scopes.
+    own way to the broker); bound it with trio's cancel scopes. ``stdin`` (at most
+    64 KiB) goes out with the request, closed: one send, and nothing to feed after.
 
     Resource handling: leaving the block closes the socket; the broker then
     terminates the program if it still runs.
     """
-    state = UnixSessionState(argv, on_stdout, on_stderr)  # a bad argv raises here
+    state = UnixSessionState(argv, on_stdout, on_stderr, stdin=stdin)  # a bad argv raises
     async with _opened(await _connect(target), state) as session:
         yield session
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from sockexec_py.client import (
+    STDIN_CHUNK,
     AsyncSession,
     BrokerUnavailable,
     Collector,
@@ -64,6 +65,17 @@ class SessionRunner:
         metrics.running.inc()
         try:
             with trio.fail_after(request.timeout), single_errors():
+                if stdin_source is None and len(request.stdin) <= STDIN_CHUNK:
+                    # Most requests: stdin (if any) and its close go with the request,
+                    # in one send, and no task feeds it.
+                    async with open_unix_session(
+                        self.socket_path, request.argv, stdin=request.stdin
+                    ) as session:
+                        self.metrics.bytes_in.inc(len(request.stdin))
+                        async for frame in session:
+                            self._count(frame)
+                            await on_frame(frame)
+                    return
                 async with (
                     open_unix_session(self.socket_path, request.argv) as session,
                     trio.open_nursery() as nursery,
