@@ -29,7 +29,7 @@ import trio
 
 from sockexec_py.errors import EXIT_REFUSED, RemoteProtocolError
 from sockexec_py.events import ArgvReady, Exited, InputEnded
-from sockexec_py.policy import Allowed, Rule
+from sockexec_py.policy import Allowed, Denied, Rule
 from sockexec_py.protocol import (
     NEED_DATA,
     ServerSession,
@@ -153,28 +153,30 @@ class Connection:
         """Request → queue → spawn → run; every answer, refusals included, is sent."""
         services = self._services
         session = ServerSession(services.config.limits())
+        verdict: Allowed | Denied | None = None
+        # One scope for both waits (the request, then a place to run): the deadline
+        # and a hang-up cut either, and the phase says which one was cut.
         with trio.move_on_at(self.deadline) as self.phase_scope:
             try:
                 argv = await self._read_argv(session)
             except RemoteProtocolError as exc:
                 await self._refuse(str(exc))
                 return
-        if self.phase_scope.cancelled_caught:
-            await self._refuse_cut("timed out waiting for the request")
-            return
-        if argv is None:
-            return  # the client left without asking anything
-        self.phase = Phase.QUEUED
-        self.argv = argv
-        with trio.move_on_at(self.deadline) as self.phase_scope:
+            if argv is None:
+                return  # the client left without asking anything
+            self.phase = Phase.QUEUED
+            self.argv = argv
             verdict = await services.admission.admit(
                 self.ticket, argv, self.peer_uid, self.peer_gid
             )
         if self.phase_scope.cancelled_caught:
-            await self._refuse_cut(
-                f"timed out waiting {services.admission.waiting_for(self.ticket)}"
-            )
+            if self.phase is Phase.REQUEST:
+                await self._refuse_cut("timed out waiting for the request")
+            else:
+                waiting = services.admission.waiting_for(self.ticket)
+                await self._refuse_cut(f"timed out waiting {waiting}")
             return
+        assert verdict is not None and argv is not None
         self.phase_scope = None
         if not isinstance(verdict, Allowed):
             await self._refuse(verdict.message, denied=verdict.by_policy)
@@ -251,10 +253,7 @@ class Connection:
                 self.terminate(self.abandoned)
 
         try:
-            with trio.move_on_at(self.deadline) as scope:
-                program = await services.supervisor.spawn(verdict.spec, started)
-            if scope.cancelled_caught:
-                raise SpawnError("timed out starting the program", EXIT_REFUSED)
+            program = await services.supervisor.spawn(verdict.spec, started, self.deadline)
         except SpawnError:
             self.program = None  # the exec helper is reaped: nothing of it is left to run
             raise
@@ -334,6 +333,8 @@ class Connection:
         ``--drain-timeout``: one that merely keeps stdin open (a duplex session
         waiting for the exit) gets its exit pair at once.
         """
+        if stdin.client_done.is_set() or trio.current_time() - self.last_input >= SENDING_GRACE:
+            return  # the common case: no scope to enter
         with trio.move_on_after(self._services.config.drain_timeout):
             while not stdin.client_done.is_set():
                 quiet = trio.current_time() - self.last_input

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import trio
 
+from sockexec_py.errors import EXIT_REFUSED
 from sockexec_py.policy import ExecSpec
 
 from .spawn import (
@@ -51,7 +52,9 @@ class Supervisor:
         self.kill_timeout = kill_timeout
         self.running: set[Program] = set()
 
-    async def spawn(self, spec: ExecSpec, started: Callable[[Program], None]) -> Program:
+    async def spawn(
+        self, spec: ExecSpec, started: Callable[[Program], None], deadline: float = math.inf
+    ) -> Program:
         """Start ``spec``; ``started`` is called as soon as the process exists.
 
         ``started`` runs before the exec helper (if ``spec`` needs one) has exec'd the
@@ -59,7 +62,8 @@ class Supervisor:
         the process holds can be tied to its exit (:meth:`Program.on_exit`).
 
         Error handling: :class:`SpawnError` (125/126/127) when the program could not
-        be started; after an exec helper failed, only once the helper is reaped.
+        be started; after an exec helper failed, only once the helper is reaped; 125
+        when an exec helper has not started the program by ``deadline``.
         """
         if not needs_helper(spec):
             if runs_as(spec):
@@ -73,7 +77,8 @@ class Supervisor:
         self._track(program)
         started(program)
         try:
-            await finish_helper(spec, status)
+            with trio.move_on_at(deadline) as scope:
+                await finish_helper(spec, status)
         except SpawnError:
             program.close_fds()
             with trio.CancelScope(shield=True):
@@ -83,6 +88,10 @@ class Supervisor:
             program.close_fds()
             self.terminate(program)
             raise
+        if scope.cancelled_caught:
+            program.close_fds()
+            self.terminate(program)
+            raise SpawnError("timed out starting the program", EXIT_REFUSED)
         return program
 
     def _track(self, program: Program) -> None:
