@@ -23,15 +23,13 @@ from sockexec_py.events import Exited, Output
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 from sockexec_py.testing import BrokerProcess as Broker
 from sockexec_py.testing import GatewayProcess, wait_until
+from sockexec_py.testing.resty import REFERENCE
 
-__all__ = ["Broker", "GatewayProcess", "StartBroker", "wait_until"]
+__all__ = ["REFERENCE", "Broker", "GatewayProcess", "StartBroker", "wait_until"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MISC = ROOT / "misc"
 IN_CI = os.environ.get("CI", "").lower() == "true"
-# Third-party reference material (lua-resty-exec, netstring.lua, the C sockexec with its
-# build script), never copied into the repository: see ../shared/reference/README.md.
-REFERENCE = Path(os.environ.get("SOCKEXEC_LUA_REF") or ROOT.parent / "shared" / "reference")
 
 
 def require_tool(name: str) -> str:

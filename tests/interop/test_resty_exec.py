@@ -30,7 +30,6 @@ import http.client
 import os
 import random
 import signal
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -41,204 +40,19 @@ from urllib.parse import quote, unquote, urlencode
 
 import pytest
 
-from conftest import IN_CI, MISC, REFERENCE, ROOT, Broker, pid_alive, require_tool, wait_until
+from sockexec_py.testing.resty import RestyNginx, Site, missing
 
-MODULES = Path("/usr/share/nginx/modules")
-RESTY_EXEC_LIB = REFERENCE / "lua-resty-exec-3.0.3" / "lib"
-NETSTRING_SRC = REFERENCE / "netstring.lua-1.0.6" / "src"
-
-# /r/run?a=ARG&a=ARG...[&timeout=MS][&fatal=1][&callbacks=1]: runs argv through
-# lua-resty-exec with the request body as stdin (nil when empty), with
-# timeout_fatal = false as resty-exec-locations.conf sets it, or with the library's
-# default (true) with fatal=1. The body is what the program wrote to stdout (through
-# the callbacks with callbacks=1); the rest comes back in headers, Lua values as
-# tostring() gives them ("nil" included).
-HARNESS = r"""
-        location = /r/run {
-            client_max_body_size 16m;
-            client_body_buffer_size 16m;  # in memory: get_body_data() has it
-            content_by_lua_block {
-                local args = ngx.req.get_uri_args()
-                ngx.req.read_body()
-                local opts = {
-                    argv = type(args.a) == "table" and args.a or { args.a },
-                    stdin = ngx.req.get_body_data(),
-                    timeout = tonumber(args.timeout),
-                }
-                if args.fatal ~= "1" then opts.timeout_fatal = false end
-                local calls = { stdout = {}, stderr = {} }
-                if args.callbacks then
-                    opts.stdout = function(data) table.insert(calls.stdout, data) end
-                    opts.stderr = function(data) table.insert(calls.stderr, data) end
-                end
-                local prog = require("resty.exec").new(ngx.var.sockexec_socket)
-                local res, err = prog(opts)
-                if not res then
-                    ngx.header["X-Error"] = ngx.escape_uri(tostring(err))
-                    return
-                end
-                local stdout, stderr = res.stdout, res.stderr
-                if args.callbacks then
-                    ngx.header["X-Calls"] = #calls.stdout .. " " .. #calls.stderr
-                    ngx.header["X-Res-Output"] = ngx.escape_uri(stdout .. "|" .. stderr)
-                    stdout = table.concat(calls.stdout)
-                    stderr = table.concat(calls.stderr)
-                end
-                ngx.header["X-Exitcode"] = tostring(res.exitcode)
-                ngx.header["X-Termsig"] = tostring(res.termsig)
-                ngx.header["X-Stderr"] = ngx.escape_uri(stderr)
-                ngx.print(stdout)
-            }
-        }
-"""
-
-SERVER = """
-    server {{
-        listen 127.0.0.1:{port}{default};
-        server_name {name};
-        set $sockexec_socket {socket};
-        set $sockexec_misc {misc};
-        include {root}/nginx/resty-exec-locations.conf;
-{harness}
-    }}
-"""
-
-CONF = """
-load_module {modules}/ndk_http_module.so;
-load_module {modules}/ngx_http_lua_module.so;
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    lua_package_path "{resty_exec}/?.lua;{netstring}/?.lua;/usr/share/lua/5.1/?.lua;;";
-{servers}
-}}
-"""
+from conftest import IN_CI, Broker, pid_alive, require_tool, wait_until
 
 
 def _require_stack() -> None:
     """nginx with the Lua module, and the reference Lua libraries."""
     require_tool("nginx")
-    messages = []
-    if not (MODULES / "ngx_http_lua_module.so").exists():
-        messages.append("libnginx-mod-http-lua is not installed (the test command installs it)")
-    wanted = (
-        RESTY_EXEC_LIB / "resty" / "exec.lua",
-        RESTY_EXEC_LIB / "resty" / "exec" / "socket.lua",
-        NETSTRING_SRC / "netstring.lua",
-    )
-    if not all(path.is_file() for path in wanted):
-        messages.append(
-            f"lua-resty-exec 3.0.3 and netstring.lua 1.0.6 are not under {REFERENCE} "
-            "(set SOCKEXEC_LUA_REF to the folder holding them)"
-        )
+    messages = missing()
     if messages:
         if IN_CI:
             pytest.fail("; ".join(messages))
         pytest.skip("; ".join(messages))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Site:
-    """One server block: its name (the first is the default) and its variables."""
-
-    name: str
-    socket: Path
-    misc: Path = MISC
-
-
-class RestyNginx:
-    """nginx (temporary prefix, free loopback port, master_process off) with one server
-    block per site, each including resty-exec-locations.conf and the /r/run harness."""
-
-    def __init__(self, prefix: Path, sites: list[Site]) -> None:
-        self.port = _free_port()
-        self.prefix = prefix
-        for sub in ("logs", "tmp"):
-            (prefix / sub).mkdir(parents=True, exist_ok=True)
-        servers = "".join(
-            SERVER.format(
-                port=self.port,
-                default=" default_server" if i == 0 else "",
-                name=site.name,
-                socket=site.socket,
-                misc=site.misc,
-                root=ROOT,
-                harness=HARNESS,
-            )
-            for i, site in enumerate(sites)
-        )
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            CONF.format(
-                modules=MODULES,
-                prefix=prefix,
-                resty_exec=RESTY_EXEC_LIB,
-                netstring=NETSTRING_SRC,
-                servers=servers,
-            )
-        )
-        self.proc = subprocess.Popen(
-            ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def listening() -> bool:  # nginx has no readiness notification: poll the port
-            if self.proc.poll() is not None:
-                pytest.fail(f"nginx exited {self.proc.returncode}: {self.error_log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
-            except ConnectionRefusedError:
-                return False
-            return True
-
-        try:
-            wait_until(listening, 20, "nginx to listen")
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def error_log(self) -> str:
-        return (self.prefix / "logs/error.log").read_text(errors="replace")
-
-    def request(
-        self, path: str, body: bytes | None = None, host: str | None = None, timeout: float = 60
-    ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            headers = {"Host": host} if host else {}
-            conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
 
 
 @dataclass
