@@ -110,6 +110,14 @@ def describe_status(returncode: int) -> str:
     return f"exited with status {returncode}"
 
 
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("State:"):
+                return line.split(None, 1)[1].strip()
+    return "?"
+
+
 class ReferenceDaemon:
     """A running C ``sockexec ARGS PATH``; its stderr goes to ``PATH.log``.
 
@@ -166,6 +174,17 @@ class ReferenceDaemon:
         if self.proc.poll() is not None:
             self.crashes.append(describe_status(self.proc.returncode))
             self.proc = self._start()
+
+    def state(self) -> str:
+        """Its scheduler state, open fds and children (with theirs), for a hang's note."""
+        try:
+            me = _proc_state(self.pid)
+            fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+            with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+                children = [f"{pid} {_proc_state(int(pid))}" for pid in f.read().split()]
+        except OSError as exc:
+            return f"unreadable ({exc.strerror})"
+        return f"{me}, {fds} fds, children: {', '.join(children) or 'none'}"
 
     def log_count(self, needle: str) -> int:
         """Lines of its log that contain ``needle`` (its warnings: dropped clients)."""
@@ -228,6 +247,7 @@ class ReferenceSide:
     sessions: ManyResult = field(default_factory=ManyResult)
     cpu: CpuMeter = field(init=False)
     crashes_before: int = field(init=False)
+    hung: str = ""  # the daemon's state after its first session left without a reply
 
     def __post_init__(self) -> None:
         self.cpu = CpuMeter(self.daemon)
@@ -245,14 +265,18 @@ class ReferenceSide:
             self.sessions.fail(str(exc))
         finally:
             self.cpu.pause()  # a dead daemon is a zombie until polled: still readable
+        if not self.hung and "no reply" in self.sessions.error_kinds:
+            self.hung = self.daemon.state()
         self._restart()
 
     def warm_up(self, request: bytes, runs: int = 20) -> None:
-        """A few sessions outside the figures, as ours get (failures ignored)."""
+        """A few sessions outside the figures, as ours get (up to the first failure)."""
         if self._restart():
             for _ in range(runs):
-                with contextlib.suppress(BenchError, OSError):
+                try:
                     one_shot(str(self.daemon.path), request, reference_parser, REFERENCE_TIMEOUT)
+                except (BenchError, OSError):
+                    return
 
     def _restart(self) -> bool:
         try:
@@ -280,6 +304,8 @@ class ReferenceSide:
         crashes = self.daemon.crashes[self.crashes_before :]
         if crashes:
             text += f"; crashed {len(crashes)}x ({', '.join(sorted(set(crashes)))}), restarted"
+        if self.hung:
+            text += f"; after its first hang: {self.hung}"
         return text
 
     def data(self) -> dict[str, Any]:
@@ -289,6 +315,7 @@ class ReferenceSide:
             "ref_failures": self.sessions.errors,
             "ref_failure_kinds": self.sessions.error_kinds,
             "ref_crashes": self.daemon.crashes[self.crashes_before :],
+            "ref_hung_state": self.hung,
             "ref_p50_ms": self.latency(0.5) * 1000,
             "ref_p99_ms": self.latency(0.99) * 1000,
             **{f"ref_{k}": v for k, v in self.cpu.shares().items()},

@@ -139,7 +139,8 @@ def sequential(ctx: Context, broker: Daemon, ref: ReferenceDaemon | None) -> Row
     )
     if side is not None:
         ref_p50, ref_p99 = side.latency(0.5), side.latency(0.99)
-        row.ref = side.cell(f"{side.rate:.0f} runs/s (p50 {ms(ref_p50)}, p99 {ms(ref_p99)})")
+        figure = f"{side.rate:.0f} runs/s (p50 {ms(ref_p50)}, p99 {ms(ref_p99)})"
+        row.ref = side.cell(figure if side.sessions.ok else "no run completed")
         row.vs_ref = _versus(rate, side.rate, p50, ref_p50)
         if side.rate:
             row.vs_ref += f", p99 {ms(p99)} vs {ms(ref_p99)}"
@@ -206,7 +207,8 @@ def concurrent(ctx: Context, broker: Daemon, ref: ReferenceDaemon | None) -> Row
     )
     if side is not None:
         ref_p50 = side.latency(0.5)
-        row.ref = side.cell(f"{side.rate:.0f} runs/s (p50 {ms(ref_p50)}, {side.sessions.ok} runs)")
+        figure = f"{side.rate:.0f} runs/s (p50 {ms(ref_p50)}, {side.sessions.ok} runs)"
+        row.ref = side.cell(figure if side.sessions.ok else "no run completed")
         row.vs_ref = _versus(rate, side.rate, p50, ref_p50)
         row.data |= side.data() | {"vs_ref": rate / side.rate if side.rate else None}
     return row
