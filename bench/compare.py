@@ -2,9 +2,10 @@
 
 Runs the chosen measures of ``python -m bench`` alternately against the
 ``sockexec_py`` found in each directory (a ``git worktree`` of the base commit, say),
-several rounds, and prints the median of each measure's figure per broker. Alternating
-runs share the machine's state, so a change is told from the noise of a shared VM
-better than by two separate tables. The benchmark's own clients and limits come from
+several rounds (base first, then new first, and so on: use an even number), and prints
+the median of each measure's figure per broker. Alternating runs share the machine's
+state, so a change is told from the noise of a shared VM better than by two separate
+tables. The benchmark's own clients and limits come from
 this checkout for both, so the base checkout's own ``bench/`` (old or new) is never
 run; only its ``python -m sockexec_py`` (and gateway) are. The C sockexec's column is
 left out (``--no-reference``) unless the flags after ``--`` say ``--reference``.
@@ -63,11 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [*extra, "--no-reference"]
     samples: dict[str, dict[str, list[dict[str, float]]]] = {"base": {}, "new": {}}
     for round_number in range(args.rounds):
-        for label, path in (("base", args.base), ("new", args.new)):
+        # Base first in even rounds, new first in odd ones, so that whatever the order
+        # does (the previous run's page cache, the VM's CPU credit) favours neither.
+        order = [("base", args.base), ("new", args.new)]
+        for label, path in order if round_number % 2 == 0 else order[::-1]:
             for key, data in run_once(path.resolve(), args.only, extra).items():
                 samples[label].setdefault(key, []).append(data)
         sys.stderr.write(f"compare: round {round_number + 1}/{args.rounds} done\n")
-    print(f"medians of {args.rounds} alternating runs ({' '.join(extra)}); base={args.base}")
+    print(
+        f"medians of {args.rounds} alternating runs, order swapped each round "
+        f"({' '.join(extra)}); base={args.base}"
+    )
     print("| # | figure | base | new | new/base | broker CPU % base -> new |")
     print("|---|---|---|---|---|---|")
     for key in sorted(samples["new"]):
