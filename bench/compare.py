@@ -2,10 +2,13 @@
 
 Runs the chosen measures of ``python -m bench`` alternately against the
 ``sockexec_py`` found in each directory (a ``git worktree`` of the base commit, say),
-several rounds, and prints the median of each measure's figure per broker. Alternating
-runs share the machine's state, so a change is told from the noise of a shared VM
-better than by two separate tables. The benchmark's own clients and limits come from
-this checkout for both.
+several rounds (base first, then new first, and so on: use an even number), and prints
+the median of each measure's figure per broker. Alternating runs share the machine's
+state, so a change is told from the noise of a shared VM better than by two separate
+tables. The benchmark's own clients and limits come from
+this checkout for both, so the base checkout's own ``bench/`` (old or new) is never
+run; only its ``python -m sockexec_py`` (and gateway) are. The C sockexec's column is
+left out (``--no-reference``) unless the flags after ``--`` say ``--reference``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ FIGURES = {
     "5": ("growth_mib", "MiB RSS growth"),
     "6": ("peak_rss_mib", "MiB peak RSS"),
     "7": ("rate", "requests/s"),
+    "8": ("extra_p50_ms", "ms extra per run-as run (p50)"),
 }
 CPU_FIELD = "cpu_broker"
 
@@ -48,16 +52,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("new", type=Path, nargs="?", default=ROOT, help="(default: this one)")
     parser.add_argument("--only", default="1,3,4", help="measures to compare (1,3,4)")
     parser.add_argument("--rounds", type=int, default=5, help="runs of each broker (5)")
-    parser.add_argument("bench_args", nargs="*", help="after --: flags for python -m bench")
-    args = parser.parse_args(argv)
-    extra = args.bench_args or ["--quick"]
+    parser.usage = f"{parser.prog} [-h] [--only ONLY] [--rounds N] BASE [NEW] [-- BENCH_FLAGS...]"
+    parser.epilog = "Flags after -- go to python -m bench (default: --quick)."
+    # Split at "--" here: argparse gives an optional positional before a "*" one nothing
+    # and then refuses what follows "--".
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    cut = args_list.index("--") if "--" in args_list else len(args_list)
+    args = parser.parse_args(args_list[:cut])
+    extra = args_list[cut + 1 :] or ["--quick"]
+    if "--reference" not in extra:
+        extra = [*extra, "--no-reference"]
     samples: dict[str, dict[str, list[dict[str, float]]]] = {"base": {}, "new": {}}
     for round_number in range(args.rounds):
-        for label, path in (("base", args.base), ("new", args.new)):
+        # Base first in even rounds, new first in odd ones, so that whatever the order
+        # does (the previous run's page cache, the VM's CPU credit) favours neither.
+        order = [("base", args.base), ("new", args.new)]
+        for label, path in order if round_number % 2 == 0 else order[::-1]:
             for key, data in run_once(path.resolve(), args.only, extra).items():
                 samples[label].setdefault(key, []).append(data)
         sys.stderr.write(f"compare: round {round_number + 1}/{args.rounds} done\n")
-    print(f"medians of {args.rounds} alternating runs ({' '.join(extra)}); base={args.base}")
+    print(
+        f"medians of {args.rounds} alternating runs, order swapped each round "
+        f"({' '.join(extra)}); base={args.base}"
+    )
     print("| # | figure | base | new | new/base | broker CPU % base -> new |")
     print("|---|---|---|---|---|---|")
     for key in sorted(samples["new"]):

@@ -1,0 +1,64 @@
+"""Row 7: the one-shot of row 1 through the HTTP gateway (``POST /v1/exec``).
+
+Sequential requests of ``true`` on one keep-alive connection, against the broker's
+own sequential figure (row 1, measured just before when selected).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+
+from .client import BenchError
+from .many import CpuMeter, cpu_text
+from .measure import Context, Daemon, Row, ms, quantile
+
+
+def gateway_one_shot(ctx: Context, broker: Daemon, port: int) -> Row:
+    """Row 7: ``seq_seconds`` of requests to the gateway on 127.0.0.1:``port``."""
+    body = json.dumps({"argv": ["true"]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json"}
+
+    def post() -> None:
+        conn.request("POST", "/v1/exec", body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200 or json.loads(data).get("exitcode") != 0:
+            raise BenchError(f"gateway answered {response.status}: {data[:200]!r}")
+
+    try:
+        for _ in range(20):
+            post()
+        latencies: list[float] = []
+        cpu = CpuMeter(broker)
+        cpu.resume()
+        start = time.perf_counter()
+        deadline = start + ctx.config.seq_seconds
+        while True:
+            t0 = time.perf_counter()
+            post()
+            t1 = time.perf_counter()
+            latencies.append(t1 - t0)
+            if t1 >= deadline:
+                break
+        elapsed = time.perf_counter() - start
+        cpu.pause()
+    finally:
+        conn.close()
+    shares = cpu.shares()
+    rate = len(latencies) / elapsed
+    latencies.sort()
+    reference = ctx.seq_rate
+    return Row(
+        "7",
+        "HTTP gateway one-shot `true` (keep-alive)",
+        ours=f"{rate:.0f} requests/s (p50 {ms(quantile(latencies, 0.5))})",
+        limit=f"{reference:.0f} runs/s (broker direct, row 1)" if reference else "n/a",
+        ratio=f"{rate / reference:.2f}x" if reference else "n/a",
+        target="-",
+        result="measured",
+        cpu=cpu_text(shares),
+        data={"rate": rate, "p50": quantile(latencies, 0.5), "runs": len(latencies), **shares},
+    )
