@@ -74,12 +74,14 @@ async def read_pooled(
             else:  # a closed socket object fails (EBADF), where a bare fd could be reused
                 count = source.recv_into(buffer)
         except BlockingIOError:
-            pool.give(buffer)
-            await trio.lowlevel.wait_readable(source)
-            continue
+            count = -1  # (waiting here, in the except block, would keep it and its frame)
         except BaseException:
             pool.give(buffer)
             raise
+        if count < 0:
+            pool.give(buffer)
+            await trio.lowlevel.wait_readable(source)
+            continue
         data: bytes | memoryview
         if count < COPY_BELOW:
             with memoryview(buffer) as view:
@@ -105,6 +107,8 @@ async def write_fd_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
         try:
             written = os.writev(fd, pending[:_IOV_MAX])
         except BlockingIOError:
+            written = -1  # (waited for below, not in the except block)
+        if written < 0:
             await trio.lowlevel.wait_writable(fd)
             continue
         advance(pending, written)
@@ -117,6 +121,8 @@ async def recv(sock: socket.socket, size: int) -> bytes:
         try:
             data = sock.recv(size)
         except BlockingIOError:
+            data = None  # (waited for below, not in the except block)
+        if data is None:
             await trio.lowlevel.wait_readable(sock)
             continue
         await trio.lowlevel.cancel_shielded_checkpoint()

@@ -333,15 +333,15 @@ class Connection:
         ``--drain-timeout``: one that merely keeps stdin open (a duplex session
         waiting for the exit) gets its exit pair at once.
         """
-        if stdin.client_done.is_set() or trio.current_time() - self.last_input >= SENDING_GRACE:
+        if stdin.client_done or trio.current_time() - self.last_input >= SENDING_GRACE:
             return  # the common case: no scope to enter
         with trio.move_on_after(self._services.config.drain_timeout):
-            while not stdin.client_done.is_set():
+            while not stdin.client_done:
                 quiet = trio.current_time() - self.last_input
                 if quiet >= SENDING_GRACE:
                     return
                 with trio.move_on_after(SENDING_GRACE - quiet):
-                    await stdin.client_done.wait()
+                    await stdin.wait_client_done()
 
     def _stdin_protocol_error(self, exc: RemoteProtocolError) -> None:
         log.debug("protocol error conn=%d: %s", self.number, exc)

@@ -107,8 +107,8 @@ class PairWriter:
         self._closing = False
         self.spool = spool
         self._start_soon: Callable[[Callable[[], Awaitable[Any]]], None] | None = None
-        self._drained = trio.Event()
-        self._drained.set()
+        #: Set once what is spooled has gone out; None while nothing ever was.
+        self._drained: trio.Event | None = None
 
     def attach(self, start_soon: Callable[[Callable[[], Awaitable[Any]]], None]) -> None:
         """Allow spooling; the task that sends the spool on starts with ``start_soon``."""
@@ -153,8 +153,9 @@ class PairWriter:
         0.07% with both.
         """
         if self.usable:
-            if not self._drained.is_set():  # (a set Event's wait() still costs a round)
-                await self._drained.wait()  # what was spooled goes out before the end
+            drained = self._drained
+            if drained is not None and not drained.is_set():
+                await drained.wait()  # what was spooled goes out before the end
             await self._acquire()
             try:
                 if not self._fits(len(data)):  # POLLOUT: a short pair fits then
@@ -291,7 +292,7 @@ class PairWriter:
         if not spool.append(pairs):
             return False
         self.bytes_out += len(view)
-        if self._drained.is_set():
+        if self._drained is None or self._drained.is_set():
             self._drained = trio.Event()
             assert self._start_soon is not None
             self._start_soon(self._drain)
@@ -302,7 +303,8 @@ class PairWriter:
         no lock: nothing else sends while the spool holds data)."""
         self._lock.release()
         try:
-            await self._drained.wait()
+            if self._drained is not None:
+                await self._drained.wait()
         finally:
             await self._acquire()
 
@@ -325,6 +327,7 @@ class PairWriter:
             self._broke()
         finally:
             _io.BUFFERS.give(buffer)
+            assert self._drained is not None
             self._drained.set()
 
     def room(self) -> int | None:

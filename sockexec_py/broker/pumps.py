@@ -89,9 +89,22 @@ class StdinPump:
         self._receive = receive
         self._protocol_error = protocol_error
         self._terminate = terminate
-        #: Set once the client has sent all it will send for stdin (``0:,``, a
+        #: Whether the client has sent all it will send for stdin (``0:,``, a
         #: terminate request, the end of its input, or a protocol error).
-        self.client_done = trio.Event()
+        self.client_done = False
+        self._client_done_event: trio.Event | None = None  # made only when waited for
+
+    def _done(self) -> None:
+        self.client_done = True
+        if self._client_done_event is not None:
+            self._client_done_event.set()
+
+    async def wait_client_done(self) -> None:
+        """Wait until :attr:`client_done`."""
+        if not self.client_done:
+            if self._client_done_event is None:
+                self._client_done_event = trio.Event()
+            await self._client_done_event.wait()
 
     def first_event(self) -> object:
         """Take what the client sent with its request (``0:,`` closes stdin at once).
@@ -105,14 +118,14 @@ class StdinPump:
             event = self._session.next_event()
             if isinstance(event, StdinClosed):
                 self._program.close_stdin()
-                self.client_done.set()
+                self._done()
                 event = self._session.next_event()
             if isinstance(event, TerminateRequested):
                 self._terminate()  # the signal first: stdin stays as it is
-                self.client_done.set()
+                self._done()
                 event = self._session.next_event()
         except RemoteProtocolError as exc:
-            self.client_done.set()
+            self._done()
             self._protocol_error(exc)
             return None
         return event
@@ -133,10 +146,10 @@ class StdinPump:
                     continue
                 elif isinstance(event, StdinClosed):
                     program.close_stdin()
-                    self.client_done.set()
+                    self._done()
                 elif isinstance(event, TerminateRequested):
                     self._terminate()  # the signal first: stdin stays as it is
-                    self.client_done.set()
+                    self._done()
                 elif isinstance(event, InputEnded):
                     return
                 event = session.next_event()
@@ -145,4 +158,4 @@ class StdinPump:
         except RemoteProtocolError as exc:
             self._protocol_error(exc)
         finally:
-            self.client_done.set()
+            self._done()

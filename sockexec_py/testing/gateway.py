@@ -48,6 +48,7 @@ class GatewayProcess:
             stderr=subprocess.PIPE,
             text=True,
             env=with_pythonpath(env, pythonpath) if (env or pythonpath) else None,
+            cwd=pythonpath,  # `python -m` looks in the working directory first
         )
         assert self.proc.stderr is not None
         self.lines: list[str] = []
