@@ -123,6 +123,8 @@ class Site:
                     response: Response = RedirectResponse(
                         "/login?" + urlencode({"next": target}), status_code=303
                     )
+                elif visit is None and change:
+                    raise HTTPError(403, "forbidden", "no dashboard session: reload the page")
                 elif visit is None:
                     raise HTTPError(401, "unauthorized", "log in to the dashboard first")
                 else:
