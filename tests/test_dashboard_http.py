@@ -67,7 +67,7 @@ def test_login_exchanges_the_token_for_a_session_cookie(secured: GatewayProcess)
         "content-security-policy": CSP,
         "x-content-type-options": "nosniff",
         "x-frame-options": "DENY",
-        "referrer-policy": "no-referrer",
+        "referrer-policy": "same-origin",
         "cache-control": "no-store",
     }.items():
         assert headers[name] == value
