@@ -14,6 +14,7 @@
   const MAX_LINES = 2000;
   const MAX_LINE_CHARS = 4000;
   const MAX_SPANS_PER_LINE = 200;
+  const FRAME_LINES = 250;
 
   function csrfToken() {
     const meta = document.querySelector('meta[name="csrf-token"]');
@@ -289,15 +290,33 @@
         this.hide(excess);
       }
       const follow = this.pre.scrollTop + this.pre.clientHeight >= this.pre.scrollHeight - 24;
-      for (const { text, kind } of this.pending) this.render(text, kind);
-      this.pending = [];
-      this.pendingLines = 0;
+      // At most FRAME_LINES lines a frame: the rest waits for the next one, so the
+      // page answers between two batches.
+      let budget = FRAME_LINES;
+      while (this.pending.length && budget > 0) {
+        const item = this.pending[0];
+        if (item.lines <= budget) {
+          this.pending.shift();
+          this.pendingLines -= item.lines;
+          budget -= item.lines;
+          this.render(item.text, item.kind);
+          continue;
+        }
+        let cut = 0;
+        for (let i = 0; i < budget; i++) cut = item.text.indexOf("\n", cut) + 1;
+        this.render(item.text.slice(0, cut), item.kind);
+        item.text = item.text.slice(cut);
+        item.lines -= budget;
+        this.pendingLines -= budget;
+        budget = 0;
+      }
       while (this.pre.childElementCount > MAX_LINES) {
         this.pre.firstElementChild.remove();
         this.hiddenLines += 1;
       }
       this.showHidden();
       if (follow) this.pre.scrollTop = this.pre.scrollHeight;
+      if (this.pending.length) this.schedule();
     }
 
     hide(lines) {
@@ -426,7 +445,10 @@
   function initJob(section) {
     const id = section.dataset.id;
     const status = document.getElementById("output-status");
-    const view = new OutputView(document.getElementById("output"), status);
+    const hiddenNote = el("span", "hidden-note");
+    const endNote = el("span", "end-note");
+    status.append(hiddenNote, " ", endNote);
+    const view = new OutputView(document.getElementById("output"), hiddenNote);
     const decoders = { stdout: new TextDecoder("utf-8"), stderr: new TextDecoder("utf-8") };
     let offset = Number(section.dataset.outputOffset) || 0;
     let state = section.dataset.state;
@@ -472,9 +494,9 @@
         exit: (frame) => {
           output.close();
           view.write(decoders.stdout.decode() + decoders.stderr.decode(), "stdout");
-          status.textContent = `${status.textContent} Output complete: ${frame.state}.`.trim();
+          endNote.textContent = `Output complete: ${frame.state}.`;
         },
-        error: (frame) => { status.textContent = frame.detail; output.close(); },
+        error: (frame) => { endNote.textContent = frame.detail; output.close(); },
         broken: () => {  // closed for good (e.g. the session ended): try again later
           output = null;
           if (!FINISHED.has(state)) setTimeout(openOutput, 2000);
@@ -513,7 +535,7 @@
         else {
           cancel.disabled = false;
           cancel.textContent = "Cancel job";
-          status.textContent = `Cancel refused: ${body.detail || answer.status}`;
+          endNote.textContent = `Cancel refused: ${body.detail || answer.status}`;
         }
       });
     }
