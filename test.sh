@@ -6,13 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 
-# Debian packages the interoperability tests drive (real socat, real nginx + Lua), and
-# what they build the C sockexec with (../shared/reference/build-sockexec.sh).
+# Debian packages the interoperability tests drive (real socat, real nginx + Lua, a
+# real browser), and what they build the C sockexec with
+# (../shared/reference/build-sockexec.sh).
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+# The dashboard's browser tests (selenium drives Debian's chromium through its driver).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 for pkg in libnginx-mod-http-lua lua-resty-core lua-socket libc6-dev skalibs-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done

@@ -34,6 +34,7 @@ from sockexec_py.jobs import JobError
 
 from .api import Api, validation_error
 from .auth import ANONYMOUS, Principal, TokenStore
+from .dashboard import Dashboard
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .models import EncodingQuery, ExecRequest, ExecResult, Health
@@ -161,8 +162,13 @@ class Gateway:
             },
             {"/v1/exec/ws": _WEBSOCKET_PATH},
         )
+        self.dashboard = Dashboard(settings, self.tokens, self.jobs, self._count)
         self.app = Starlette(
-            routes=[*api.routes(), WebSocketRoute("/v1/exec/ws", self.exec_ws)],
+            routes=[
+                *api.routes(),
+                WebSocketRoute("/v1/exec/ws", self.exec_ws),
+                *self.dashboard.routes(),
+            ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
             lifespan=self._lifespan,
         )
@@ -200,6 +206,10 @@ class Gateway:
 
         Returns who the request speaks for (:data:`ANONYMOUS` without tokens, or for
         an endpoint that needs none)."""
+        # A dashboard page's own requests: its session, same-origin (issue 17).
+        principal = self.dashboard.api_principal(headers)
+        if principal is not None:
+            return principal
         refuse_cross_site(headers)
         if self.tokens is None:
             refuse_foreign_host(headers)

@@ -49,6 +49,15 @@ def _name_limit(text: str) -> tuple[str, int]:
     return name, int(limit)
 
 
+def _origin(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/"):
+        raise argparse.ArgumentTypeError(
+            f"--public-origin takes scheme://host[:port], got {text!r}"
+        )
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         PROG, f"see {PROG} --help", description="HTTP/WebSocket gateway to a sockexec_py broker."
@@ -81,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(float, 0, "default_timeout", above=True),
         default=60.0,
         help="timeout of a request without one",
+    )
+    add("--policy", metavar="FILE", help="the broker's policy: the dashboard lists its commands")
+    add(
+        "--public-origin",
+        type=_origin,
+        metavar="URL",
+        help="the dashboard's origin as browsers see it (https://jobs.example behind a TLS "
+        "proxy); default: the request's scheme and Host",
     )
     jobs = parser.add_argument_group("jobs (on with --data-dir)")
     add = jobs.add_argument
@@ -153,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_output=args.max_output,
         max_timeout=args.max_timeout,
         default_timeout=min(args.default_timeout, args.max_timeout),
+        policy_file=args.policy,
+        public_origin=args.public_origin,
         jobs=None
         if args.data_dir is None
         else JobsSettings(

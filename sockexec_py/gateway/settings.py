@@ -37,7 +37,9 @@ class GatewaySettings:
     request collects before it answers; ``max_ws_stdin`` bounds the stdin sent over
     one WebSocket session;
     ``default_timeout``/``max_timeout`` bound a session's duration (the broker's own
-    ``-t`` still applies).
+    ``-t`` still applies). ``policy_file`` is the broker's policy, read by the
+    dashboard's run form; ``public_origin`` the dashboard's origin as browsers see it
+    (behind a TLS proxy), else the request's scheme and Host.
     """
 
     socket_path: str
@@ -51,6 +53,8 @@ class GatewaySettings:
     default_timeout: float = 60.0
     max_timeout: float = 3600.0
     jobs: JobsSettings | None = None
+    policy_file: str | None = None
+    public_origin: str | None = None
 
     @property
     def loopback(self) -> bool:
