@@ -4,9 +4,8 @@ and the jobs layer's errors mapped onto HTTP answers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from sockexec_py.jobs import (
@@ -18,9 +17,21 @@ from sockexec_py.jobs import (
     StoreUnavailable,
     parse_start_at,
 )
+from sockexec_py.jobs.document import Callback, job_document, job_url, rfc3339
+from sockexec_py.jobs.steps import Step
 
-from .models import JobView, ProgressView
+from .models import JobView
 from .request import HTTPError
+
+__all__ = [
+    "exit_frame",
+    "job_errors",
+    "job_url",
+    "job_view",
+    "label_filter",
+    "rfc3339",
+    "time_filter",
+]
 
 
 @contextmanager
@@ -40,54 +51,22 @@ def job_errors() -> Iterator[None]:
         raise HTTPError(503, "store_unavailable", str(exc)) from None
 
 
-def rfc3339(stamp: float | None) -> str | None:
-    if stamp is None:
-        return None
-    return (
-        datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def job_view(
+    job: Job,
+    position: int | None = None,
+    *,
+    steps: Sequence[Step] | None = None,
+    callback: Callback | None = None,
+) -> JobView:
+    """The answer model of a job (built from the jobs layer's document, the one a
+    callback POSTs, so both say the same)."""
+    return JobView.model_validate(
+        job_document(job, position=position, steps=steps, callback=callback)
     )
 
 
-def job_url(job_id: str) -> str:
-    return f"/v1/jobs/{job_id}"
-
-
-def job_view(job: Job, position: int | None = None) -> JobView:
-    progress = job.progress
-    return JobView(
-        id=job.id,
-        name=job.name,
-        argv=list(job.argv),
-        labels=dict(job.labels),
-        state=job.state.value,
-        position=position,
-        created_at=rfc3339(job.created_at) or "",
-        start_at=rfc3339(job.start_at),
-        started_at=rfc3339(job.started_at),
-        ended_at=rfc3339(job.ended_at),
-        duration=job.duration,
-        timeout=job.timeout,
-        keep=job.keep,
-        exitcode=job.exitcode,
-        termsig=job.termsig,
-        reason=job.reason,
-        stdout_bytes=job.stdout_bytes,
-        stderr_bytes=job.stderr_bytes,
-        dropped_bytes=job.dropped_bytes,
-        truncated=job.truncated,
-        progress=ProgressView(
-            task=progress.task,
-            tasks=progress.tasks,
-            title=progress.title,
-            percent=progress.percent,
-            step=progress.step,
-        ),
-        url=job_url(job.id),
-    )
-
-
-def exit_frame(job: Job) -> dict[str, Any]:
-    """The last frame of a finished job's output: the exit, with the job's end."""
+def exit_frame(job: Job | Step) -> dict[str, Any]:
+    """The last frame of a finished job's (or step's) output: the exit, with its end."""
     return {
         "type": "exit",
         "exitcode": job.exitcode,

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 import trio
 
 from sockexec_py.client import BrokerUnavailable
-from sockexec_py.events import Exited
 
-from .errors import IllegalTransition, JobError
+from .errors import IllegalTransition, JobError, JobNotFound
+from .events import EventHub
 from .model import (
     CANCELLED_RUNNING_REASON,
     CANCELLED_WAITING_REASON,
@@ -40,10 +40,12 @@ from .model import (
     broken_session_reason,
     final_state,
 )
-from .output import OutputReader, OutputStore, View
+from .output import OutputReader, OutputStore, View, output_key
 from .request import SubmitRequest
 from .session import RunningJob, one_line, run_session, terminate_session
+from .steps import Step, StepState
 from .store import Store
+from .task import RunningTask, TaskConfig, cancel_step, cancel_task, run_task
 
 __all__ = ["Runner", "RunnerConfig", "terminate_session"]
 
@@ -63,6 +65,10 @@ class RunnerConfig:
     default_limit: int = 1
     max_waiting: int | None = 1000
     progress_interval: float = 1.0
+    #: The shortest time between two progress events of one job (or step).
+    progress_event_interval: float = 0.25
+    #: Steps of one task running at once (default: ``max_running``).
+    task_max_parallel: int | None = None
     retry_initial: float = 0.25
     retry_max: float = 10.0
     keep_for: float | None = None
@@ -102,6 +108,10 @@ class Runner:
         self.config = config
         self.clock = clock or store.clock
         self._runs: dict[str, RunningJob] = {}
+        #: Live job events (monitors, the callback deliverer): the store publishes
+        #: every committed change here.
+        self.hub = EventHub()
+        store.publish = self.hub.publish
         self._listeners: list[Callable[[Job], object]] = []
         self._watches: dict[str, _Watch] = {}
         self._dispatch_wake = trio.Event()
@@ -125,8 +135,7 @@ class Runner:
             self._nursery = nursery
             nursery.start_soon(self._guarded, self._dispatch)
             nursery.start_soon(self._guarded, self._schedule)
-            if self.config.keep_for is not None or self.config.keep_max is not None:
-                nursery.start_soon(self._guarded, self._retention)
+            nursery.start_soon(self._guarded, self._retention)
             task_status.started()
 
     async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
@@ -202,6 +211,12 @@ class Runner:
         """
         for _attempt in range(5):
             run = self._runs.get(job_id)
+            if isinstance(run, RunningTask):
+                await cancel_task(run, self.config.kill_grace)
+                await run.done.wait()
+                if run.final is not None:
+                    return run.final
+                continue
             if run is not None:
                 await terminate_session(run, self.config.kill_grace)
                 await run.done.wait()
@@ -227,32 +242,106 @@ class Runner:
 
     async def delete(self, job_id: str) -> None:
         """Delete a finished job's record, then its output files."""
-        await self.store.delete(job_id)
-        await self.output.remove(job_id)
+        steps = await self.store.delete(job_id)
+        await self.output.remove(job_id, steps)
+
+    async def steps(self, job_id: str) -> list[Step]:
+        """A task's steps as they are now (running ones with live sizes)."""
+        run = self._runs.get(job_id)
+        if isinstance(run, RunningTask) and run.loaded.is_set() and run.final is None:
+            return [run.current_step(step.index) for step in run.steps]
+        return await self.store.steps(job_id)
+
+    async def cancel_step(self, job_id: str, name: str) -> Job:
+        """Stop one step of a task: a queued one never runs, a running one is
+        terminated (TERM, then KILL); either way its dependents are skipped. Returns
+        the task once the step has ended.
+
+        Error handling: :class:`~.errors.JobNotFound` (no such task or step),
+        :class:`~.errors.IllegalTransition` (the step had ended)."""
+        job = await self.get(job_id)
+        run = self._runs.get(job_id)
+        if isinstance(run, RunningTask):
+            await run.loaded.wait()
+            index = run.step_index(name)
+            if index is None:
+                raise JobNotFound(f"{job_id} step {name}")
+            step = run.steps[index]
+            if step.finished:
+                raise IllegalTransition(f"{job_id} step {name!r}", step.state.value, "cancelled")
+            await cancel_step(run, self.store, index, self.config.kill_grace, self.clock)
+            while not run.steps[index].finished:
+                await run.changed.wait()
+            return run.snapshot()
+        steps = await self.store.steps(job_id)
+        found = [step for step in steps if step.name == name]
+        if not job.is_task or not found:
+            raise JobNotFound(f"{job_id} step {name}")
+        step = found[0]
+        if step.finished or job.finished:
+            raise IllegalTransition(f"{job_id} step {name!r}", step.state.value, "cancelled")
+        # The task waits: record the step cancelled (and its dependents skipped).
+        waiting = RunningTask(job, self.output.open(output_key(job_id, step.index)))
+        waiting.load(steps)
+        await cancel_step(waiting, self.store, step.index, 0, self.clock)
+        await self.output.live(output_key(job_id, step.index)).close()  # type: ignore[union-attr]
+        return await self.get(job_id)
 
     async def read_output(
-        self, job_id: str, view: View = "both", offset: int = 0, *, follow: bool = False
+        self,
+        job_id: str,
+        view: View = "both",
+        offset: int = 0,
+        *,
+        follow: bool = False,
+        step: str | None = None,
     ) -> OutputReader:
-        """A reader of the job's output (see :meth:`OutputStore.read`); with
-        ``follow``, a waiting job is waited for until it starts or ends.
+        """A reader of the job's output, or of one step's (see
+        :meth:`OutputStore.read`); with ``follow``, a waiting job (step) is waited
+        for until it starts or ends.
 
-        Error handling: :class:`~.errors.JobNotFound` for an unknown id."""
+        Error handling: :class:`~.errors.JobNotFound` for an unknown id or step."""
         if follow:
             await self.wait(job_id, started=True)
         else:
             await self.get(job_id)
         if job_id not in self._runs and self._claiming is not None:
             await self._claiming.wait()
-        return self.output.read(job_id, view, offset, follow=follow)
+        if step is None:
+            return self.output.read(job_id, view, offset, follow=follow)
+        index = await self._step_started(job_id, step, follow)
+        return self.output.read(output_key(job_id, index), view, offset, follow=follow)
+
+    async def _step_started(self, job_id: str, name: str, follow: bool) -> int:
+        """The index of step ``name``; with ``follow``, once it runs or has ended."""
+        while True:
+            run = self._runs.get(job_id)
+            if isinstance(run, RunningTask) and run.final is None:
+                await run.loaded.wait()
+                index = run.step_index(name)
+                if index is None:
+                    raise JobNotFound(f"{job_id} step {name}")
+                if not follow or run.steps[index].state is not StepState.QUEUED:
+                    return index
+                await run.changed.wait()
+                continue
+            steps = await self.store.steps(job_id)
+            found = [step for step in steps if step.name == name]
+            if not found:
+                raise JobNotFound(f"{job_id} step {name}")
+            job = await self.get(job_id)
+            if not follow or job.finished or found[0].state is not StepState.QUEUED:
+                return found[0].index
+            await self.wait(job_id, started=True)  # a resumed task: it starts again
 
     async def purge(self) -> list[str]:
-        """One retention pass: delete old finished jobs and their output."""
-        deleted = await self.store.purge(
-            older_than=self.config.keep_for, keep_max=self.config.keep_max
-        )
-        for job_id in deleted:
-            await self.output.remove(job_id)
-        return deleted
+        """One retention pass: delete old finished jobs and their output, and the
+        events older than the retention period (7 days without one)."""
+        deleted = await self.store.purge_counted(self.config.keep_for, self.config.keep_max)
+        for job_id, steps in deleted:
+            await self.output.remove(job_id, steps)
+        await self.store.purge_events(self.config.keep_for or 7 * 86400.0)
+        return [job_id for job_id, _ in deleted]
 
     # ---- tasks ----
 
@@ -295,7 +384,8 @@ class Runner:
             jobs = [job for job, _ in claimed]
             for job, stdin in claimed:
                 # Registered with its output before anyone can see it running.
-                run = self._runs[job.id] = RunningJob(job, self.output.open(job.id))
+                kind = RunningTask if job.is_task else RunningJob
+                run = self._runs[job.id] = kind(job, self.output.open(job.id))
                 run.stdin = stdin
                 self._nursery.start_soon(self._execute, run)
         except JobError as exc:  # StoreUnavailable: try again after a while
@@ -346,6 +436,9 @@ class Runner:
         session closes (the broker terminates the program) and the job is recorded
         ``lost``, as the next start would.
         """
+        if isinstance(run, RunningTask):
+            await self._execute_task(run)
+            return
         try:
             try:
                 exited, reason = await run_session(
@@ -362,11 +455,44 @@ class Runner:
                 log.warning("job %s: the broker session failed: %s", run.job.id, exc)
                 exited, reason = None, broken_session_reason(one_line(exc))
             state = final_state(exited, cancel_requested=run.cancel_requested)
-            await self._finish(run, state, reason, exited)
+            exitcode, termsig = (exited.exitcode, exited.termsig) if exited else (None, None)
+            await self._finish(run, state, reason, exitcode, termsig)
         finally:
             if not run.done.is_set():
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await self._finish(run, JobState.LOST, LOST_REASON, None)
+                    await self._finish(run, JobState.LOST, LOST_REASON, None, None)
+
+    async def _execute_task(self, run: RunningTask) -> None:
+        """Run a task's steps (:func:`~.task.run_task`) and record how it ended.
+        Cancelled (the gateway stops), its record stays ``running``: the next start
+        loses its running steps and queues it again (see :func:`~.queries.mark_lost`)."""
+        config = self.config
+        task_config = TaskConfig(
+            config.socket_path,
+            config.task_max_parallel or config.max_running,
+            config.kill_grace,
+            config.retry_initial,
+            config.retry_max,
+        )
+        try:
+            run.load(await self.store.steps(run.job.id))
+            state, reason, exitcode, termsig = await run_task(
+                run, self.store, self.output, task_config, self.clock, self._save_step_progress
+            )
+        except JobError as exc:
+            log.error("task %s: %s", run.job.id, exc)
+            self._runs.pop(run.job.id, None)
+            run.done.set()
+            await run.output.close()
+            self._backoff()
+            return
+        except BaseException:
+            self._runs.pop(run.job.id, None)
+            run.done.set()
+            with trio.CancelScope(shield=True):
+                await run.output.close()
+            raise
+        await self._finish(run, state, reason, exitcode, termsig)
 
     async def _broker_unavailable(self, run: RunningJob, detail: str) -> None:
         """The connect failed, so the program never started: back to the queue (or
@@ -374,7 +500,7 @@ class Runner:
         log.warning("broker unavailable, job %s stays queued: %s", run.job.id, detail)
         self._backoff()
         if run.cancel_requested:
-            await self._finish(run, JobState.CANCELLED, CANCELLED_RUNNING_REASON, None)
+            await self._finish(run, JobState.CANCELLED, CANCELLED_RUNNING_REASON, None, None)
             return
         try:
             await self.store.requeue(run.job.id)
@@ -385,18 +511,53 @@ class Runner:
         self._changed(replace(run.job, state=JobState.QUEUED, started_at=None))
 
     async def _save_progress(self, run: RunningJob) -> None:
-        """Persist sizes and progress while the job runs, at most once an interval."""
+        """Persist sizes and progress while the job runs: a progress event when the
+        progress changed (at most one per ``progress_event_interval``), the sizes at
+        most once per ``progress_interval``."""
+
+        async def save(job: Job, event: bool) -> None:
+            await self.store.save_progress(job, event=event)
+
+        await self._progress_loop(run, run.snapshot, save)
+
+    async def _save_step_progress(self, task: RunningTask, run: RunningJob, index: int) -> None:
+        """:meth:`_save_progress` for a task's step."""
+
+        async def save(_: Job, event: bool) -> None:
+            await self.store.save_step_progress(task.job, task.current_step(index), event=event)
+
+        await self._progress_loop(run, run.snapshot, save)
+
+    async def _progress_loop(
+        self,
+        run: RunningJob,
+        snapshot: Callable[[], Job],
+        save: Callable[[Job, bool], Awaitable[None]],
+    ) -> None:
+        last_progress = run.parser.progress
+        last_saved = -math.inf
         while True:
             await run.progress_dirty.wait()
             run.progress_dirty = trio.Event()
-            try:
-                await self.store.save_progress(run.snapshot())
-            except Exception as exc:  # never the job's end: it goes on
-                log.error("cannot save the progress of job %s: %s", run.job.id, exc)
-            await trio.sleep(self.config.progress_interval)
+            job = snapshot()
+            changed = job.progress != last_progress
+            if changed or trio.current_time() - last_saved >= self.config.progress_interval:
+                try:
+                    await save(job, changed)
+                except Exception as exc:  # never the job's end: it goes on
+                    log.error("cannot save the progress of job %s: %s", run.job.id, exc)
+                last_saved, last_progress = trio.current_time(), job.progress
+            else:
+                run.progress_dirty.set()  # the sizes, after the interval
+            await trio.sleep(self.config.progress_event_interval)
 
     async def _finish(
-        self, run: RunningJob, state: JobState, reason: str | None, exited: Exited | None
+        self,
+        run: RunningJob,
+        state: JobState,
+        reason: str | None,
+        exitcode: int | None,
+        termsig: str | None,
     ) -> None:
         """Record the end (the database and :attr:`RunningJob.final` first, so a
         follower that sees the output end finds the final record), close the output,
@@ -408,8 +569,8 @@ class Runner:
             state=state,
             reason=reason,
             ended_at=self.clock(),
-            exitcode=exited.exitcode if exited else None,
-            termsig=exited.termsig if exited else None,
+            exitcode=exitcode,
+            termsig=termsig,
         )
         remove = ended.state is JobState.SUCCEEDED and not ended.keep
         try:
@@ -419,7 +580,7 @@ class Runner:
         run.final = ended
         await run.output.close()
         if remove:
-            await self.output.remove(ended.id)
+            await self.output.remove(ended.id, ended.steps)
         self._runs.pop(ended.id, None)
         run.done.set()
         self._changed(ended)

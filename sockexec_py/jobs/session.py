@@ -44,6 +44,8 @@ class RunningJob:
         # session is even connected still applies.
         self.session_scope = trio.CancelScope()
         self.cancel_requested = False
+        #: Set with ``cancel_requested`` (a step waiting for the broker stops).
+        self.cancelled = trio.Event()
         #: The open session, once connected (to ask the broker for a terminate).
         self.session: AsyncSession | None = None
         #: Set when a terminate got no exit pair within this grace (seconds).
@@ -78,6 +80,7 @@ async def terminate_session(run: RunningJob, grace: float) -> None:
     termsig is unknown and the reason says so.
     """
     run.cancel_requested = True
+    run.cancelled.set()
     if run.session is not None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await run.session.terminate()
