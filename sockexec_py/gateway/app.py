@@ -168,7 +168,7 @@ class Gateway:
             routes=[
                 *api.routes(),
                 WebSocketRoute("/v1/exec/ws", self.exec_ws),
-                WebSocketRoute("/v1/monitor", monitor),
+                WebSocketRoute("/v1/monitor", monitor.serve),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
             lifespan=self._lifespan,

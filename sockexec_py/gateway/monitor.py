@@ -103,7 +103,7 @@ MONITOR_PATH: dict[str, Any] = {
 
 
 class MonitorEndpoint:
-    """The ASGI WebSocket endpoint; ``screen`` is the gateway's request check."""
+    """The WebSocket endpoint (:meth:`serve`); ``screen`` is the gateway's request check."""
 
     def __init__(
         self,
@@ -115,7 +115,7 @@ class MonitorEndpoint:
         self.screen = screen
         self.metrics = metrics
 
-    async def __call__(self, websocket: WebSocket) -> None:
+    async def serve(self, websocket: WebSocket) -> None:
         status = "200"
         try:
             principal, name, since = self._admit(websocket)
