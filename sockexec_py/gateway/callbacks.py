@@ -265,8 +265,10 @@ class Deliverer:
         secret: bytes,
         settings: DeliverySettings,
         clock: Callable[[], float] = time.time,
+        count: Callable[[str], object] = lambda outcome: None,
     ) -> None:
         self.store = store
+        self.count = count
         self.policy = policy
         self.secret = secret
         self.settings = settings
@@ -361,6 +363,7 @@ class Deliverer:
             if next_at > first + self.settings.deadline:
                 next_at = None
         await self.store.record_attempt(job_id, attempt, next_at=next_at, delivered=error is None)
+        self.count("delivered" if error is None else "retry" if next_at else "failed")
         if error is None:
             log.info("callback for job %s delivered (%s)", job_id, status)
         elif next_at is not None:

@@ -144,6 +144,7 @@ class JobsService:
             )
             runner = Runner(store, output, config)
             runner.hub.limit = settings.monitor_queue
+            runner.hub.on_overflow = self.metrics.monitor_overflows.inc
             runner.add_listener(self._observe)
             if self.callbacks.rules:
                 if settings.callback_secret_file is None:
@@ -159,6 +160,7 @@ class JobsService:
                         backoff=settings.callback_backoff,
                         deadline=settings.callback_deadline,
                     ),
+                    count=lambda outcome: self.metrics.callbacks.labels(outcome).inc(),
                 )
                 await nursery.start(deliverer.run)
             await nursery.start(self._supervise, runner)
@@ -197,6 +199,8 @@ class JobsService:
             queues = await self.store.queue_lengths()
         for state, count in counts.items():
             self.metrics.jobs.labels(state.value).set(count)
+        if self.runner is not None:
+            self.metrics.monitors.set(self.runner.hub.subscribers)
         self.metrics.queue_length.clear()
         for name, length in queues.items():
             self.metrics.queue_length.labels(name).set(length)

@@ -15,9 +15,10 @@ What a monitor receives, in order:
    ``since=last_id`` and loses nothing.
 
 The live side never waits for a monitor (see :class:`~sockexec_py.jobs.events.EventHub`).
-A monitor that stops reading altogether cannot even be told: after
-:data:`OVERFLOW_GRACE` its handler stops, and the connection is left to the server.
-A token sees the events of the names it has ``status`` on, and needs ``monitor``.
+A monitor that stops reading altogether is dropped from the live feed when its
+queue is full; its connection ends when it reads again (the overflow message, the
+close) or goes away. A token sees the events of the names it has ``status`` on,
+and needs ``monitor``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ log = logging.getLogger("sockexec_py.gateway")
 
 #: Events read from the store per page while catching up.
 REPLAY_PAGE = 1000
-#: How long a monitor whose queue overflowed gets to take the overflow message.
-OVERFLOW_GRACE = 2.0
 #: The close code after an overflow: "try again later".
 OVERFLOW_CLOSE = 1013
 _NAME = re.compile(r"[A-Za-z0-9._:@+/-]{1,128}")
@@ -231,28 +230,25 @@ class MonitorEndpoint:
     async def _live(
         self, websocket: WebSocket, subscription: Subscription, last: int, scope: trio.CancelScope
     ) -> None:
-        """Send queued events as they come; after an overflow, say so and close."""
+        """Send queued events as they come; after an overflow, say so and close.
+
+        A send to a peer that stopped reading blocks, and Hypercorn shields its
+        socket writes, so nothing can interrupt it: the hub has dropped the
+        subscription by then (nothing more is queued for it), and once the peer
+        reads again (or goes away) the overflow message and the close follow.
+        """
         sent = last
-        async with trio.open_nursery() as nursery:
-
-            async def give_up_after_overflow() -> None:
-                await subscription.overflow.wait()
-                await trio.sleep(OVERFLOW_GRACE)
-                scope.cancel()  # it did not even take the overflow message
-
-            nursery.start_soon(give_up_after_overflow)
-            while True:
-                await subscription.wait()
-                if subscription.overflowed:  # what it missed, it reads again with since
-                    await websocket.send_text(json.dumps({"type": "overflow", "last_id": sent}))
-                    await websocket.close(code=OVERFLOW_CLOSE)
-                    nursery.cancel_scope.cancel()
-                    scope.cancel()
-                    return
-                for event in subscription.take():
-                    if event.id > sent:
-                        await websocket.send_text(event.text)
-                        sent = event.id
+        while True:
+            await subscription.wait()
+            if subscription.overflowed:  # what it missed, it reads again with since
+                await websocket.send_text(json.dumps({"type": "overflow", "last_id": sent}))
+                await websocket.close(code=OVERFLOW_CLOSE)
+                scope.cancel()
+                return
+            for event in subscription.take():
+                if event.id > sent:
+                    await websocket.send_text(event.text)
+                    sent = event.id
 
 
 def _error(exc: HTTPError) -> dict[str, Any]:

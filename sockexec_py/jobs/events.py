@@ -213,6 +213,8 @@ class EventHub:
         self._everyone: set[Subscription] = set()
         self._by_name: dict[str, set[Subscription]] = {}
         self._listeners: list[Callable[[Event], object]] = []
+        #: Called when a subscriber is dropped for a full queue.
+        self.on_overflow: Callable[[], object] = lambda: None
 
     def subscribe(
         self, name: str | None = None, allowed: Callable[[str], bool] | None = None
@@ -252,3 +254,4 @@ class EventHub:
             full = [sub for sub in targets if not sub._offer(event)]
             for subscription in full:
                 self._drop(subscription)
+                self.on_overflow()
