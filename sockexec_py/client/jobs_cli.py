@@ -174,7 +174,11 @@ def _run(args: argparse.Namespace, url: str) -> int:
 def _read_steps(path: str) -> dict[str, Any]:
     """A task file: ``{"mode"?, "steps": [...]}`` or just the list of steps."""
     try:
-        text = sys.stdin.read() if path == "-" else open(path).read()  # noqa: SIM115
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path) as f:
+                text = f.read()
         task = json.loads(text)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--steps {path}: {exc}") from None
