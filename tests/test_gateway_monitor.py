@@ -30,8 +30,10 @@ from conftest import Broker, GatewayProcess, wait_until
 @pytest.fixture
 def jobs(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
     process = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
+    process.log_until("listening")  # from here on its log is read (and kept)
     yield process
     process.stop()
+    assert "Traceback" not in "".join(process.lines)  # monitors that leave are no error
 
 
 def call(gateway: GatewayProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:

@@ -33,6 +33,7 @@ import trio
 from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from sockexec_py.errors import single_errors
 from sockexec_py.jobs import JobError
 from sockexec_py.jobs.events import Event, Subscription
 
@@ -126,11 +127,15 @@ class MonitorEndpoint:
             self.metrics.requests.labels("monitor", str(exc.status)).inc()
             return
         await websocket.accept()
+        left = trio.Event()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, websocket, nursery.cancel_scope)
-                await self._serve(websocket, principal, name, since, nursery.cancel_scope)
-                nursery.cancel_scope.cancel()
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_client, websocket, nursery.cancel_scope, left)
+                    await self._serve(websocket, principal, name, since, nursery.cancel_scope)
+                    nursery.cancel_scope.cancel()
+            if left.is_set():
+                status = "499"
         except WebSocketDisconnect:
             status = "499"
         except HTTPError as exc:
@@ -165,13 +170,16 @@ class MonitorEndpoint:
         return principal, name, since
 
     @staticmethod
-    async def _watch_client(websocket: WebSocket, scope: trio.CancelScope) -> None:
+    async def _watch_client(
+        websocket: WebSocket, scope: trio.CancelScope, left: trio.Event
+    ) -> None:
         """Read (and ignore) what the client sends; its close ends the monitor."""
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                left.set()
                 scope.cancel()
-                raise WebSocketDisconnect(message.get("code", 1000))
+                return
 
     async def _serve(
         self,
