@@ -227,3 +227,28 @@ def test_steps_survive_a_kill_9(broker: Broker, tmp_path: Path) -> None:
         assert job["state"] == "lost" and "step 'slow' lost" in job["reason"]
         status, _, out = restarted.request("GET", f"/v1/jobs/{task}/output?step=then")
         assert (status, out) == (200, b"then\n")
+
+
+def test_task_answers_are_documented(jobs: GatewayProcess) -> None:
+    """A task's status (steps, callback), a step's cancel and the monitor's route
+    against the generated OpenAPI document."""
+    from test_gateway_jobs import Document
+
+    document = Document(jobs)
+    assert "/v1/monitor" in document.spec["paths"]
+    assert "/v1/jobs/{job_id}/steps/{step}/cancel" in document.spec["paths"]
+    task = submit(
+        jobs,
+        start_at=4102444800,
+        steps=[{"name": "a", "argv": ["true"]}, {"name": "b", "argv": ["true"]}],
+    )
+    status, job = call(jobs, "GET", f"/v1/jobs/{task}")
+    document.check("GET", "/v1/jobs/{job_id}", status, job)
+    status, job = call(jobs, "POST", f"/v1/jobs/{task}/steps/a/cancel")
+    document.check("POST", "/v1/jobs/{job_id}/steps/{step}/cancel", status, job)
+    status, error = call(jobs, "POST", f"/v1/jobs/{task}/steps/a/cancel")
+    document.check("POST", "/v1/jobs/{job_id}/steps/{step}/cancel", status, error)
+    status, page = call(jobs, "GET", "/v1/jobs")
+    document.check("GET", "/v1/jobs", status, page)
+    status, error = call(jobs, "POST", "/v1/jobs", {"steps": [], "mode": "dag"})
+    document.check("POST", "/v1/jobs", status, error)

@@ -42,6 +42,7 @@ from .api import Api
 from .auth import Principal, audit, audit_name, require
 from .callbacks import AllowRule, CallbackPolicy, CallbackRefused, Deliverer, DeliverySettings
 from .callbacks import read_secret as read_callback_secret
+from .jobs_routes import register
 from .jobs_views import exit_frame, job_errors, job_url, job_view, label_filter, time_filter
 from .metrics import GatewayMetrics
 from .models import (
@@ -240,79 +241,8 @@ class JobsService:
     # -- endpoints ----------------------------------------------------------------
 
     def register(self, api: Api) -> None:
-        """Declare the jobs endpoints on ``api``."""
-        common = (404, 503)
-        api.route(
-            "POST",
-            "/v1/jobs",
-            "Submit a job (answered once it is committed)",
-            body=JobSubmit,
-            answer=JobAccepted,
-            status=202,
-            errors=(429, 503),
-            mode="jobs",
-        )(self.submit)
-        api.route(
-            "GET",
-            "/v1/jobs",
-            "List jobs: filters, sort, cursor pages, totals per state",
-            query=JobListQuery,
-            answer=JobPage,
-            errors=common,
-            mode="jobs",
-        )(self.list_jobs)
-        api.route(
-            "GET",
-            "/v1/jobs/{job_id}",
-            "A job's state, times, exit, output sizes and progress",
-            query=JobGetQuery,
-            answer=JobView,
-            errors=common,
-            mode="jobs",
-        )(self.show)
-        api.route(
-            "POST",
-            "/v1/jobs/{job_id}/cancel",
-            "Cancel a job: a waiting one never starts, a running one is terminated "
-            "through the broker (TERM, then KILL); answered once it is cancelled",
-            answer=JobView,
-            errors=(*common, 409),
-            mode="jobs",
-        )(self.cancel)
-        api.route(
-            "POST",
-            "/v1/jobs/{job_id}/steps/{step}/cancel",
-            "Cancel one step of a task: a queued one never runs, a running one is "
-            "terminated (TERM, then KILL); its dependents are skipped. Answered once "
-            "it has ended, with the task",
-            answer=JobView,
-            errors=(*common, 409),
-            mode="jobs",
-        )(self.cancel_step)
-        api.route(
-            "DELETE",
-            "/v1/jobs/{job_id}",
-            "Delete a finished job's record and output",
-            status=204,
-            errors=(*common, 409),
-            mode="jobs",
-        )(self.delete)
-        api.route(
-            "GET",
-            "/v1/jobs/{job_id}/output",
-            "A job's stored output; with follow=1 (or Accept: NDJSON/SSE) frames as they "
-            "come, ending with the exit frame",
-            query=OutputQuery,
-            errors=common,
-            mode="jobs",
-            media={
-                "application/octet-stream": "The stored bytes of the stream (not following)",
-                NDJSON: 'One JSON frame per line: {"type": "stdout"|"stderr", "data" (or '
-                '"data_b64"), "offset"}, {"type": "truncated"}, then {"type": "exit", '
-                '"exitcode", "termsig", "state", "reason"} once the job has ended',
-                SSE: "The same frames as server-sent events",
-            },
-        )(self.output)
+        """Declare the jobs endpoints on ``api`` (:mod:`.jobs_routes`)."""
+        register(self, api)
 
     async def submit(self, request: Request, body: JobSubmit, query: None) -> JobAccepted:
         runner = self._runner()

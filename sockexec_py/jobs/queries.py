@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,7 +22,7 @@ from .events import Event, event_body, insert_event
 from .model import END_STATES, WAITING_STATES, Job, JobState, check_transition
 from .progress import Progress
 from .request import SubmitRequest
-from .steps import StepState, dependents_closure, dependents_of, task_end
+from .steps import StepState
 
 #: Where each change's events go: the caller's list (the store publishes them
 #: once committed), or nowhere (the events are recorded all the same).
@@ -284,81 +284,6 @@ def next_start(conn: sqlite3.Connection) -> float | None:
     return None if row[0] is None else float(row[0])
 
 
-def mark_lost(
-    conn: sqlite3.Connection, now: float, reason: str, events: Events = None
-) -> list[str]:
-    """Every ``running`` job becomes ``lost`` with ``reason`` (at startup: nobody
-    runs them any more). A task loses its running steps instead (their dependents
-    are skipped) and goes back to the queue if steps remain to run, else it ends
-    as its steps say (rule 4 of :mod:`.steps`). Returns the jobs that ended."""
-    rows = conn.execute("SELECT seq, id FROM jobs WHERE state = 'running'").fetchall()
-    ended: list[str] = []
-    for seq, job_id in rows:
-        job = get_job(conn, job_id)
-        if job.is_task:
-            if _lose_steps(conn, seq, job, now, events):
-                requeue(conn, job_id, now, events)
-                continue
-            steps = task_queries.steps_of(conn, seq)
-            state, task_reason, exitcode, termsig = task_end(steps, cancel_requested=False)
-            finished = replace(
-                job,
-                state=state,
-                ended_at=now,
-                reason=task_reason,
-                exitcode=exitcode,
-                termsig=termsig,
-            )
-            finish(conn, finished, remove=False, events=events)
-            ended.append(job_id)
-            continue
-        check_transition(job_id, JobState.RUNNING, JobState.LOST)
-        conn.execute(
-            "UPDATE jobs SET state = 'lost', ended_at = ?, reason = ? WHERE seq = ?",
-            (now, reason, seq),
-        )
-        conn.execute("DELETE FROM job_stdin WHERE seq = ?", (seq,))
-        lost = get_job(conn, job_id)
-        pending = callbacks.job_ended(conn, lost, None, now)
-        record(conn, events, "finished", lost, now, callback=pending)
-        ended.append(job_id)
-    return ended
-
-
-#: The reason of a step found running at start-up.
-LOST_STEP_REASON = "lost: the gateway stopped while it ran"
-
-
-def _lose_steps(conn: sqlite3.Connection, seq: int, job: Job, now: float, events: Events) -> bool:
-    """A task's running steps become ``lost`` and their dependents ``skipped``;
-    True if steps remain queued (the task runs again)."""
-    steps = task_queries.steps_of(conn, seq)
-    states = {step.index: step.state for step in steps}
-    dependents = dependents_of([step.depends_on for step in steps])
-    changed = []
-    for step in steps:
-        if step.state is StepState.RUNNING:
-            states[step.index] = StepState.LOST
-            changed.append(
-                replace(step, state=StepState.LOST, ended_at=now, reason=LOST_STEP_REASON)
-            )
-            for index in dependents_closure(dependents, step.index, states):
-                states[index] = StepState.SKIPPED
-                changed.append(
-                    replace(
-                        steps[index],
-                        state=StepState.SKIPPED,
-                        ended_at=now,
-                        reason=f"skipped: step {step.name!r} was lost",
-                    )
-                )
-    sink: list[Event] = []
-    task_queries.end_steps(conn, job, changed, now, sink)
-    if events is not None:
-        events.extend(sink)
-    return any(state is StepState.QUEUED for state in states.values())
-
-
 def cancel_waiting(
     conn: sqlite3.Connection, job_id: str, now: float, reason: str, events: Events = None
 ) -> Job:
@@ -441,61 +366,3 @@ def finish(conn: sqlite3.Connection, job: Job, *, remove: bool, events: Events =
         (job.state.value, job.ended_at, job.exitcode, job.termsig, job.reason, seq),
     )
     conn.execute("DELETE FROM job_stdin WHERE seq = ?", (seq,))
-
-
-def delete_job(conn: sqlite3.Connection, job_id: str) -> int:
-    """Delete a finished job's record; returns how many steps it had (their output
-    files go too). Error handling: :class:`IllegalTransition` for a job that has not
-    finished."""
-    seq, state = _locate(conn, job_id)
-    if state not in END_STATES:
-        raise IllegalTransition(job_id, state.value, "deleted")
-    steps = conn.execute("SELECT steps FROM jobs WHERE seq = ?", (seq,)).fetchone()[0]
-    conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
-    return int(steps)
-
-
-def purge(
-    conn: sqlite3.Connection, ended_before: float | None, keep_max: int | None, batch: int
-) -> list[str]:
-    """Delete at most ``batch`` finished jobs: those that ended before
-    ``ended_before``, then the oldest beyond ``keep_max`` finished ones. Returns
-    their ids (the caller removes their output files)."""
-    return [job_id for job_id, _ in purge_counted(conn, ended_before, keep_max, batch)]
-
-
-def purge_counted(
-    conn: sqlite3.Connection, ended_before: float | None, keep_max: int | None, batch: int
-) -> list[tuple[str, int]]:
-    """:func:`purge`, each id with the number of steps the job had."""
-    deleted: list[tuple[str, int]] = []
-
-    def delete(rows: Iterable[tuple[int, str, int]]) -> None:
-        for seq, job_id, steps in rows:
-            conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
-            deleted.append((job_id, steps))
-
-    if ended_before is not None:
-        delete(
-            conn.execute(
-                f"""SELECT seq, id, steps FROM jobs
-                    WHERE ended_at < ? AND state IN ({_END_STATES_SQL})
-                    ORDER BY ended_at LIMIT ?""",
-                (ended_before, batch),
-            ).fetchall()
-        )
-    if keep_max is not None and len(deleted) < batch:
-        finished = conn.execute(
-            f"SELECT total(n) FROM state_counts WHERE state IN ({_END_STATES_SQL})"
-        ).fetchone()[0]
-        excess = min(int(finished) - keep_max, batch - len(deleted))
-        if excess > 0:
-            delete(
-                conn.execute(
-                    f"""SELECT seq, id, steps FROM jobs
-                        WHERE ended_at IS NOT NULL AND state IN ({_END_STATES_SQL})
-                        ORDER BY ended_at, id LIMIT ?""",
-                    (excess,),
-                ).fetchall()
-            )
-    return deleted

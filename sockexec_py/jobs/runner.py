@@ -21,31 +21,27 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import trio
 
-from sockexec_py.client import BrokerUnavailable
-
-from .errors import IllegalTransition, JobError, JobNotFound
+from . import task_access
+from .errors import IllegalTransition, JobError
 from .events import EventHub
+from .execution import Execution, RunnerConfig
 from .model import (
-    CANCELLED_RUNNING_REASON,
     CANCELLED_WAITING_REASON,
-    LOST_REASON,
     WAITING_STATES,
     Job,
     JobState,
-    broken_session_reason,
-    final_state,
 )
 from .output import OutputReader, OutputStore, View, output_key
 from .request import SubmitRequest
-from .session import RunningJob, one_line, run_session, terminate_session
-from .steps import Step, StepState
+from .session import RunningJob, terminate_session
+from .steps import Step
 from .store import Store
-from .task import RunningTask, TaskConfig, cancel_step, cancel_task, run_task
+from .task import RunningTask, cancel_task
 
 __all__ = ["Runner", "RunnerConfig", "terminate_session"]
 
@@ -53,30 +49,6 @@ log = logging.getLogger("sockexec_py.jobs")
 
 #: The longest a timer sleeps before looking at the wall clock again (it may step).
 _MAX_TIMER = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerConfig:
-    """How the runner schedules; times in seconds."""
-
-    socket_path: str
-    max_running: int = 8
-    limits: Mapping[str, int] = field(default_factory=dict)
-    default_limit: int = 1
-    max_waiting: int | None = 1000
-    progress_interval: float = 1.0
-    #: The shortest time between two progress events of one job (or step).
-    progress_event_interval: float = 0.25
-    #: Steps of one task running at once (default: ``max_running``).
-    task_max_parallel: int | None = None
-    retry_initial: float = 0.25
-    retry_max: float = 10.0
-    keep_for: float | None = None
-    keep_max: int | None = None
-    purge_interval: float = 60.0
-    #: How long a cancel waits for the broker's exit pair after asking it to
-    #: terminate (it sends KILL after its -k, 10 s by default) before closing.
-    kill_grace: float = 15.0
 
 
 @dataclass
@@ -88,7 +60,7 @@ class _Watch:
     waiters: int = 0
 
 
-class Runner:
+class Runner(Execution):
     """Runs the store's jobs; the gateway's jobs API calls its methods.
 
     ``clock`` is the Unix time of records and schedules (default: the store's);
@@ -260,32 +232,15 @@ class Runner:
         Error handling: :class:`~.errors.JobNotFound` (no such task or step),
         :class:`~.errors.IllegalTransition` (the step had ended)."""
         job = await self.get(job_id)
-        run = self._runs.get(job_id)
-        if isinstance(run, RunningTask):
-            await run.loaded.wait()
-            index = run.step_index(name)
-            if index is None:
-                raise JobNotFound(f"{job_id} step {name}")
-            step = run.steps[index]
-            if step.finished:
-                raise IllegalTransition(f"{job_id} step {name!r}", step.state.value, "cancelled")
-            await cancel_step(run, self.store, index, self.config.kill_grace, self.clock)
-            while not run.steps[index].finished:
-                await run.changed.wait()
-            return run.snapshot()
-        steps = await self.store.steps(job_id)
-        found = [step for step in steps if step.name == name]
-        if not job.is_task or not found:
-            raise JobNotFound(f"{job_id} step {name}")
-        step = found[0]
-        if step.finished or job.finished:
-            raise IllegalTransition(f"{job_id} step {name!r}", step.state.value, "cancelled")
-        # The task waits: record the step cancelled (and its dependents skipped).
-        waiting = RunningTask(job, self.output.open(output_key(job_id, step.index)))
-        waiting.load(steps)
-        await cancel_step(waiting, self.store, step.index, 0, self.clock)
-        await self.output.live(output_key(job_id, step.index)).close()  # type: ignore[union-attr]
-        return await self.get(job_id)
+        return await task_access.cancel_named_step(
+            self._runs.get(job_id),
+            job,
+            name,
+            self.store,
+            self.output,
+            self.config.kill_grace,
+            self.clock,
+        )
 
     async def read_output(
         self,
@@ -309,30 +264,10 @@ class Runner:
             await self._claiming.wait()
         if step is None:
             return self.output.read(job_id, view, offset, follow=follow)
-        index = await self._step_started(job_id, step, follow)
+        index = await task_access.step_to_read(
+            lambda: self._runs.get(job_id), job_id, step, follow, self.store, self
+        )
         return self.output.read(output_key(job_id, index), view, offset, follow=follow)
-
-    async def _step_started(self, job_id: str, name: str, follow: bool) -> int:
-        """The index of step ``name``; with ``follow``, once it runs or has ended."""
-        while True:
-            run = self._runs.get(job_id)
-            if isinstance(run, RunningTask) and run.final is None:
-                await run.loaded.wait()
-                index = run.step_index(name)
-                if index is None:
-                    raise JobNotFound(f"{job_id} step {name}")
-                if not follow or run.steps[index].state is not StepState.QUEUED:
-                    return index
-                await run.changed.wait()
-                continue
-            steps = await self.store.steps(job_id)
-            found = [step for step in steps if step.name == name]
-            if not found:
-                raise JobNotFound(f"{job_id} step {name}")
-            job = await self.get(job_id)
-            if not follow or job.finished or found[0].state is not StepState.QUEUED:
-                return found[0].index
-            await self.wait(job_id, started=True)  # a resumed task: it starts again
 
     async def purge(self) -> list[str]:
         """One retention pass: delete old finished jobs and their output, and the
@@ -427,160 +362,3 @@ class Runner:
             except JobError as exc:
                 log.error("retention purge failed: %s", exc)
             await trio.sleep(self.config.purge_interval)
-
-    async def _execute(self, run: RunningJob) -> None:
-        """Run one job's session and record how it ended.
-
-        Error handling: a broken session (or a bug in its tasks) fails this job, not
-        the runner. Resource handling: when the runner itself is cancelled, the
-        session closes (the broker terminates the program) and the job is recorded
-        ``lost``, as the next start would.
-        """
-        if isinstance(run, RunningTask):
-            await self._execute_task(run)
-            return
-        try:
-            try:
-                exited, reason = await run_session(
-                    run,
-                    self.config.socket_path,
-                    run.stdin,
-                    on_connected=self._broker_ok,
-                    alongside=self._save_progress,
-                )
-            except BrokerUnavailable as exc:
-                await self._broker_unavailable(run, str(exc))
-                return
-            except Exception as exc:
-                log.warning("job %s: the broker session failed: %s", run.job.id, exc)
-                exited, reason = None, broken_session_reason(one_line(exc))
-            state = final_state(exited, cancel_requested=run.cancel_requested)
-            exitcode, termsig = (exited.exitcode, exited.termsig) if exited else (None, None)
-            await self._finish(run, state, reason, exitcode, termsig)
-        finally:
-            if not run.done.is_set():
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await self._finish(run, JobState.LOST, LOST_REASON, None, None)
-
-    async def _execute_task(self, run: RunningTask) -> None:
-        """Run a task's steps (:func:`~.task.run_task`) and record how it ended.
-        Cancelled (the gateway stops), its record stays ``running``: the next start
-        loses its running steps and queues it again (see :func:`~.queries.mark_lost`)."""
-        config = self.config
-        task_config = TaskConfig(
-            config.socket_path,
-            config.task_max_parallel or config.max_running,
-            config.kill_grace,
-            config.retry_initial,
-            config.retry_max,
-        )
-        try:
-            run.load(await self.store.steps(run.job.id))
-            state, reason, exitcode, termsig = await run_task(
-                run, self.store, self.output, task_config, self.clock, self._save_step_progress
-            )
-        except JobError as exc:
-            log.error("task %s: %s", run.job.id, exc)
-            self._runs.pop(run.job.id, None)
-            run.done.set()
-            await run.output.close()
-            self._backoff()
-            return
-        except BaseException:
-            self._runs.pop(run.job.id, None)
-            run.done.set()
-            with trio.CancelScope(shield=True):
-                await run.output.close()
-            raise
-        await self._finish(run, state, reason, exitcode, termsig)
-
-    async def _broker_unavailable(self, run: RunningJob, detail: str) -> None:
-        """The connect failed, so the program never started: back to the queue (or
-        ``cancelled`` if that was asked meanwhile), and retry later."""
-        log.warning("broker unavailable, job %s stays queued: %s", run.job.id, detail)
-        self._backoff()
-        if run.cancel_requested:
-            await self._finish(run, JobState.CANCELLED, CANCELLED_RUNNING_REASON, None, None)
-            return
-        try:
-            await self.store.requeue(run.job.id)
-        except JobError as exc:
-            log.error("cannot requeue job %s: %s", run.job.id, exc)
-        del self._runs[run.job.id]
-        run.done.set()
-        self._changed(replace(run.job, state=JobState.QUEUED, started_at=None))
-
-    async def _save_progress(self, run: RunningJob) -> None:
-        """Persist sizes and progress while the job runs: a progress event when the
-        progress changed (at most one per ``progress_event_interval``), the sizes at
-        most once per ``progress_interval``."""
-
-        async def save(job: Job, event: bool) -> None:
-            await self.store.save_progress(job, event=event)
-
-        await self._progress_loop(run, run.snapshot, save)
-
-    async def _save_step_progress(self, task: RunningTask, run: RunningJob, index: int) -> None:
-        """:meth:`_save_progress` for a task's step."""
-
-        async def save(_: Job, event: bool) -> None:
-            await self.store.save_step_progress(task.job, task.current_step(index), event=event)
-
-        await self._progress_loop(run, run.snapshot, save)
-
-    async def _progress_loop(
-        self,
-        run: RunningJob,
-        snapshot: Callable[[], Job],
-        save: Callable[[Job, bool], Awaitable[None]],
-    ) -> None:
-        last_progress = run.parser.progress
-        last_saved = -math.inf
-        while True:
-            await run.progress_dirty.wait()
-            run.progress_dirty = trio.Event()
-            job = snapshot()
-            changed = job.progress != last_progress
-            if changed or trio.current_time() - last_saved >= self.config.progress_interval:
-                try:
-                    await save(job, changed)
-                except Exception as exc:  # never the job's end: it goes on
-                    log.error("cannot save the progress of job %s: %s", run.job.id, exc)
-                last_saved, last_progress = trio.current_time(), job.progress
-            else:
-                run.progress_dirty.set()  # the sizes, after the interval
-            await trio.sleep(self.config.progress_event_interval)
-
-    async def _finish(
-        self,
-        run: RunningJob,
-        state: JobState,
-        reason: str | None,
-        exitcode: int | None,
-        termsig: str | None,
-    ) -> None:
-        """Record the end (the database and :attr:`RunningJob.final` first, so a
-        follower that sees the output end finds the final record), close the output,
-        free the slot."""
-        await run.output.flush()  # the sizes recorded are those of the files
-        run.parser.end()
-        ended = replace(
-            run.snapshot(),
-            state=state,
-            reason=reason,
-            ended_at=self.clock(),
-            exitcode=exitcode,
-            termsig=termsig,
-        )
-        remove = ended.state is JobState.SUCCEEDED and not ended.keep
-        try:
-            await self.store.finish(ended, remove=remove)
-        except JobError as exc:
-            log.error("cannot record the end of job %s: %s", ended.id, exc)
-        run.final = ended
-        await run.output.close()
-        if remove:
-            await self.output.remove(ended.id, ended.steps)
-        self._runs.pop(ended.id, None)
-        run.done.set()
-        self._changed(ended)
