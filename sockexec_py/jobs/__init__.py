@@ -4,11 +4,13 @@ under a data dir, with their output in files beside it (SPEC §11).
 Sans-IO: :mod:`.model` (the state machine, the record, ids), :mod:`.request`
 (submit validation), :mod:`.steps` (multi-step tasks: the graph, the step rules),
 :mod:`.progress` (progress lines), :mod:`.document` (a job's status as JSON).
-I/O: :mod:`.store` (SQLite off the trio thread; statements in :mod:`.queries`,
-:mod:`.task_queries`, :mod:`.listing`, :mod:`.events` and :mod:`.callbacks`,
-layout in :mod:`.schema`), :mod:`.output` (output files and followers),
-:mod:`.runner` (the scheduler), :mod:`.task` (a task's steps) and :mod:`.session`
-(one broker session). Errors, one class per HTTP answer: :mod:`.errors`.
+I/O: :mod:`.store` (SQLite off the trio thread, :mod:`.store_threads`; statements
+in :mod:`.queries`, :mod:`.task_queries`, :mod:`.recovery`, :mod:`.retention`,
+:mod:`.listing`, :mod:`.events` and :mod:`.callbacks`, layout in :mod:`.schema`),
+:mod:`.output` (output files and followers), :mod:`.runner` (the scheduler) with
+:mod:`.execution` (a job's run to its end), :mod:`.task` and :mod:`.task_access`
+(a task's steps) and :mod:`.session` (one broker session). Errors, one class per
+HTTP answer: :mod:`.errors`.
 """
 
 from __future__ import annotations

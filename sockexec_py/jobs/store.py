@@ -17,6 +17,9 @@ Threading model, and why:
   the store: a second process fails at once with :class:`DataDirLocked`. The kernel
   drops the lock when the process dies, even by ``kill -9``.
 
+The writer and the readers live in :mod:`.store_threads`; the writer also hands
+each committed change's events to :attr:`Store.publish`, in commit (id) order.
+
 Error handling: SQLite and OS errors that mean the disk cannot take the write (full,
 read-only, I/O error, unwritable directory) become :class:`StoreUnavailable` with one
 line, after a rollback, so nothing is half-written. Job errors (:class:`JobNotFound`,
