@@ -3,6 +3,7 @@ broker and a real gateway with a data dir."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -171,3 +172,80 @@ def test_command_line(jobs: GatewayProcess) -> None:
         timeout=60,
     )
     assert usage.returncode == 100 and b"SOCKEXEC_URL" in usage.stderr
+
+
+def test_tasks_callbacks_and_monitor_from_python(jobs: GatewayProcess, tmp_path: Path) -> None:
+    """Steps and a callback on submit (blocking and trio), a step's output, a step
+    cancelled, and the monitor iterator (see test_gateway_monitor for reconnects)."""
+    from sockexec_py.client.jobs import monitor
+
+    job = submit(
+        jobs.base,
+        steps=[
+            {"name": "greet", "argv": ["cat"], "stdin": b"hi\xff"},
+            {"name": "wait", "argv": ["sleep", "60"], "depends_on": ["greet"]},
+            {"name": "never", "argv": ["true"], "depends_on": ["wait"]},
+        ],
+        mode="dag",
+        name="pytask",
+    )
+    frames = list(job.output(step="greet"))
+    assert frames == [Output("stdout", b"hi\xff"), Exited(exitcode=0)]
+    events = monitor(jobs.base, "pytask", since=0)
+    for event in events:
+        if (event.step, event.type) == ("wait", "started"):
+            break
+    status = job.cancel_step("wait")
+    assert status.mode == "dag" and status.step("wait")["state"] == "cancelled"
+    assert status.step("never")["state"] == "skipped"
+    for event in events:
+        if event.type == "finished" and event.step is None:
+            assert (event.job, event.state) == (job.id, "failed")
+            break
+    events.close()
+    with pytest.raises(GatewayRefused, match="--callback-allow"):
+        submit(jobs.base, ["true"], callback="http://127.0.0.1:9/hook")
+    with pytest.raises(ProtocolError, match="not both"):
+        submit(jobs.base, ["true"], steps=[{"name": "a", "argv": ["true"]}])
+
+    async def trio_task() -> str:
+        task = await asubmit(jobs.base, steps=[{"name": "a", "argv": ["echo", "A"]}])
+        async with task.output(step="a") as frames:
+            got = [frame async for frame in frames]
+        assert got == [Output("stdout", b"A\n"), Exited(exitcode=0)]
+        return (await task.wait(timeout=20)).state
+
+    assert trio.run(trio_task) == "succeeded"
+
+
+def test_cli_monitor_and_task_submit(jobs: GatewayProcess, tmp_path: Path) -> None:
+    spec = tmp_path / "task.json"
+    spec.write_text('{"mode": "parallel", "steps": [{"name": "x", "argv": ["true"]}]}')
+    cli = [sys.executable, "-m", "sockexec_py.client.cli", "jobs", "-u", jobs.base]
+    submitted = subprocess.run(
+        [*cli, "submit", "--name", "clitask", "--steps", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    watcher = subprocess.Popen(
+        [*cli, "monitor", "clitask", "--since", "0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert watcher.stdout is not None
+        seen = []
+        for line in watcher.stdout:
+            event = json.loads(line)
+            seen.append((event.get("step"), event["type"]))
+            if event["type"] == "finished" and "step" not in event:
+                assert event["job"] == job_id and event["state"] == "succeeded"
+                break
+        assert seen[:2] == [(None, "queued"), (None, "started")]
+        assert ("x", "finished") in seen
+    finally:
+        watcher.terminate()
+        watcher.wait(10)
+        if watcher.stdout is not None:
+            watcher.stdout.close()

@@ -4,6 +4,7 @@ form's server-side checks, the security headers."""
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,3 +185,55 @@ def test_token_less_dashboard_is_for_loopback_names_only(gateway: GatewayProcess
     assert client.request("POST", "/run", form={"command": "x"}, headers=own)[0] == 403
     fresh = Browserless(gateway.port)
     assert fresh.request("POST", "/run", form={"command": "x", "csrf": ""}, headers=own)[0] == 403
+
+
+def test_a_scoped_token_sees_only_its_names(
+    start_broker: object, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A session of a token scoped to some names (issue 16) sees on every page what
+    the API would show it: its names' jobs, no totals, its names' queues; another
+    name's job, its output and its live feed are 403 naming the scope."""
+    policy, tokens = files
+    tokens.write_text(f"{TOKEN}\nscoped-dash actions=status,monitor names=mine*\n")
+    broker = start_broker("--policy", str(policy))  # type: ignore[operator]
+    args = ["--data-dir", str(tmp_path / "data"), "--token-file", str(tokens)]
+    with GatewayProcess(broker.path, *args, "--policy", str(policy)) as gateway:
+        full = {"Authorization": f"Bearer {TOKEN}"}
+        ids = {}
+        for name in ("mine-1", "theirs"):
+            status, _, body = gateway.request(
+                "POST", "/v1/jobs", {"argv": ["echo", name], "name": name}, full
+            )
+            assert status == 202, body
+            ids[name] = json.loads(body)["id"]
+            assert gateway.request("GET", f"/v1/jobs/{ids[name]}?wait=30", headers=full)[0] == 200
+        client = Browserless(gateway.port)
+        client.login("scoped-dash")
+        status, _, page = client.request("GET", "/")
+        assert status == 200 and ids["mine-1"] in page and ids["theirs"] not in page
+        assert "succeeded 2" not in page.lower()  # no totals counting the other name
+        owner = Browserless(gateway.port)
+        owner.login()
+        status, _, page = owner.request("GET", "/")
+        assert ids["mine-1"] in page and ids["theirs"] in page
+        assert client.request("GET", f"/jobs/{ids['mine-1']}")[0] == 200
+        for path in (
+            f"/jobs/{ids['theirs']}",
+            f"/jobs/{ids['theirs']}/output",
+            f"/ui/jobs/{ids['theirs']}/live",
+            f"/ui/events?job={ids['theirs']}",
+            "/?name=theirs",
+        ):
+            status, _, text = client.request("GET", path)
+            assert status == 403 and "status on 'theirs'" in html.unescape(text), (path, text[:300])
+        status, _, text = client.request("GET", f"/jobs/{ids['mine-1']}/output")
+        assert (status, text) == (200, "mine-1\n")
+        status, _, text = client.request("GET", "/ui/queue")
+        assert status == 200
+        assert [q["name"] for q in json.loads(text)["queues"]] == []  # nothing waits or runs
+        # The run form needs `run`: this token has only status and monitor.
+        form = {"csrf": client.csrf(), "command": "hello", "param": "world"}
+        status, _, text = client.request(
+            "POST", "/run", form=form, headers={"Origin": client.origin}
+        )
+        assert status == 403 and "run on 'hello'" in html.unescape(text)

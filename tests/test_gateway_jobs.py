@@ -181,6 +181,25 @@ def test_submit_show_and_output(jobs: GatewayProcess) -> None:
     assert {line["type"] for line in lines[:-1]} == {"stdout", "stderr"}
 
 
+def test_text_frames_keep_characters_whole(jobs: GatewayProcess) -> None:
+    """Text frames decode each stream incrementally: 300 KiB of a three-byte
+    character read in 256 KiB chunks (not a multiple of 3) comes back whole, with
+    no U+FFFD, and each frame's offset is where its text's bytes begin; a cut
+    character at the very end is one U+FFFD."""
+    count = 100_000
+    script = f"python3 -c \"import sys; sys.stdout.write('€' * {count}); sys.stdout.flush()\""
+    job = wait(jobs, submit(jobs, argv=["sh", "-c", script + "; printf '\\342\\202'"])["id"])
+    assert job["stdout_bytes"] == 3 * count + 2
+    lines = frames(jobs, job["id"], "stream=stdout")
+    out = [line for line in lines if line["type"] == "stdout"]
+    assert len(out) >= 2  # it was read in more than one chunk
+    assert "".join(line["data"] for line in out) == "€" * count + "\ufffd"
+    position = 0
+    for line in out:
+        assert line["offset"] == position
+        position += len(line["data"].encode()) if line["data"] != "\ufffd" else 2
+
+
 def test_list_filters_sort_cursor_and_totals(jobs: GatewayProcess) -> None:
     ids = [
         submit(jobs, argv=["true"], name="lst", labels={"n": str(i % 2)})["id"] for i in range(5)

@@ -151,3 +151,56 @@ def test_jobs_examples_work(broker: Broker, tmp_path: Path) -> None:
         assert proc.stdout.decode().splitlines()[-1] == "succeeded"
         (cli,) = [block for block in blocks if "sockexec-client jobs" in block]
         assert shell(cli) == "exit 5\nhi\n"
+
+
+def test_tasks_monitor_callbacks_and_tokens_examples(broker: Broker, tmp_path: Path) -> None:
+    require_tool("curl")
+    section = _section("Tasks, monitors, callbacks and scoped tokens")
+    curls = [
+        line
+        for block in _shell_blocks(section)
+        for line in block.splitlines()
+        if line.startswith("curl ")
+    ]
+    assert len(curls) == 3
+    verify, watch = re.findall(r"```python\n(.*?)```", section, re.S)
+    tokens = section.split("```\nops-full-access", 1)[1].split("```", 1)[0]
+    tokens = "ops-full-access" + tokens
+    with GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data")) as gateway:
+
+        def shell(line: str, job_id: str = "") -> str:
+            command = line.replace("http://127.0.0.1:8080", gateway.base).replace("ID", job_id)
+            proc = subprocess.run(["bash", "-c", command], capture_output=True, timeout=60)
+            assert proc.returncode == 0, (line, proc.stderr)
+            return proc.stdout.decode()
+
+        job_id = json.loads(shell(curls[0]))["id"]
+        frames = [json.loads(line) for line in shell(curls[1], job_id).splitlines()]
+        printed = "".join(frame.get("data", "") for frame in frames)  # in 1 or more frames
+        assert printed == "[1/2] compile\nbuilt\n", frames
+        assert frames[-1]["type"] == "exit" and frames[-1]["state"] == "succeeded", frames
+        ended = json.loads(shell(curls[2], job_id))
+        steps = {step["name"]: step["state"] for step in ended["steps"]}
+        assert steps == {"build": "succeeded", "test": "cancelled", "ship": "skipped"}
+        proc = subprocess.run(
+            [sys.executable, "-c", f"GATEWAY = {gateway.base!r}\n{watch}"],
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode() == "failed 1\n"
+    import hashlib
+    import hmac
+    import time
+
+    namespace: dict[str, object] = {}
+    exec(verify, namespace)
+    body, stamp = b'{"id": "x"}', str(int(time.time()))
+    mac = hmac.new(b"k", stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    headers = {"X-Sockexec-Timestamp": stamp, "X-Sockexec-Signature": "sha256=" + mac}
+    verified = namespace["verified"]
+    assert verified(b"k", headers, body) and not verified(b"k", headers, body + b" ")  # type: ignore[operator]
+    from sockexec_py.gateway.auth import parse_tokens
+
+    parsed = parse_tokens(tokens.encode(), "README")
+    assert [sorted(t.principal.actions) for t in parsed][1] == ["monitor", "run", "status"]

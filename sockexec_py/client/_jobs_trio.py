@@ -18,6 +18,7 @@ from ._jobs_wire import (
     _POLL,
     JobPage,
     JobStatus,
+    StepSpec,
     View,
     _frame,
     _gateway,
@@ -65,15 +66,24 @@ class AsyncJob:
     async def delete(self) -> None:
         await self._call("DELETE", f"/v1/jobs/{quote(self.id)}")
 
+    async def cancel_step(self, name: str) -> JobStatus:
+        target = f"/v1/jobs/{quote(self.id)}/steps/{quote(name, safe='')}/cancel"
+        return JobStatus.from_json(await self._call("POST", target))
+
     @asynccontextmanager
     async def output(
-        self, follow: bool = True, *, stream: View = "both", offset: int = 0
+        self,
+        follow: bool = True,
+        *,
+        stream: View = "both",
+        offset: int = 0,
+        step: str | None = None,
     ) -> AsyncIterator[AsyncIterator[Frame]]:
         """``async with job.output() as frames: async for frame in frames``; leaving
         the block closes the connection."""
         from . import _rest
 
-        target = _output_target(self.id, follow, stream, offset)
+        target = _output_target(self.id, follow, stream, offset, step)
         async with _rest.alines(self.url, target, token=self.token, refuse=_refuse) as lines:
             yield _AsyncFrames(lines)
 
@@ -94,7 +104,7 @@ class _AsyncFrames:
 
 async def asubmit(
     target: str,
-    argv: Sequence[str | bytes],
+    argv: Sequence[str | bytes] | None = None,
     *,
     stdin: bytes | str | None = None,
     name: str | None = None,
@@ -103,12 +113,26 @@ async def asubmit(
     labels: Mapping[str, str] | None = None,
     keep: bool = True,
     token: str | None = None,
+    steps: Sequence[StepSpec] | None = None,
+    mode: Literal["sequential", "parallel", "dag"] | None = None,
+    callback: str | None = None,
 ) -> AsyncJob:
     """The trio flavour of :func:`submit`."""
     from . import _rest
 
     url = _gateway(target)
-    body = _submit_body(argv, stdin, name, start_at, timeout, labels, keep)
+    body = _submit_body(
+        argv,
+        stdin,
+        name,
+        start_at,
+        timeout,
+        labels,
+        keep,
+        steps=steps,
+        mode=mode,
+        callback=callback,
+    )
     accepted = await _rest.acall(url, "POST", "/v1/jobs", body, token=token, refuse=_refuse)
     return AsyncJob(url, accepted["id"], token=token)
 

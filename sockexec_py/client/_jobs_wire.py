@@ -79,6 +79,18 @@ class JobStatus:
     truncated: bool = False
     progress: Mapping[str, Any] = field(default_factory=dict)
     url: str = ""
+    #: A task's mode and steps (each as the gateway shows it: name, state, exit...).
+    mode: str | None = None
+    steps: tuple[Mapping[str, Any], ...] | None = None
+    #: The callback and its attempts, if the job has one.
+    callback: Mapping[str, Any] | None = None
+
+    def step(self, name: str) -> Mapping[str, Any]:
+        """A step of a task, by name (``KeyError`` if there is none)."""
+        for step in self.steps or ():
+            if step["name"] == name:
+                return step
+        raise KeyError(name)
 
     @property
     def finished(self) -> bool:
@@ -89,6 +101,8 @@ class JobStatus:
         known = {f.name for f in fields(cls)}
         values = {key: value for key, value in data.items() if key in known}
         values["argv"] = tuple(values.get("argv", ()))
+        if values.get("steps") is not None:
+            values["steps"] = tuple(values["steps"])
         return cls(**values)
 
 
@@ -108,19 +122,53 @@ def _gateway(target: str) -> str:
     return target.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
 
 
+#: A step of a task as given to submit: ``{"name", "argv", "depends_on"?, "stdin"?,
+#: "timeout"?}`` (stdin as bytes or text).
+StepSpec = Mapping[str, Any]
+
+
+def _stdin_field(stdin: bytes | str) -> str:
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    return base64.b64encode(data).decode()
+
+
+def _step_body(step: StepSpec) -> dict[str, Any]:
+    body: dict[str, Any] = {"name": step["name"], "argv": argv_text(step["argv"])}
+    if step.get("depends_on"):
+        body["depends_on"] = list(step["depends_on"])
+    if step.get("stdin"):
+        body["stdin_b64"] = _stdin_field(step["stdin"])
+    if step.get("timeout") is not None:
+        body["timeout"] = step["timeout"]
+    return body
+
+
 def _submit_body(
-    argv: Sequence[str | bytes],
+    argv: Sequence[str | bytes] | None,
     stdin: bytes | str | None,
     name: str | None,
     start_at: datetime | float | str | None,
     timeout: float | None,
     labels: Mapping[str, str] | None,
     keep: bool,
+    *,
+    steps: Sequence[StepSpec] | None = None,
+    mode: str | None = None,
+    callback: str | None = None,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"argv": argv_text(argv), "keep": keep}
+    if (argv is None) == (steps is None):
+        raise LocalProtocolError("give argv (a job) or steps (a task), not both")
+    body: dict[str, Any] = {"keep": keep}
+    if argv is not None:
+        body["argv"] = argv_text(argv)
+    if steps is not None:
+        body["steps"] = [_step_body(step) for step in steps]
+        if mode is not None:
+            body["mode"] = mode
+    if callback is not None:
+        body["callback"] = {"url": callback}
     if stdin:
-        data = stdin.encode() if isinstance(stdin, str) else stdin
-        body["stdin_b64"] = base64.b64encode(data).decode()
+        body["stdin_b64"] = _stdin_field(stdin)
     if name is not None:
         body["name"] = name
     if isinstance(start_at, datetime):
@@ -168,10 +216,18 @@ def _page(data: Mapping[str, Any]) -> JobPage:
     )
 
 
-def _output_target(job_id: str, follow: bool, stream: View, offset: int) -> str:
-    query = urlencode(
-        {"stream": stream, "offset": offset, "follow": int(follow), "encoding": "base64"}
-    )
+def _output_target(
+    job_id: str, follow: bool, stream: View, offset: int, step: str | None = None
+) -> str:
+    params: dict[str, Any] = {
+        "stream": stream,
+        "offset": offset,
+        "follow": int(follow),
+        "encoding": "base64",
+    }
+    if step is not None:
+        params["step"] = step
+    query = urlencode(params)
     return f"/v1/jobs/{quote(job_id)}/output?{query}"
 
 

@@ -26,7 +26,7 @@ from ._common import signal_name, signal_number
 PROG = "sockexec-client"
 USAGE = (
     f"usage: {PROG} SOCKET_OR_URL PROGRAM [ARGS...]\n"
-    f"       {PROG} jobs [-u URL] submit|list|show|logs|cancel|wait ... (see jobs --help)"
+    f"       {PROG} jobs [-u URL] submit|list|show|logs|cancel|wait|monitor ... (jobs --help)"
 )
 
 

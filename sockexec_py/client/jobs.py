@@ -41,6 +41,7 @@ from ._jobs_wire import (
     JobPage,
     JobStatus,
     QueueFull,
+    StepSpec,
     View,
     _frame,
     _gateway,
@@ -50,6 +51,7 @@ from ._jobs_wire import (
     _refuse,
     _submit_body,
 )
+from ._monitor import MonitorEvent, amonitor, monitor
 
 __all__ = [
     "AsyncJob",
@@ -58,10 +60,14 @@ __all__ = [
     "JobNotFound",
     "JobPage",
     "JobStatus",
+    "MonitorEvent",
     "QueueFull",
+    "StepSpec",
     "alist_jobs",
+    "amonitor",
     "asubmit",
     "list_jobs",
+    "monitor",
     "submit",
 ]
 
@@ -119,16 +125,27 @@ class Job:
         """Delete a finished job's record and output (:class:`JobConflict` otherwise)."""
         self._call("DELETE", f"/v1/jobs/{quote(self.id)}")
 
+    def cancel_step(self, name: str) -> JobStatus:
+        """Stop one step of a task (its dependents are skipped); the task's status
+        once the step has ended. :class:`JobConflict` if it had ended already."""
+        target = f"/v1/jobs/{quote(self.id)}/steps/{quote(name, safe='')}/cancel"
+        return JobStatus.from_json(self._call("POST", target))
+
     def output(
-        self, follow: bool = True, *, stream: View = "both", offset: int = 0
+        self,
+        follow: bool = True,
+        *,
+        stream: View = "both",
+        offset: int = 0,
+        step: str | None = None,
     ) -> Iterator[Frame]:
-        """The job's output frames from ``offset`` of ``stream``; with ``follow``,
-        until the job ends (a waiting job is waited for). Leaving the loop early
-        closes the connection (use the generator in a ``with contextlib.closing``
-        to be sure it happens at once)."""
+        """The job's (or one ``step``'s) output frames from ``offset`` of ``stream``;
+        with ``follow``, until it ends (a waiting one is waited for). Leaving the
+        loop early closes the connection (use the generator in a ``with
+        contextlib.closing`` to be sure it happens at once)."""
         from . import _rest
 
-        target = _output_target(self.id, follow, stream, offset)
+        target = _output_target(self.id, follow, stream, offset, step)
         for message in _rest.lines(self.url, target, token=self.token, refuse=_refuse):
             frame = _frame(message)
             if frame is not None:
@@ -137,7 +154,7 @@ class Job:
 
 def submit(
     target: str,
-    argv: Sequence[str | bytes],
+    argv: Sequence[str | bytes] | None = None,
     *,
     stdin: bytes | str | None = None,
     name: str | None = None,
@@ -146,12 +163,17 @@ def submit(
     labels: Mapping[str, str] | None = None,
     keep: bool = True,
     token: str | None = None,
+    steps: Sequence[StepSpec] | None = None,
+    mode: Literal["sequential", "parallel", "dag"] | None = None,
+    callback: str | None = None,
 ) -> Job:
     """Submit ``argv`` as a job of the gateway at ``target``; returns once the
     gateway has committed it. ``start_at`` (an aware datetime, RFC 3339 text or Unix
     time) schedules it; ``timeout`` bounds its run; ``name`` is its queue (default
     argv[0]); ``keep=False`` deletes it once it succeeded. The token defaults to
-    ``$SOCKEXEC_TOKEN``.
+    ``$SOCKEXEC_TOKEN``. A task gives ``steps`` instead of ``argv`` (each
+    ``{"name", "argv", "depends_on"?, "stdin"?, "timeout"?}``) and a ``mode``;
+    ``callback`` is a URL the gateway POSTs the job's status to when it ends.
 
     Error handling: :class:`QueueFull` (429), :class:`GatewayRefused` (400: the
     detail names the field), :class:`BrokerUnavailable` (the gateway or its store).
@@ -159,7 +181,18 @@ def submit(
     from . import _rest
 
     url = _gateway(target)
-    body = _submit_body(argv, stdin, name, start_at, timeout, labels, keep)
+    body = _submit_body(
+        argv,
+        stdin,
+        name,
+        start_at,
+        timeout,
+        labels,
+        keep,
+        steps=steps,
+        mode=mode,
+        callback=callback,
+    )
     accepted = _rest.call(url, "POST", "/v1/jobs", body, token=token, refuse=_refuse)
     return Job(url, accepted["id"], token=token)
 

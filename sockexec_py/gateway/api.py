@@ -39,8 +39,9 @@ Handler = Callable[[Request, Any, Any], Awaitable[BaseModel | Response]]
 
 ERROR_TEXTS: Mapping[int, str] = {
     400: "Malformed request: the detail names the field",
-    401: "Missing or wrong bearer token",
-    403: "Refused: sent by a web browser for a page (an Origin header)",
+    401: "Missing, wrong or expired bearer token (unauthorized, token_expired)",
+    403: "Refused: sent by a web browser for a page (an Origin header: forbidden), or "
+    "the token lacks the scope (missing_scope: the detail names it)",
     404: "No such endpoint, or no such job",
     409: "The job is in a state that does not allow this",
     413: "Request body too large, or (one-shot JSON answer) the program's output "

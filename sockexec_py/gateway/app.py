@@ -33,11 +33,12 @@ from sockexec_py.events import Exited, Output
 from sockexec_py.jobs import JobError
 
 from .api import Api, validation_error
-from .auth import ANONYMOUS, Principal, TokenStore
+from .auth import ANONYMOUS, NOBODY, Principal, TokenStore, describe_expiry, require
 from .dashboard import Dashboard
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .models import EncodingQuery, ExecRequest, ExecResult, Health
+from .monitor import MONITOR_PATH, MonitorEndpoint
 from .request import (
     ExecCall,
     HTTPError,
@@ -86,7 +87,7 @@ _WEBSOCKET_PATH = {
                     },
                 }
                 for code, text in (
-                    (401, "Missing or wrong bearer token"),
+                    (401, "Missing, wrong or expired bearer token"),
                     (403, "Refused: sent by a web browser for a page (an Origin header)"),
                     (421, "Without tokens, the Host must be a loopback name"),
                 )
@@ -158,15 +159,18 @@ class Gateway:
                 "version": __version__,
                 "description": "Runs programs through the sockexec_py broker: one-shot, "
                 "streamed (NDJSON or SSE), duplex (WebSocket /v1/exec/ws) and as jobs "
-                "(/v1/jobs, with --data-dir).",
+                "and multi-step tasks (/v1/jobs, with --data-dir), with their events "
+                "(WebSocket /v1/monitor) and signed callbacks.",
             },
-            {"/v1/exec/ws": _WEBSOCKET_PATH},
+            {"/v1/exec/ws": _WEBSOCKET_PATH, "/v1/monitor": MONITOR_PATH},
         )
         self.dashboard = Dashboard(settings, self.tokens, self.jobs, self._count)
+        monitor = MonitorEndpoint(self.jobs, self._screen, self.metrics)
         self.app = Starlette(
             routes=[
                 *api.routes(),
                 WebSocketRoute("/v1/exec/ws", self.exec_ws),
+                WebSocketRoute("/v1/monitor", monitor.serve),
                 *self.dashboard.routes(),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
@@ -215,10 +219,14 @@ class Gateway:
             refuse_foreign_host(headers)
             return ANONYMOUS
         if not auth:
-            return ANONYMOUS
+            return NOBODY
         principal = self.tokens.check(headers.get("authorization"))
         if principal is None:
             raise HTTPError(401, "unauthorized", "a valid bearer token is required")
+        if self.tokens.expired(principal):
+            assert principal.expires is not None
+            expiry = describe_expiry(principal.expires)
+            raise HTTPError(401, "token_expired", f"this token expired at {expiry}")
         return principal
 
     def _count(self, mode: str, status: int) -> None:
@@ -245,6 +253,7 @@ class Gateway:
         return Health(status="ok")
 
     async def metrics_endpoint(self, request: Request, body: None, query: None) -> Response:
+        require(request.state.principal, "admin")
         if self.jobs is not None:
             await self.jobs.refresh_metrics()
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -255,6 +264,7 @@ class Gateway:
     async def exec_http(
         self, request: Request, body: ExecRequest, query: EncodingQuery
     ) -> Response | ExecResult:
+        require(request.state.principal, "exec", body.argv[0])
         call = exec_call(body, self.settings)
         b64 = query.encoding == "base64"
         accept = request.headers.get("accept", "")
@@ -290,7 +300,7 @@ class Gateway:
         """Duplex: JSON request, then stdin messages and ``close_stdin``; frames back."""
         mode = "websocket"
         try:
-            self._screen(websocket.headers, auth=True)
+            principal = self._screen(websocket.headers, auth=True)
         except HTTPError as exc:
             # Refused before the handshake: an HTTP answer with the real status and the
             # JSON error body, as a POST gets (ASGI's WebSocket denial response, which
@@ -314,6 +324,7 @@ class Gateway:
                 body = _EXEC_REQUEST.validate_json(text)
             except ValidationError as exc:
                 raise validation_error(exc) from None
+            require(principal, "exec", body.argv[0])
             exec_request = exec_call(body, self.settings, allow_stdin=False)
             b64 = websocket.query_params.get("encoding") == "base64"
 

@@ -58,6 +58,17 @@ def _origin(text: str) -> str:
     return f"{scheme}://{rest.rstrip('/')}"
 
 
+def _allow_rule(text: str) -> str:
+    """A ``--callback-allow`` value, checked now (a usage error names it)."""
+    from .callbacks import AllowRule
+
+    try:
+        AllowRule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         PROG, f"see {PROG} --help", description="HTTP/WebSocket gateway to a sockexec_py broker."
@@ -140,6 +151,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="keep at most this many finished jobs (oldest purged first)",
     )
+    add(
+        "--monitor-queue",
+        type=number(int, 1, "monitor_queue"),
+        default=4096,
+        help="events a monitor may have waiting before it is dropped (4096)",
+    )
+    hooks = parser.add_argument_group("callbacks (README: Callbacks)")
+    add = hooks.add_argument
+    add(
+        "--callback-allow",
+        type=_allow_rule,
+        action="append",
+        default=[],
+        metavar="[CLASSES=]PREFIX",
+        help="callback URLs must start with PREFIX (repeatable; none: callbacks refused); "
+        "CLASSES (loopback,private,link-local) lets it reach such addresses",
+    )
+    add("--callback-secret-file", help="the HMAC key callbacks are signed with")
+    add(
+        "--callback-timeout",
+        type=number(float, 0, "callback_timeout", above=True),
+        default=10.0,
+        help="seconds one attempt may take (10)",
+    )
+    add(
+        "--callback-attempts",
+        type=number(int, 1, "callback_attempts"),
+        default=6,
+        help="attempts per callback at most (6)",
+    )
+    add(
+        "--callback-backoff",
+        type=number(float, 0, "callback_backoff", above=True),
+        default=1.0,
+        help="seconds before the first retry, doubling after each (1, at most 300)",
+    )
+    add(
+        "--callback-deadline",
+        type=_duration,
+        default=3600.0,
+        help="no attempt later than this after the job ended (1h)",
+    )
     return parser
 
 
@@ -182,8 +235,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_max=args.job_output_max,
             keep_for=args.jobs_keep,
             keep_max=args.jobs_keep_max,
+            callback_allow=tuple(args.callback_allow),
+            callback_secret_file=args.callback_secret_file,
+            callback_timeout=args.callback_timeout,
+            callback_attempts=args.callback_attempts,
+            callback_backoff=args.callback_backoff,
+            callback_deadline=args.callback_deadline,
+            monitor_queue=args.monitor_queue,
         ),
     )
+    if args.callback_allow and not args.callback_secret_file:
+        sys.stderr.write(f"{PROG}: usage error: --callback-allow needs --callback-secret-file\n")
+        return EXIT_USAGE
+    if args.callback_secret_file:
+        from .callbacks import read_secret
+
+        try:
+            read_secret(args.callback_secret_file)
+        except ValueError as exc:
+            sys.stderr.write(f"{PROG}: {exc}\n")
+            return EXIT_USAGE
     if not settings.loopback and settings.token_file is None:
         sys.stderr.write(
             f"{PROG}: refusing to listen on {host} without --token-file "

@@ -30,6 +30,7 @@ from sockexec_py.jobs import (
     OutputStore,
     Runner,
     RunnerConfig,
+    Step,
     Store,
     SubmitLimits,
     is_job_id,
@@ -38,7 +39,19 @@ from sockexec_py.jobs import (
 )
 
 from .api import Api
-from .jobs_views import exit_frame, job_errors, job_url, job_view, label_filter, time_filter
+from .auth import Principal, audit, audit_name, require
+from .callbacks import AllowRule, CallbackPolicy, CallbackRefused, Deliverer, DeliverySettings
+from .callbacks import read_secret as read_callback_secret
+from .jobs_routes import register
+from .jobs_views import (
+    TextStream,
+    exit_frame,
+    job_errors,
+    job_url,
+    job_view,
+    label_filter,
+    time_filter,
+)
 from .metrics import GatewayMetrics
 from .models import (
     JobAccepted,
@@ -88,6 +101,8 @@ class JobsService:
         self.store: Store | None = None
         self.runner: Runner | None = None
         self._opened: Store | None = None
+        #: Raises ValueError for a bad --callback-allow (the CLI checked them first).
+        self.callbacks = CallbackPolicy(AllowRule.parse(text) for text in settings.callback_allow)
 
     # -- life ---------------------------------------------------------------------
 
@@ -137,7 +152,26 @@ class JobsService:
                 kill_grace=settings.kill_grace,
             )
             runner = Runner(store, output, config)
+            runner.hub.limit = settings.monitor_queue
+            runner.hub.on_overflow = self.metrics.monitor_overflows.inc
             runner.add_listener(self._observe)
+            if self.callbacks.rules:
+                if settings.callback_secret_file is None:
+                    raise ValueError("--callback-allow needs --callback-secret-file")
+                deliverer = Deliverer(
+                    store,
+                    runner.hub,
+                    self.callbacks,
+                    read_callback_secret(settings.callback_secret_file),
+                    DeliverySettings(
+                        timeout=settings.callback_timeout,
+                        attempts=settings.callback_attempts,
+                        backoff=settings.callback_backoff,
+                        deadline=settings.callback_deadline,
+                    ),
+                    count=lambda outcome: self.metrics.callbacks.labels(outcome).inc(),
+                )
+                await nursery.start(deliverer.run)
             await nursery.start(self._supervise, runner)
             self.store, self.runner = store, runner
             try:
@@ -174,6 +208,8 @@ class JobsService:
             queues = await self.store.queue_lengths()
         for state, count in counts.items():
             self.metrics.jobs.labels(state.value).set(count)
+        if self.runner is not None:
+            self.metrics.monitors.set(self.runner.hub.subscribers)
         self.metrics.queue_length.clear()
         for name, length in queues.items():
             self.metrics.queue_length.labels(name).set(length)
@@ -191,6 +227,16 @@ class JobsService:
             raise HTTPError(404, "not_found", f"no job {job_id[:40]!r}")
         return job_id
 
+    async def _allowed_job(self, request: Request, action: str) -> tuple[Runner, str, Job]:
+        """The runner, the job's id and the job, once the token may do ``action`` on
+        the job's name (403 naming the scope otherwise)."""
+        runner = self._runner()
+        job_id = self._job_id(request)
+        with job_errors():
+            job = await runner.get(job_id)
+        require(request.state.principal, action, job.name)
+        return runner, job_id, job
+
     async def _position(self, job: Job) -> int | None:
         if job.state is not JobState.QUEUED or self.store is None:
             return None
@@ -203,80 +249,39 @@ class JobsService:
     # -- endpoints ----------------------------------------------------------------
 
     def register(self, api: Api) -> None:
-        """Declare the jobs endpoints on ``api``."""
-        common = (404, 503)
-        api.route(
-            "POST",
-            "/v1/jobs",
-            "Submit a job (answered once it is committed)",
-            body=JobSubmit,
-            answer=JobAccepted,
-            status=202,
-            errors=(429, 503),
-            mode="jobs",
-        )(self.submit)
-        api.route(
-            "GET",
-            "/v1/jobs",
-            "List jobs: filters, sort, cursor pages, totals per state",
-            query=JobListQuery,
-            answer=JobPage,
-            errors=common,
-            mode="jobs",
-        )(self.list_jobs)
-        api.route(
-            "GET",
-            "/v1/jobs/{job_id}",
-            "A job's state, times, exit, output sizes and progress",
-            query=JobGetQuery,
-            answer=JobView,
-            errors=common,
-            mode="jobs",
-        )(self.show)
-        api.route(
-            "POST",
-            "/v1/jobs/{job_id}/cancel",
-            "Cancel a job: a waiting one never starts, a running one is terminated "
-            "through the broker (TERM, then KILL); answered once it is cancelled",
-            answer=JobView,
-            errors=(*common, 409),
-            mode="jobs",
-        )(self.cancel)
-        api.route(
-            "DELETE",
-            "/v1/jobs/{job_id}",
-            "Delete a finished job's record and output",
-            status=204,
-            errors=(*common, 409),
-            mode="jobs",
-        )(self.delete)
-        api.route(
-            "GET",
-            "/v1/jobs/{job_id}/output",
-            "A job's stored output; with follow=1 (or Accept: NDJSON/SSE) frames as they "
-            "come, ending with the exit frame",
-            query=OutputQuery,
-            errors=common,
-            mode="jobs",
-            media={
-                "application/octet-stream": "The stored bytes of the stream (not following)",
-                NDJSON: 'One JSON frame per line: {"type": "stdout"|"stderr", "data" (or '
-                '"data_b64"), "offset"}, {"type": "truncated"}, then {"type": "exit", '
-                '"exitcode", "termsig", "state", "reason"} once the job has ended',
-                SSE: "The same frames as server-sent events",
-            },
-        )(self.output)
+        """Declare the jobs endpoints on ``api`` (:mod:`.jobs_routes`)."""
+        register(self, api)
 
     async def submit(self, request: Request, body: JobSubmit, query: None) -> JobAccepted:
         runner = self._runner()
+        principal: Principal = request.state.principal
         with job_errors():
             submitted = parse_submit(body.model_dump(exclude_unset=True), self.limits)
+        for program in submitted.programs:
+            require(principal, "run", program)
+        require(principal, "run", submitted.name)
+        if submitted.callback_url is not None:
+            try:
+                self.callbacks.rule_for(submitted.callback_url)
+            except CallbackRefused as exc:
+                raise HTTPError(400, "bad_request", f"callback.url: {exc}") from None
+        with job_errors():
             job, position = await runner.submit_positioned(submitted)
+        audit.info(
+            "%s submitted job %s (name %s%s)",
+            audit_name(principal),
+            job.id,
+            job.name,
+            f", {len(submitted.steps)} steps" if submitted.steps else "",
+        )
         return JobAccepted(id=job.id, state=job.state.value, position=position, url=job_url(job.id))
 
     async def list_jobs(self, request: Request, body: None, query: JobListQuery) -> JobPage:
         runner = self._runner()
         assert self.store is not None
+        principal: Principal = request.state.principal
+        require(principal, "status", query.name)
+        only_names, only_prefixes = principal.listing("status")
         with job_errors():
             listing = ListQuery(
                 states=frozenset(JobState(state) for state in query.state) or None,
@@ -288,9 +293,11 @@ class JobsService:
                 descending=query.order == "desc",
                 limit=query.limit,
                 cursor=query.cursor,
+                only_names=only_names,
+                only_prefixes=only_prefixes,
             )
             page = await self.store.list_jobs(listing)
-            totals = await self.store.counts()
+            totals = {} if only_names is not None else await self.store.counts()
         return JobPage(
             jobs=[job_view(runner.current(job)) for job in page.jobs],
             next_cursor=page.next_cursor,
@@ -298,10 +305,8 @@ class JobsService:
         )
 
     async def show(self, request: Request, body: None, query: JobGetQuery) -> JobView:
-        runner = self._runner()
-        job_id = self._job_id(request)
+        runner, job_id, job = await self._allowed_job(request, "status")
         with job_errors():
-            job = await runner.get(job_id)
             if query.wait and not job.finished:
 
                 async def wait() -> Job:
@@ -310,32 +315,50 @@ class JobsService:
                     return await runner.get(job_id)
 
                 job = await unless_client_leaves(request.receive, wait)
-        return job_view(job, await self._position(job))
+        return await self._view(job, await self._position(job))
+
+    async def _view(self, job: Job, position: int | None = None) -> JobView:
+        """The full view of one job: a task's steps, the callback."""
+        assert self.store is not None and self.runner is not None
+        with job_errors():
+            steps = await self.runner.steps(job.id) if job.is_task else None
+            callback = await self.store.callback(job.id)
+        return job_view(job, position, steps=steps, callback=callback)
 
     async def cancel(self, request: Request, body: None, query: None) -> JobView:
-        runner = self._runner()
-        job_id = self._job_id(request)
+        runner, job_id, _ = await self._allowed_job(request, "cancel")
         with job_errors():
             job = await runner.cancel(job_id)
-        return job_view(job)
+        audit.info("%s cancelled job %s", audit_name(request.state.principal), job_id)
+        return await self._view(job)
+
+    async def cancel_step(self, request: Request, body: None, query: None) -> JobView:
+        runner, job_id, _ = await self._allowed_job(request, "cancel")
+        name: str = request.path_params["step"]
+        with job_errors():
+            job = await runner.cancel_step(job_id, name)
+        audit.info(
+            "%s cancelled step %s of job %s", audit_name(request.state.principal), name, job_id
+        )
+        return await self._view(job)
 
     async def delete(self, request: Request, body: None, query: None) -> Response:
-        runner = self._runner()
-        job_id = self._job_id(request)
+        runner, job_id, _ = await self._allowed_job(request, "cancel")
         with job_errors():
             await runner.delete(job_id)
+        audit.info("%s deleted job %s", audit_name(request.state.principal), job_id)
         return Response(status_code=204)
 
     async def output(self, request: Request, body: None, query: OutputQuery) -> Response:
-        runner = self._runner()
-        job_id = self._job_id(request)
-        with job_errors():
-            job = await runner.get(job_id)
+        runner, job_id, job = await self._allowed_job(request, "status")
+        step = query.step
+        if step is not None and not job.is_task:
+            raise HTTPError(404, "not_found", f"job {job_id} has no steps")
         accept = request.headers.get("accept", "")
         framed = query.follow or NDJSON in accept or SSE in accept
         if not framed:
             with job_errors():
-                reader = await runner.read_output(job_id, query.stream, query.offset)
+                reader = await runner.read_output(job_id, query.stream, query.offset, step=step)
 
             async def raw() -> AsyncIterator[bytes]:
                 async for item in reader:
@@ -351,21 +374,25 @@ class JobsService:
         key = "data_b64" if b64 else "data"
 
         async def produce(emit: Emit) -> None:
+            text = {name: TextStream() for name in ("stdout", "stderr")}
             with job_errors():
                 reader = await runner.read_output(
-                    job_id, query.stream, query.offset, follow=query.follow
+                    job_id, query.stream, query.offset, follow=query.follow, step=step
                 )
                 async for item in reader:
-                    if isinstance(item, Chunk):
-                        data = (
-                            base64.b64encode(item.data).decode()
-                            if b64
-                            else item.data.decode("utf-8", "replace")
-                        )
-                        await emit({"type": item.stream, key: data, "offset": item.offset})
-                    else:
+                    if not isinstance(item, Chunk):
                         await emit({"type": "truncated"})
-                final = await runner.get(job_id)
+                    elif b64:
+                        data = base64.b64encode(item.data).decode()
+                        await emit({"type": item.stream, key: data, "offset": item.offset})
+                    elif decoded := text[item.stream].decode(item.offset, item.data):
+                        await emit({"type": item.stream, key: decoded[1], "offset": decoded[0]})
+                for name, stream in text.items():
+                    if rest := stream.flush():
+                        await emit({"type": name, key: rest[1], "offset": rest[0]})
+                final: Job | Step = await runner.get(job_id)
+                if step is not None:
+                    final = next(s for s in await runner.steps(job_id) if s.name == step)
             if final.finished:
                 await emit(exit_frame(final))
 

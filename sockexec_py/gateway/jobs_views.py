@@ -1,12 +1,12 @@
 """How jobs look on the wire: the answer models built from the jobs layer's records,
-times as RFC 3339, the exit frame of a finished job, the list filters of the query,
+times as RFC 3339, the exit frame of a finished job, output as text, the list filters of the query,
 and the jobs layer's errors mapped onto HTTP answers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 from sockexec_py.jobs import (
@@ -18,9 +18,21 @@ from sockexec_py.jobs import (
     StoreUnavailable,
     parse_start_at,
 )
+from sockexec_py.jobs.document import Callback, job_document, job_url, rfc3339
+from sockexec_py.jobs.steps import Step
 
-from .models import JobView, ProgressView
+from .models import JobView
 from .request import HTTPError
+
+__all__ = [
+    "exit_frame",
+    "job_errors",
+    "job_url",
+    "job_view",
+    "label_filter",
+    "rfc3339",
+    "time_filter",
+]
 
 
 @contextmanager
@@ -40,54 +52,22 @@ def job_errors() -> Iterator[None]:
         raise HTTPError(503, "store_unavailable", str(exc)) from None
 
 
-def rfc3339(stamp: float | None) -> str | None:
-    if stamp is None:
-        return None
-    return (
-        datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def job_view(
+    job: Job,
+    position: int | None = None,
+    *,
+    steps: Sequence[Step] | None = None,
+    callback: Callback | None = None,
+) -> JobView:
+    """The answer model of a job (built from the jobs layer's document, the one a
+    callback POSTs, so both say the same)."""
+    return JobView.model_validate(
+        job_document(job, position=position, steps=steps, callback=callback)
     )
 
 
-def job_url(job_id: str) -> str:
-    return f"/v1/jobs/{job_id}"
-
-
-def job_view(job: Job, position: int | None = None) -> JobView:
-    progress = job.progress
-    return JobView(
-        id=job.id,
-        name=job.name,
-        argv=list(job.argv),
-        labels=dict(job.labels),
-        state=job.state.value,
-        position=position,
-        created_at=rfc3339(job.created_at) or "",
-        start_at=rfc3339(job.start_at),
-        started_at=rfc3339(job.started_at),
-        ended_at=rfc3339(job.ended_at),
-        duration=job.duration,
-        timeout=job.timeout,
-        keep=job.keep,
-        exitcode=job.exitcode,
-        termsig=job.termsig,
-        reason=job.reason,
-        stdout_bytes=job.stdout_bytes,
-        stderr_bytes=job.stderr_bytes,
-        dropped_bytes=job.dropped_bytes,
-        truncated=job.truncated,
-        progress=ProgressView(
-            task=progress.task,
-            tasks=progress.tasks,
-            title=progress.title,
-            percent=progress.percent,
-            step=progress.step,
-        ),
-        url=job_url(job.id),
-    )
-
-
-def exit_frame(job: Job) -> dict[str, Any]:
-    """The last frame of a finished job's output: the exit, with the job's end."""
+def exit_frame(job: Job | Step) -> dict[str, Any]:
+    """The last frame of a finished job's (or step's) output: the exit, with its end."""
     return {
         "type": "exit",
         "exitcode": job.exitcode,
@@ -115,3 +95,33 @@ def label_filter(pairs: list[str]) -> dict[str, str] | None:
             raise InvalidField("label", f"expected KEY=VALUE, got {pair[:70]!r}")
         labels[key] = value
     return labels or None
+
+
+class TextStream:
+    """One stream's output as text: an incremental UTF-8 decoder, so a character cut
+    between two chunks comes whole with the later one (invalid bytes become U+FFFD),
+    and the offset in the view where the text it gives begins (the held bytes' own,
+    in the view of both streams too, where the other stream's chunks come between)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held_at = 0
+
+    def _held(self) -> int:
+        return len(self._decoder.getstate()[0])
+
+    def decode(self, offset: int, data: bytes) -> tuple[int, str] | None:
+        """(offset, text) of a chunk read at ``offset``; None while it only holds."""
+        start = self._held_at if self._held() else offset
+        text = self._decoder.decode(data)
+        if text:  # what is held now is the tail of this chunk
+            self._held_at = offset + len(data) - self._held()
+        elif start == offset:
+            self._held_at = offset
+        return (start, text) if text else None
+
+    def flush(self) -> tuple[int, str] | None:
+        """At the end: the bytes still held (a cut character), as U+FFFD."""
+        start = self._held_at
+        text = self._decoder.decode(b"", final=True)
+        return (start, text) if text else None

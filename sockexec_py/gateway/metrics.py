@@ -61,3 +61,19 @@ class GatewayMetrics:
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 14400),
             registry=self.registry,
         )
+        self.monitors = Gauge(
+            "sockexec_gateway_monitors",
+            "Monitors receiving live events (read at each scrape).",
+            registry=self.registry,
+        )
+        self.monitor_overflows = Counter(
+            "sockexec_gateway_monitor_overflows",
+            "Monitors dropped because they fell --monitor-queue events behind.",
+            registry=self.registry,
+        )
+        self.callbacks = Counter(
+            "sockexec_gateway_callback_attempts",
+            "Callback attempts by outcome (delivered, retry, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )

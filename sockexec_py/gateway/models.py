@@ -107,10 +107,35 @@ JobStateName = Literal["scheduled", "queued", "running", "succeeded", "failed", 
 assert set(JobStateName.__args__) == {state.value for state in JobState}  # type: ignore[attr-defined]
 
 
-class JobSubmit(Body):
-    """``POST /v1/jobs``: a program to run later, through the broker as any session."""
+StepName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:@+/-]{1,64}$")]
 
+
+class StepSubmit(Body):
+    """One step of a task: a broker session of its own (output, progress, exit)."""
+
+    name: StepName = Field(description="Unique in the task; what depends_on and ?step= name")
     argv: Argv
+    depends_on: list[StepName] = Field(
+        [], description='Steps that must succeed before this one starts (only "mode": "dag")'
+    )
+    stdin: str | None = Field(None, description="Text for stdin (at most 1 MiB).")
+    stdin_b64: str | None = Field(None, description="Bytes for stdin, base64 (at most 1 MiB).")
+    timeout: float | None = Field(None, gt=0, description="Seconds this step may run.")
+
+
+class CallbackSubmit(Body):
+    url: str = Field(
+        max_length=2048,
+        description="Where the job's status is POSTed when it ends, signed (README: "
+        "Callbacks); must match one of the gateway's --callback-allow prefixes",
+    )
+
+
+class JobSubmit(Body):
+    """``POST /v1/jobs``: a program to run later, through the broker as any session;
+    or a task of ``steps`` (then without argv, stdin and timeout)."""
+
+    argv: Argv | None = None
     name: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9._:@+/-]{1,128}$",
@@ -129,6 +154,15 @@ class JobSubmit(Body):
     stdin: str | None = Field(None, description="Text for stdin (at most 1 MiB).")
     stdin_b64: str | None = Field(None, description="Bytes for stdin, base64 (at most 1 MiB).")
     keep: bool = Field(True, description="false: a successful job is deleted when it ends.")
+    steps: list[StepSubmit] | None = Field(
+        None, max_length=1000, description="A task: up to 1000 steps, each a broker session."
+    )
+    mode: Literal["sequential", "parallel", "dag"] | None = Field(
+        None,
+        description="How a task's steps run: one after the other (default), all at once, "
+        "or as their depends_on allow. A failed step skips its dependents.",
+    )
+    callback: CallbackSubmit | None = None
 
 
 class JobAccepted(Answer):
@@ -152,8 +186,50 @@ class ProgressView(Answer):
     step: str | None
 
 
+StepStateName = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped", "lost"]
+
+
+class StepView(Answer):
+    """One step of a task, as recorded (running ones with their live sizes)."""
+
+    name: str
+    argv: list[str]
+    depends_on: list[str]
+    state: StepStateName
+    started_at: str | None
+    ended_at: str | None
+    duration: float | None
+    timeout: float | None
+    exitcode: int | None
+    termsig: str | None
+    reason: str | None
+    stdout_bytes: int
+    stderr_bytes: int
+    dropped_bytes: int
+    truncated: bool
+    progress: ProgressView
+
+
+class CallbackAttemptView(Answer):
+    at: str
+    status: int | None = Field(description="The receiver's HTTP status (null: no answer)")
+    error: str | None = Field(description="Why it was not delivered (null: delivered)")
+    duration: float
+
+
+class CallbackView(Answer):
+    """The job's callback: waiting (the job runs), pending, delivered or failed."""
+
+    url: str
+    state: Literal["waiting", "pending", "delivered", "failed"]
+    attempts: list[CallbackAttemptView]
+    next_attempt_at: str | None
+    delivered_at: str | None
+
+
 class JobView(Answer):
-    """A job as recorded; times are RFC 3339 (UTC), durations and sizes plain numbers."""
+    """A job as recorded; times are RFC 3339 (UTC), durations and sizes plain numbers.
+    A task's output sizes are its steps' together, its progress steps ended of steps."""
 
     id: str
     name: str
@@ -179,12 +255,21 @@ class JobView(Answer):
     truncated: bool
     progress: ProgressView
     url: str
+    mode: Literal["sequential", "parallel", "dag"] | None = Field(
+        description="A task's mode; null for a job of one program"
+    )
+    steps: list[StepView] | None = Field(
+        None, description="A task's steps (in GET /v1/jobs/{id}, not in listings)"
+    )
+    callback: CallbackView | None = Field(None, description="Its callback, if it has one")
 
 
 class JobPage(Answer):
     jobs: list[JobView]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page")
-    totals: dict[str, int] = Field(description="Jobs per state in the whole store")
+    totals: dict[str, int] = Field(
+        description="Jobs per state in the whole store (empty for a token scoped to names)"
+    )
 
 
 class JobListQuery(Query):
@@ -209,6 +294,7 @@ class JobGetQuery(Query):
 
 
 class OutputQuery(Query):
+    step: str | None = Field(None, description="A task's step (by name): its output")
     stream: Literal["stdout", "stderr", "both"] = "both"
     offset: int = Field(0, ge=0, description="Bytes of the stream (or of both) to skip")
     follow: bool = Field(False, description="Keep streaming until the job ends")

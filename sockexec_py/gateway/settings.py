@@ -14,7 +14,8 @@ class JobsSettings:
     ``max_running`` jobs at once in all, ``limits.get(name, default_limit)`` per
     name, at most ``max_queue`` waiting per name (429 past it); ``output_max``
     bytes stored per job; finished jobs kept ``keep_for`` seconds and at most
-    ``keep_max`` of them (None: no bound of that kind).
+    ``keep_max`` of them (None: no bound of that kind), their events as long;
+    callbacks (README "Callbacks") and monitors (README "Monitor").
     """
 
     data_dir: str
@@ -26,6 +27,16 @@ class JobsSettings:
     keep_for: float | None = 7 * 86400.0
     keep_max: int | None = None
     kill_grace: float = 15.0
+    #: ``--callback-allow`` values (:class:`~.callbacks.AllowRule` syntax); none:
+    #: callbacks are refused.
+    callback_allow: tuple[str, ...] = ()
+    callback_secret_file: str | None = None
+    callback_timeout: float = 10.0
+    callback_attempts: int = 6
+    callback_backoff: float = 1.0
+    callback_deadline: float = 3600.0
+    #: Events a monitor may have waiting before it is dropped (``overflow``).
+    monitor_queue: int = 4096
 
 
 @dataclass(frozen=True, slots=True)

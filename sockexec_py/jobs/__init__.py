@@ -2,10 +2,14 @@
 under a data dir, with their output in files beside it (SPEC §11).
 
 Sans-IO: :mod:`.model` (the state machine, the record, ids), :mod:`.request`
-(submit validation), :mod:`.progress` (progress lines). I/O: :mod:`.store` (SQLite
-off the trio thread; statements in :mod:`.queries` and :mod:`.listing`, layout in
-:mod:`.schema`), :mod:`.output` (output files and followers), :mod:`.runner` (the
-scheduler) and :mod:`.session` (one job's broker session). Errors, one class per
+(submit validation), :mod:`.steps` (multi-step tasks: the graph, the step rules),
+:mod:`.progress` (progress lines), :mod:`.document` (a job's status as JSON).
+I/O: :mod:`.store` (SQLite off the trio thread, :mod:`.store_threads`; statements
+in :mod:`.queries`, :mod:`.task_queries`, :mod:`.recovery`, :mod:`.retention`,
+:mod:`.listing`, :mod:`.events` and :mod:`.callbacks`, layout in :mod:`.schema`),
+:mod:`.output` (output files and followers), :mod:`.runner` (the scheduler) with
+:mod:`.execution` (a job's run to its end), :mod:`.task` and :mod:`.task_access`
+(a task's steps) and :mod:`.session` (one broker session). Errors, one class per
 HTTP answer: :mod:`.errors`.
 """
 
@@ -27,6 +31,7 @@ from .output import DEFAULT_CAP, Chunk, OutputReader, OutputStore, Truncated, Vi
 from .progress import Progress, ProgressParser
 from .request import SubmitLimits, SubmitRequest, parse_start_at, parse_submit
 from .runner import Runner, RunnerConfig
+from .steps import Step, StepState
 from .store import Store, open_store
 
 __all__ = [
@@ -50,6 +55,8 @@ __all__ = [
     "Runner",
     "RunnerConfig",
     "SchemaError",
+    "Step",
+    "StepState",
     "Store",
     "StoreUnavailable",
     "SubmitLimits",

@@ -49,6 +49,10 @@ class ListQuery:
     descending: bool = True
     limit: int = 50
     cursor: str | None = None
+    #: Only jobs whose name is one of these or starts with one of ``only_prefixes``
+    #: (a scoped token's names); ``None``: every name.
+    only_names: frozenset[str] | None = None
+    only_prefixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,13 @@ def list_jobs(conn: sqlite3.Connection, query: ListQuery) -> Page:
     if query.name is not None:
         where.append("jobs.name = ?")
         params.append(query.name)
+    if query.only_names is not None:
+        allowed = [f"jobs.name IN ({', '.join('?' * len(query.only_names))})"]
+        params.extend(sorted(query.only_names))
+        for prefix in query.only_prefixes:
+            allowed.append("substr(jobs.name, 1, ?) = ?")
+            params.extend((len(prefix), prefix))
+        where.append(f"({' OR '.join(allowed)})")
     for label in labels:
         where.append("jobs.seq IN (SELECT seq FROM job_labels WHERE key = ? AND value = ?)")
         params.extend(label)

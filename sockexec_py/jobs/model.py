@@ -5,7 +5,8 @@ Rules of the job state machine, all enforced here and nowhere else:
 1. A job is born ``scheduled`` (its ``start_at`` is in the future) or ``queued``.
 2. ``scheduled → queued`` when its time comes; ``queued → running`` when the runner
    gives it a broker session. ``running → queued`` only when the broker could not be
-   reached, so the program never started (the job keeps its place in the queue).
+   reached, so the program never started (the job keeps its place in the queue), or
+   for a task found running at start-up that still has steps to run (:mod:`.steps`).
 3. ``running`` ends in exactly one of ``succeeded`` (exit 0), ``failed`` (non-zero
    exit, a signal, a refusal by the broker or its policy, a timeout), ``cancelled``
    (asked while running: whatever the exit pair says) or ``lost`` (the gateway died
@@ -191,6 +192,14 @@ class Job:
     dropped_bytes: int = 0
     truncated: bool = False
     progress: Progress = field(default_factory=Progress)
+    #: A task's mode (:mod:`.steps`), ``None`` for a job of one program.
+    mode: str | None = None
+    #: How many steps a task has (0 for a job of one program).
+    steps: int = 0
+
+    @property
+    def is_task(self) -> bool:
+        return self.mode is not None
 
     @property
     def finished(self) -> bool:

@@ -45,10 +45,20 @@ from .output_files import (
     Truncated,
     View,
     file_size,
+    output_key,
 )
 from .output_read import OutputReader
 
-__all__ = ["DEFAULT_CAP", "Chunk", "OutputReader", "OutputStore", "RunOutput", "Truncated", "View"]
+__all__ = [
+    "DEFAULT_CAP",
+    "Chunk",
+    "OutputReader",
+    "OutputStore",
+    "RunOutput",
+    "Truncated",
+    "View",
+    "output_key",
+]
 
 DEFAULT_CAP = 64 << 20
 #: Accepted bytes not yet written past which a write waits for the files.
@@ -318,9 +328,16 @@ class OutputStore:
     def live(self, job_id: str) -> RunOutput | None:
         return self._live.get(job_id)
 
-    async def remove(self, job_id: str) -> None:
-        """Delete a finished job's files (no error if there are none)."""
-        await trio.to_thread.run_sync(Files(self.root, job_id).remove)
+    async def remove(self, job_id: str, steps: int = 0) -> None:
+        """Delete a finished job's files, and those of its ``steps`` steps (no error
+        if there are none)."""
+
+        def remove() -> None:
+            Files(self.root, job_id).remove()
+            for step in range(steps):
+                Files(self.root, output_key(job_id, step)).remove()
+
+        await trio.to_thread.run_sync(remove)
 
     def read(
         self, job_id: str, view: View = "both", offset: int = 0, *, follow: bool = False

@@ -49,14 +49,21 @@ def pread(path: Path, size: int, offset: int) -> bytes:
         return b""
 
 
-class Files:
-    """The paths of one job's output."""
+def output_key(job_id: str, step: int | None = None) -> str:
+    """Whose output: a job's (its id), or a task's step (``<id>.<index>``)."""
+    return job_id if step is None else f"{job_id}.{step}"
 
-    def __init__(self, root: Path, job_id: str) -> None:
-        base = root / job_id[-2:] / job_id
-        self.stdout = base.with_suffix(".stdout")
-        self.stderr = base.with_suffix(".stderr")
-        self.index = base.with_suffix(".index")
+
+class Files:
+    """The paths of one output (a job's, or a step's: :func:`output_key`), beside
+    its job's: ``OUTPUT/<last two id characters>/<key>.stdout``..."""
+
+    def __init__(self, root: Path, key: str) -> None:
+        job_id = key.partition(".")[0]
+        directory = root / job_id[-2:]
+        self.stdout = directory / f"{key}.stdout"
+        self.stderr = directory / f"{key}.stderr"
+        self.index = directory / f"{key}.index"
 
     def stream(self, stream: Stream) -> Path:
         return self.stdout if stream == "stdout" else self.stderr

@@ -12,18 +12,26 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+from . import callbacks, task_queries
 from .errors import IllegalTransition, JobNotFound, QueueFull
+from .events import Event, event_body, insert_event
 from .model import END_STATES, WAITING_STATES, Job, JobState, check_transition
 from .progress import Progress
 from .request import SubmitRequest
+from .steps import StepState
+
+#: Where each change's events go: the caller's list (the store publishes them
+#: once committed), or nowhere (the events are recorded all the same).
+Events = list[Event] | None
 
 _NAMES = (
     "id name argv labels state created_at start_at started_at ended_at timeout keep "
     "exitcode termsig reason stdout_bytes stderr_bytes dropped_bytes truncated "
-    "progress_task progress_tasks progress_title progress_percent progress_step"
+    "progress_task progress_tasks progress_title progress_percent progress_step mode steps"
 )
 #: Qualified: the listing joins job_labels, which has some of these names too.
 COLUMNS = ", ".join(f"jobs.{column}" for column in _NAMES.split())
@@ -51,7 +59,24 @@ def job_from_row(row: Sequence[Any]) -> Job:
         dropped_bytes=row[16],
         truncated=bool(row[17]),
         progress=Progress(row[18], row[19], row[20], row[21], row[22]),
+        mode=row[23],
+        steps=row[24],
     )
+
+
+def record(
+    conn: sqlite3.Connection,
+    events: Events,
+    kind: str,
+    job: Job,
+    now: float,
+    *,
+    callback: bool = False,
+) -> None:
+    """Record the job's event ``kind`` (and hand it to ``events``)."""
+    event = insert_event(conn, now, job, event_body(kind, job, now), callback=callback)
+    if events is not None:
+        events.append(event)
 
 
 def _locate(conn: sqlite3.Connection, job_id: str) -> tuple[int, JobState]:
@@ -87,8 +112,10 @@ def insert_job(
     request: SubmitRequest,
     now: float,
     max_waiting: int | None,
+    events: Events = None,
 ) -> Job:
-    """Record a new job (``scheduled`` or ``queued``) with its labels and stdin.
+    """Record a new job (``scheduled`` or ``queued``) with its labels and stdin, a
+    task's steps, a callback, and its first event.
 
     Error handling: :class:`QueueFull` when ``name`` already has ``max_waiting``
     jobs waiting; nothing is written then.
@@ -98,7 +125,7 @@ def insert_job(
     state = request.initial_state(now)
     cursor = conn.execute(
         """INSERT INTO jobs (id, name, argv, labels, state, created_at, start_at, queued_at,
-            timeout, keep) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            timeout, keep, mode, steps) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             job_id,
             request.name,
@@ -110,16 +137,25 @@ def insert_job(
             now if state is JobState.QUEUED else None,
             request.timeout,
             request.keep,
+            request.mode,
+            len(request.steps),
         ),
     )
     seq = cursor.lastrowid
+    assert seq is not None
     conn.executemany(
         "INSERT INTO job_labels (key, value, created_at, id, seq) VALUES (?, ?, ?, ?, ?)",
         [(key, value, now, job_id, seq) for key, value in request.labels.items()],
     )
     if request.stdin:
         conn.execute("INSERT INTO job_stdin (seq, data) VALUES (?, ?)", (seq, request.stdin))
-    return get_job(conn, job_id)
+    if request.steps:
+        task_queries.insert_steps(conn, seq, request.steps)
+    if request.callback_url is not None:
+        callbacks.insert_callback(conn, job_id, request.callback_url)
+    job = get_job(conn, job_id)
+    record(conn, events, state.value, job, now)
+    return job
 
 
 def get_stdin(conn: sqlite3.Connection, job_id: str) -> bytes:
@@ -167,6 +203,7 @@ def claim(
     running: Mapping[str, int],
     limits: Mapping[str, int],
     default_limit: int,
+    events: Events = None,
 ) -> list[Job]:
     """Move up to ``slots`` queued jobs to ``running``, oldest first, without letting
     any name pass its limit (``running`` counts what each name runs already)."""
@@ -194,7 +231,9 @@ def claim(
     for seq, job_id in chosen:
         check_transition(job_id, JobState.QUEUED, JobState.RUNNING)
         conn.execute("UPDATE jobs SET state = 'running', started_at = ? WHERE seq = ?", (now, seq))
-        jobs.append(get_job(conn, job_id))
+        job = get_job(conn, job_id)
+        record(conn, events, "started", job, now)
+        jobs.append(job)
     return jobs
 
 
@@ -205,22 +244,27 @@ def claim_with_stdin(
     running: Mapping[str, int],
     limits: Mapping[str, int],
     default_limit: int,
+    events: Events = None,
 ) -> list[tuple[Job, bytes]]:
     """:func:`claim`, each job with its stdin (read in the same transaction: the
     runner needs it at once, and a read of its own would cost a thread hop)."""
-    jobs = claim(conn, now, slots, running, limits, default_limit)
+    jobs = claim(conn, now, slots, running, limits, default_limit, events)
     return [(job, get_stdin(conn, job.id)) for job in jobs]
 
 
-def requeue(conn: sqlite3.Connection, job_id: str) -> None:
+def requeue(
+    conn: sqlite3.Connection, job_id: str, now: float | None = None, events: Events = None
+) -> None:
     """``running → queued`` (the broker was unreachable); the job keeps its
     ``queued_at``, hence its place in the queue."""
     seq, state = _locate(conn, job_id)
     check_transition(job_id, state, JobState.QUEUED)
     conn.execute("UPDATE jobs SET state = 'queued', started_at = NULL WHERE seq = ?", (seq,))
+    job = get_job(conn, job_id)
+    record(conn, events, "queued", job, job.created_at if now is None else now)
 
 
-def promote_due(conn: sqlite3.Connection, now: float) -> list[str]:
+def promote_due(conn: sqlite3.Connection, now: float, events: Events = None) -> list[str]:
     """``scheduled → queued`` for every job whose start is due; each queues at its
     ``start_at`` (not at the moment this runs), so FIFO order follows the schedule."""
     rows = conn.execute(
@@ -231,6 +275,7 @@ def promote_due(conn: sqlite3.Connection, now: float) -> list[str]:
     for seq, job_id in rows:
         check_transition(job_id, JobState.SCHEDULED, JobState.QUEUED)
         conn.execute("UPDATE jobs SET state = 'queued', queued_at = start_at WHERE seq = ?", (seq,))
+        record(conn, events, "queued", get_job(conn, job_id), now)
     return [job_id for _, job_id in rows]
 
 
@@ -239,21 +284,9 @@ def next_start(conn: sqlite3.Connection) -> float | None:
     return None if row[0] is None else float(row[0])
 
 
-def mark_lost(conn: sqlite3.Connection, now: float, reason: str) -> list[str]:
-    """Every ``running`` job becomes ``lost`` with ``reason`` (at startup: nobody
-    runs them any more)."""
-    rows = conn.execute("SELECT seq, id FROM jobs WHERE state = 'running'").fetchall()
-    for seq, job_id in rows:
-        check_transition(job_id, JobState.RUNNING, JobState.LOST)
-        conn.execute(
-            "UPDATE jobs SET state = 'lost', ended_at = ?, reason = ? WHERE seq = ?",
-            (now, reason, seq),
-        )
-        conn.execute("DELETE FROM job_stdin WHERE seq = ?", (seq,))
-    return [job_id for _, job_id in rows]
-
-
-def cancel_waiting(conn: sqlite3.Connection, job_id: str, now: float, reason: str) -> Job:
+def cancel_waiting(
+    conn: sqlite3.Connection, job_id: str, now: float, reason: str, events: Events = None
+) -> Job:
     """A ``scheduled`` or ``queued`` job becomes ``cancelled``; it never starts.
 
     Error handling: :class:`IllegalTransition` for any other state (a running job is
@@ -268,13 +301,30 @@ def cancel_waiting(conn: sqlite3.Connection, job_id: str, now: float, reason: st
         (now, reason, seq),
     )
     conn.execute("DELETE FROM job_stdin WHERE seq = ?", (seq,))
-    return get_job(conn, job_id)
+    job = get_job(conn, job_id)
+    if job.is_task:
+        steps = task_queries.steps_of(conn, seq)
+        cancelled = [
+            replace(step, state=StepState.CANCELLED, ended_at=now, reason=reason)
+            for step in steps
+            if step.state is StepState.QUEUED
+        ]
+        sink: list[Event] = []
+        task_queries.end_steps(conn, job, cancelled, now, sink)
+        if events is not None:
+            events.extend(sink)
+    pending = callbacks.job_ended(conn, job, None, now)
+    record(conn, events, "finished", job, now, callback=pending)
+    return job
 
 
-def save_progress(conn: sqlite3.Connection, job: Job) -> None:
-    """Write a running job's output sizes and progress (a no-op once it ended)."""
+def save_progress(
+    conn: sqlite3.Connection, job: Job, now: float | None = None, events: Events = None
+) -> None:
+    """Write a running job's output sizes and progress (a no-op once it ended); with
+    ``now``, record a progress event too."""
     progress = job.progress
-    conn.execute(
+    cursor = conn.execute(
         """UPDATE jobs SET stdout_bytes = ?, stderr_bytes = ?, dropped_bytes = ?,
             truncated = ?, progress_task = ?, progress_tasks = ?, progress_title = ?,
             progress_percent = ?, progress_step = ?
@@ -292,14 +342,20 @@ def save_progress(conn: sqlite3.Connection, job: Job) -> None:
             job.id,
         ),
     )
+    if now is not None and cursor.rowcount:
+        record(conn, events, "progress", job, now)
 
 
-def finish(conn: sqlite3.Connection, job: Job, *, remove: bool) -> None:
+def finish(conn: sqlite3.Connection, job: Job, *, remove: bool, events: Events = None) -> None:
     """Record how a running job ended: ``job`` carries the end state, the exit pair,
     the reason, sizes and progress. ``remove`` deletes the record instead (a
-    successful job submitted with ``keep=false``)."""
+    successful job submitted with ``keep=false``). Its callback becomes due, with
+    the job's status as it ended (before a removal)."""
     seq, state = _locate(conn, job.id)
     check_transition(job.id, state, job.state)
+    now = job.ended_at if job.ended_at is not None else job.created_at
+    pending = callbacks.job_ended(conn, job, None, now)
+    record(conn, events, "finished", job, now, callback=pending)
     if remove:
         conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
         return
@@ -310,50 +366,3 @@ def finish(conn: sqlite3.Connection, job: Job, *, remove: bool) -> None:
         (job.state.value, job.ended_at, job.exitcode, job.termsig, job.reason, seq),
     )
     conn.execute("DELETE FROM job_stdin WHERE seq = ?", (seq,))
-
-
-def delete_job(conn: sqlite3.Connection, job_id: str) -> None:
-    """Delete a finished job's record. Error handling: :class:`IllegalTransition`
-    for a job that has not finished."""
-    seq, state = _locate(conn, job_id)
-    if state not in END_STATES:
-        raise IllegalTransition(job_id, state.value, "deleted")
-    conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
-
-
-def purge(
-    conn: sqlite3.Connection, ended_before: float | None, keep_max: int | None, batch: int
-) -> list[str]:
-    """Delete at most ``batch`` finished jobs: those that ended before
-    ``ended_before``, then the oldest beyond ``keep_max`` finished ones. Returns
-    their ids (the caller removes their output files)."""
-    deleted: list[str] = []
-
-    def delete(rows: Iterable[tuple[int, str]]) -> None:
-        for seq, job_id in rows:
-            conn.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
-            deleted.append(job_id)
-
-    if ended_before is not None:
-        delete(
-            conn.execute(
-                f"""SELECT seq, id FROM jobs WHERE ended_at < ? AND state IN ({_END_STATES_SQL})
-                    ORDER BY ended_at LIMIT ?""",
-                (ended_before, batch),
-            ).fetchall()
-        )
-    if keep_max is not None and len(deleted) < batch:
-        finished = conn.execute(
-            f"SELECT total(n) FROM state_counts WHERE state IN ({_END_STATES_SQL})"
-        ).fetchone()[0]
-        excess = min(int(finished) - keep_max, batch - len(deleted))
-        if excess > 0:
-            delete(
-                conn.execute(
-                    f"""SELECT seq, id FROM jobs
-                        WHERE ended_at IS NOT NULL AND state IN ({_END_STATES_SQL})
-                        ORDER BY ended_at, id LIMIT ?""",
-                    (excess,),
-                ).fetchall()
-            )
-    return deleted

@@ -21,29 +21,27 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import trio
 
-from sockexec_py.client import BrokerUnavailable
-from sockexec_py.events import Exited
-
+from . import task_access
 from .errors import IllegalTransition, JobError
+from .events import EventHub
+from .execution import Execution, RunnerConfig
 from .model import (
-    CANCELLED_RUNNING_REASON,
     CANCELLED_WAITING_REASON,
-    LOST_REASON,
     WAITING_STATES,
     Job,
     JobState,
-    broken_session_reason,
-    final_state,
 )
-from .output import OutputReader, OutputStore, View
+from .output import OutputReader, OutputStore, View, output_key
 from .request import SubmitRequest
-from .session import RunningJob, one_line, run_session, terminate_session
+from .session import RunningJob, terminate_session
+from .steps import Step
 from .store import Store
+from .task import RunningTask, cancel_task
 
 __all__ = ["Runner", "RunnerConfig", "terminate_session"]
 
@@ -51,26 +49,6 @@ log = logging.getLogger("sockexec_py.jobs")
 
 #: The longest a timer sleeps before looking at the wall clock again (it may step).
 _MAX_TIMER = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerConfig:
-    """How the runner schedules; times in seconds."""
-
-    socket_path: str
-    max_running: int = 8
-    limits: Mapping[str, int] = field(default_factory=dict)
-    default_limit: int = 1
-    max_waiting: int | None = 1000
-    progress_interval: float = 1.0
-    retry_initial: float = 0.25
-    retry_max: float = 10.0
-    keep_for: float | None = None
-    keep_max: int | None = None
-    purge_interval: float = 60.0
-    #: How long a cancel waits for the broker's exit pair after asking it to
-    #: terminate (it sends KILL after its -k, 10 s by default) before closing.
-    kill_grace: float = 15.0
 
 
 @dataclass
@@ -82,7 +60,7 @@ class _Watch:
     waiters: int = 0
 
 
-class Runner:
+class Runner(Execution):
     """Runs the store's jobs; the gateway's jobs API calls its methods.
 
     ``clock`` is the Unix time of records and schedules (default: the store's);
@@ -102,6 +80,10 @@ class Runner:
         self.config = config
         self.clock = clock or store.clock
         self._runs: dict[str, RunningJob] = {}
+        #: Live job events (monitors, the callback deliverer): the store publishes
+        #: every committed change here.
+        self.hub = EventHub()
+        store.publish = self.hub.publish
         self._listeners: list[Callable[[Job], object]] = []
         self._watches: dict[str, _Watch] = {}
         self._dispatch_wake = trio.Event()
@@ -125,8 +107,7 @@ class Runner:
             self._nursery = nursery
             nursery.start_soon(self._guarded, self._dispatch)
             nursery.start_soon(self._guarded, self._schedule)
-            if self.config.keep_for is not None or self.config.keep_max is not None:
-                nursery.start_soon(self._guarded, self._retention)
+            nursery.start_soon(self._guarded, self._retention)
             task_status.started()
 
     async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
@@ -202,6 +183,12 @@ class Runner:
         """
         for _attempt in range(5):
             run = self._runs.get(job_id)
+            if isinstance(run, RunningTask):
+                await cancel_task(run, self.config.kill_grace)
+                await run.done.wait()
+                if run.final is not None:
+                    return run.final
+                continue
             if run is not None:
                 await terminate_session(run, self.config.kill_grace)
                 await run.done.wait()
@@ -227,32 +214,69 @@ class Runner:
 
     async def delete(self, job_id: str) -> None:
         """Delete a finished job's record, then its output files."""
-        await self.store.delete(job_id)
-        await self.output.remove(job_id)
+        steps = await self.store.delete(job_id)
+        await self.output.remove(job_id, steps)
+
+    async def steps(self, job_id: str) -> list[Step]:
+        """A task's steps as they are now (running ones with live sizes)."""
+        run = self._runs.get(job_id)
+        if isinstance(run, RunningTask) and run.loaded.is_set() and run.final is None:
+            return [run.current_step(step.index) for step in run.steps]
+        return await self.store.steps(job_id)
+
+    async def cancel_step(self, job_id: str, name: str) -> Job:
+        """Stop one step of a task: a queued one never runs, a running one is
+        terminated (TERM, then KILL); either way its dependents are skipped. Returns
+        the task once the step has ended.
+
+        Error handling: :class:`~.errors.JobNotFound` (no such task or step),
+        :class:`~.errors.IllegalTransition` (the step had ended)."""
+        job = await self.get(job_id)
+        return await task_access.cancel_named_step(
+            self._runs.get(job_id),
+            job,
+            name,
+            self.store,
+            self.output,
+            self.config.kill_grace,
+            self.clock,
+        )
 
     async def read_output(
-        self, job_id: str, view: View = "both", offset: int = 0, *, follow: bool = False
+        self,
+        job_id: str,
+        view: View = "both",
+        offset: int = 0,
+        *,
+        follow: bool = False,
+        step: str | None = None,
     ) -> OutputReader:
-        """A reader of the job's output (see :meth:`OutputStore.read`); with
-        ``follow``, a waiting job is waited for until it starts or ends.
+        """A reader of the job's output, or of one step's (see
+        :meth:`OutputStore.read`); with ``follow``, a waiting job (step) is waited
+        for until it starts or ends.
 
-        Error handling: :class:`~.errors.JobNotFound` for an unknown id."""
+        Error handling: :class:`~.errors.JobNotFound` for an unknown id or step."""
         if follow:
             await self.wait(job_id, started=True)
         else:
             await self.get(job_id)
         if job_id not in self._runs and self._claiming is not None:
             await self._claiming.wait()
-        return self.output.read(job_id, view, offset, follow=follow)
+        if step is None:
+            return self.output.read(job_id, view, offset, follow=follow)
+        index = await task_access.step_to_read(
+            lambda: self._runs.get(job_id), job_id, step, follow, self.store, self
+        )
+        return self.output.read(output_key(job_id, index), view, offset, follow=follow)
 
     async def purge(self) -> list[str]:
-        """One retention pass: delete old finished jobs and their output."""
-        deleted = await self.store.purge(
-            older_than=self.config.keep_for, keep_max=self.config.keep_max
-        )
-        for job_id in deleted:
-            await self.output.remove(job_id)
-        return deleted
+        """One retention pass: delete old finished jobs and their output, and the
+        events older than the retention period (7 days without one)."""
+        deleted = await self.store.purge_counted(self.config.keep_for, self.config.keep_max)
+        for job_id, steps in deleted:
+            await self.output.remove(job_id, steps)
+        await self.store.purge_events(self.config.keep_for or 7 * 86400.0)
+        return [job_id for job_id, _ in deleted]
 
     # ---- tasks ----
 
@@ -295,7 +319,8 @@ class Runner:
             jobs = [job for job, _ in claimed]
             for job, stdin in claimed:
                 # Registered with its output before anyone can see it running.
-                run = self._runs[job.id] = RunningJob(job, self.output.open(job.id))
+                kind = RunningTask if job.is_task else RunningJob
+                run = self._runs[job.id] = kind(job, self.output.open(job.id))
                 run.stdin = stdin
                 self._nursery.start_soon(self._execute, run)
         except JobError as exc:  # StoreUnavailable: try again after a while
@@ -337,89 +362,3 @@ class Runner:
             except JobError as exc:
                 log.error("retention purge failed: %s", exc)
             await trio.sleep(self.config.purge_interval)
-
-    async def _execute(self, run: RunningJob) -> None:
-        """Run one job's session and record how it ended.
-
-        Error handling: a broken session (or a bug in its tasks) fails this job, not
-        the runner. Resource handling: when the runner itself is cancelled, the
-        session closes (the broker terminates the program) and the job is recorded
-        ``lost``, as the next start would.
-        """
-        try:
-            try:
-                exited, reason = await run_session(
-                    run,
-                    self.config.socket_path,
-                    run.stdin,
-                    on_connected=self._broker_ok,
-                    alongside=self._save_progress,
-                )
-            except BrokerUnavailable as exc:
-                await self._broker_unavailable(run, str(exc))
-                return
-            except Exception as exc:
-                log.warning("job %s: the broker session failed: %s", run.job.id, exc)
-                exited, reason = None, broken_session_reason(one_line(exc))
-            state = final_state(exited, cancel_requested=run.cancel_requested)
-            await self._finish(run, state, reason, exited)
-        finally:
-            if not run.done.is_set():
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await self._finish(run, JobState.LOST, LOST_REASON, None)
-
-    async def _broker_unavailable(self, run: RunningJob, detail: str) -> None:
-        """The connect failed, so the program never started: back to the queue (or
-        ``cancelled`` if that was asked meanwhile), and retry later."""
-        log.warning("broker unavailable, job %s stays queued: %s", run.job.id, detail)
-        self._backoff()
-        if run.cancel_requested:
-            await self._finish(run, JobState.CANCELLED, CANCELLED_RUNNING_REASON, None)
-            return
-        try:
-            await self.store.requeue(run.job.id)
-        except JobError as exc:
-            log.error("cannot requeue job %s: %s", run.job.id, exc)
-        del self._runs[run.job.id]
-        run.done.set()
-        self._changed(replace(run.job, state=JobState.QUEUED, started_at=None))
-
-    async def _save_progress(self, run: RunningJob) -> None:
-        """Persist sizes and progress while the job runs, at most once an interval."""
-        while True:
-            await run.progress_dirty.wait()
-            run.progress_dirty = trio.Event()
-            try:
-                await self.store.save_progress(run.snapshot())
-            except Exception as exc:  # never the job's end: it goes on
-                log.error("cannot save the progress of job %s: %s", run.job.id, exc)
-            await trio.sleep(self.config.progress_interval)
-
-    async def _finish(
-        self, run: RunningJob, state: JobState, reason: str | None, exited: Exited | None
-    ) -> None:
-        """Record the end (the database and :attr:`RunningJob.final` first, so a
-        follower that sees the output end finds the final record), close the output,
-        free the slot."""
-        await run.output.flush()  # the sizes recorded are those of the files
-        run.parser.end()
-        ended = replace(
-            run.snapshot(),
-            state=state,
-            reason=reason,
-            ended_at=self.clock(),
-            exitcode=exited.exitcode if exited else None,
-            termsig=exited.termsig if exited else None,
-        )
-        remove = ended.state is JobState.SUCCEEDED and not ended.keep
-        try:
-            await self.store.finish(ended, remove=remove)
-        except JobError as exc:
-            log.error("cannot record the end of job %s: %s", ended.id, exc)
-        run.final = ended
-        await run.output.close()
-        if remove:
-            await self.output.remove(ended.id)
-        self._runs.pop(ended.id, None)
-        run.done.set()
-        self._changed(ended)

@@ -15,6 +15,9 @@ Layout, and why:
 - ``state_counts`` (v2): jobs per state, kept by triggers in the same transaction as
   the change, so totals are O(1) at any history size (a ``COUNT(*)`` over a million
   rows is a scan).
+- ``job_steps``, ``step_stdin`` (v3): a task's steps, by (task row, index).
+- ``job_events`` (v3): every change as a monitor message (:mod:`.events`).
+- ``job_callbacks`` (v3): a job's callback and its delivery (:mod:`.callbacks`).
 - Indexes serve each query the store makes: by id; each sort with its tiebreak on
   id (keyset pagination); state or name with created; partial indexes on the queued
   jobs (FIFO per name, global FIFO) and the scheduled ones (next start), which stay
@@ -122,8 +125,75 @@ _V2 = (
     "CREATE INDEX jobs_state_ended ON jobs (state, ended_at, id)",
 )
 
+_STEP_COLUMNS = """
+        started_at REAL,
+        ended_at REAL,
+        exitcode INTEGER,
+        termsig TEXT,
+        reason TEXT,
+        stdout_bytes INTEGER NOT NULL DEFAULT 0,
+        stderr_bytes INTEGER NOT NULL DEFAULT 0,
+        dropped_bytes INTEGER NOT NULL DEFAULT 0,
+        truncated INTEGER NOT NULL DEFAULT 0,
+        progress_task INTEGER,
+        progress_tasks INTEGER,
+        progress_title TEXT,
+        progress_percent INTEGER,
+        progress_step TEXT"""
+
+_V3 = (
+    # Tasks: a job with steps (mode NULL: one program, as before).
+    "ALTER TABLE jobs ADD COLUMN mode TEXT",
+    "ALTER TABLE jobs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0",
+    f"""CREATE TABLE job_steps (
+        seq INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        argv TEXT NOT NULL,
+        depends_on TEXT NOT NULL,
+        timeout REAL,
+        state TEXT NOT NULL,{_STEP_COLUMNS},
+        PRIMARY KEY (seq, idx)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE step_stdin (
+        seq INTEGER NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL,
+        PRIMARY KEY (seq, idx)
+    ) WITHOUT ROWID""",
+    # Events: ids never reused (AUTOINCREMENT), so since=<id> means one place in
+    # the history for ever; by time for retention, by name for a named monitor.
+    """CREATE TABLE job_events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        job_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL
+    )""",
+    "CREATE INDEX job_events_at ON job_events (at)",
+    "CREATE INDEX job_events_name ON job_events (name, id)",
+    # Callbacks: keyed by the job's id, not its row, so a delivery still pending
+    # outlives the job's deletion (keep=false, DELETE, a purge).
+    """CREATE TABLE job_callbacks (
+        job_id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        state TEXT NOT NULL,
+        body BLOB,
+        attempts TEXT NOT NULL DEFAULT '[]',
+        next_at REAL,
+        delivered_at REAL
+    ) WITHOUT ROWID""",
+    "CREATE INDEX job_callbacks_due ON job_callbacks (next_at) WHERE state = 'pending'",
+    "DROP TRIGGER jobs_deleted",
+    """CREATE TRIGGER jobs_deleted AFTER DELETE ON jobs BEGIN
+        DELETE FROM job_labels WHERE seq = old.seq;
+        DELETE FROM job_stdin WHERE seq = old.seq;
+        DELETE FROM job_steps WHERE seq = old.seq;
+        DELETE FROM step_stdin WHERE seq = old.seq;
+        DELETE FROM job_callbacks WHERE job_id = old.id AND state <> 'pending';
+    END""",
+)
+
 #: ``MIGRATIONS[n]`` upgrades version ``n`` to ``n + 1``: append, never edit.
-MIGRATIONS: Sequence[tuple[str, ...]] = (_V1, _V2)
+MIGRATIONS: Sequence[tuple[str, ...]] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: How long a connection waits for a lock before SQLITE_BUSY. Readers of a WAL file

@@ -8,6 +8,7 @@ limits, the store): :func:`run_session` drives the session of a
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -29,7 +30,9 @@ from .model import (
 from .output import RunOutput
 from .progress import ProgressParser
 
-__all__ = ["RunningJob", "one_line", "run_session", "terminate_session"]
+__all__ = ["RunningJob", "one_line", "progress_loop", "run_session", "terminate_session"]
+
+log = logging.getLogger("sockexec_py.jobs")
 
 
 class RunningJob:
@@ -44,6 +47,8 @@ class RunningJob:
         # session is even connected still applies.
         self.session_scope = trio.CancelScope()
         self.cancel_requested = False
+        #: Set with ``cancel_requested`` (a step waiting for the broker stops).
+        self.cancelled = trio.Event()
         #: The open session, once connected (to ask the broker for a terminate).
         self.session: AsyncSession | None = None
         #: Set when a terminate got no exit pair within this grace (seconds).
@@ -78,6 +83,7 @@ async def terminate_session(run: RunningJob, grace: float) -> None:
     termsig is unknown and the reason says so.
     """
     run.cancel_requested = True
+    run.cancelled.set()
     if run.session is not None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await run.session.terminate()
@@ -154,3 +160,32 @@ async def run_session(
     if exited is not None:
         return exited, refusal_reason(exited.exitcode, bytes(stderr_head))
     return None, broken_session_reason("the connection closed before the exit pair")
+
+
+async def progress_loop(
+    run: RunningJob,
+    snapshot: Callable[[], Job],
+    save: Callable[[Job, bool], Awaitable[None]],
+    interval: float,
+    event_interval: float,
+) -> None:
+    """Persist a running session's sizes and progress (run it ``alongside``):
+    ``save(job, event)`` with ``event`` true when the progress changed (at most once
+    per ``event_interval``), the sizes alone at most once per ``interval``. A failed
+    save is logged: the job goes on."""
+    last_progress = run.parser.progress
+    last_saved = -math.inf
+    while True:
+        await run.progress_dirty.wait()
+        run.progress_dirty = trio.Event()
+        job = snapshot()
+        changed = job.progress != last_progress
+        if changed or trio.current_time() - last_saved >= interval:
+            try:
+                await save(job, changed)
+            except Exception as exc:  # never the job's end: it goes on
+                log.error("cannot save the progress of job %s: %s", run.job.id, exc)
+            last_saved, last_progress = trio.current_time(), job.progress
+        else:
+            run.progress_dirty.set()  # the sizes, after the interval
+        await trio.sleep(event_interval)

@@ -22,7 +22,9 @@ class GatewayProcess:
 
     The port is read from its "listening on" line. :meth:`request` makes one HTTP
     request (a JSON ``body`` is sent with ``Content-Type: application/json``, as JSON
-    clients do). :meth:`stop` ends it (SIGTERM, then SIGKILL past 20 s).
+    clients do). Once it listens, a thread reads its stderr into :attr:`lines` (a
+    gateway that logs a lot never blocks on a full pipe); :meth:`log_until` waits for
+    a line. :meth:`stop` ends it (SIGTERM, then SIGKILL past 20 s).
     """
 
     def __init__(
@@ -52,7 +54,6 @@ class GatewayProcess:
         )
         assert self.proc.stderr is not None
         self.lines: list[str] = []
-        self._reader: threading.Thread | None = None
         self._log_changed = threading.Condition()
         ready, _, _ = select.select([self.proc.stderr], [], [], start_timeout)
         if not ready:
@@ -68,6 +69,8 @@ class GatewayProcess:
         else:
             self.proc.wait()
             raise HarnessError(f"the gateway exited: {''.join(self.lines)}")
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
 
     @property
     def base(self) -> str:
@@ -98,13 +101,9 @@ class GatewayProcess:
 
     def log_until(self, needle: str, timeout: float = 20.0, count: int = 1) -> list[str]:
         """Wait until ``needle`` appeared ``count`` times in the gateway's stderr;
-        returns the lines that have it. From the first call on, a thread reads the
-        log into :attr:`lines` (the pipe is then no longer for anyone else to read).
+        returns the lines that have it.
 
         Error handling: :class:`HarnessError` past ``timeout``."""
-        if self._reader is None:
-            self._reader = threading.Thread(target=self._read_log, daemon=True)
-            self._reader.start()
         deadline = time.monotonic() + timeout
         with self._log_changed:
             while len(found := [line for line in self.lines if needle in line]) < count:
@@ -150,8 +149,7 @@ class GatewayProcess:
     def _close(self) -> None:
         """Reap the process, let the log reader reach the end, close the pipe."""
         self.proc.wait()
-        if self._reader is not None:
-            self._reader.join(10)
+        self._reader.join(10)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from sockexec_py.jobs.errors import IllegalTransition, JobNotFound, QueueFull
 from sockexec_py.jobs.model import LOST_REASON, Job, JobState
@@ -384,3 +385,34 @@ async def test_cancel_without_an_answer_closes_the_session_and_says_so(
     assert ended.state is S.CANCELLED and ended.termsig is None
     assert ended.reason is not None and "within 0.3 s" in ended.reason
     assert "termsig is unknown" in ended.reason
+
+
+async def test_a_step_followed_before_it_starts_gives_its_output(
+    store: Store, broker: Any, make_runner: Any, tmp_path: Path
+) -> None:
+    """A follower parked before its task starts (a job waiting on a FIFO holds the
+    only slot) gets the step's whole output once the task runs: it wakes when the
+    step is marked running, and the step's output is registered by then."""
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+
+    def release() -> None:
+        with open(fifo, "w") as gate:  # blocks until the blocker reads
+            gate.write("go\n")
+
+    async with make_runner(store, broker.path, max_running=1) as runner:
+        for n in range(10):
+            await runner.submit(job("sh", "-c", f"read x < {fifo}"))
+            steps = [{"name": "build", "argv": ["echo", f"built {n}"]}]
+            task = await runner.submit(parse_submit({"steps": steps}))
+            got: list[bytes] = []
+
+            async def follow(task_id: str = task.id, into: list[bytes] = got) -> None:
+                reader = await runner.read_output(task_id, "stdout", follow=True, step="build")
+                into.append(b"".join([i.data async for i in reader if isinstance(i, Chunk)]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(follow)
+                await trio.testing.wait_all_tasks_blocked(0.05)  # the follower parks
+                await trio.to_thread.run_sync(release)
+            assert got == [f"built {n}\n".encode()], n

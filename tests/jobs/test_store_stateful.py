@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from sockexec_py.jobs import queries
+from sockexec_py.jobs import queries, recovery, retention
 from sockexec_py.jobs.errors import IllegalTransition, QueueFull
 from sockexec_py.jobs.listing import ListQuery, list_jobs
 from sockexec_py.jobs.model import END_STATES, WAITING_STATES, Job, JobState, new_job_id
@@ -166,7 +166,7 @@ class StoreMachine(RuleBasedStateMachine):
         job_id = data.draw(st.sampled_from(sorted(self.jobs)))
         state = self.jobs[job_id]["state"]
         try:
-            self.tx(lambda c: queries.delete_job(c, job_id))
+            self.tx(lambda c: retention.delete_job(c, job_id))
         except IllegalTransition:
             assert state not in END_STATES
         else:
@@ -174,7 +174,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(keep_max=st.integers(0, 5))
     def purge(self, keep_max: int) -> None:
-        deleted = self.tx(lambda c: queries.purge(c, None, keep_max, 2))
+        deleted = self.tx(lambda c: retention.purge(c, None, keep_max, 2))
         finished = self.ids(END_STATES)
         assert len(deleted) == min(2, max(0, len(finished) - keep_max))
         for job_id in deleted:
@@ -182,7 +182,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        lost = self.tx(lambda c: queries.mark_lost(c, self.now, "lost"))
+        lost = self.tx(lambda c: recovery.mark_lost(c, self.now, "lost"))
         assert sorted(lost) == self.ids({S.RUNNING})
         for job_id in lost:
             self.jobs[job_id]["state"] = S.LOST

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from sockexec_py.gateway.auth import ANONYMOUS, Principal, require
 from sockexec_py.gateway.jobs_api import JobsService
 from sockexec_py.gateway.jobs_views import job_errors, job_view
 from sockexec_py.gateway.request import HTTPError
@@ -67,17 +68,23 @@ class JobFeed:
             )
         return self.jobs.runner, self.jobs.store
 
-    async def frames(self, emit: Emit, job_id: str | None = None) -> None:
-        """Emit the changes of every job (or of ``job_id``) until the client leaves.
+    async def frames(
+        self, emit: Emit, job_id: str | None = None, principal: Principal = ANONYMOUS
+    ) -> None:
+        """Emit the changes of every job (or of ``job_id``) that ``principal`` may see
+        until the client leaves; totals only to a principal that sees every name.
 
-        Error handling: HTTPError 404 without jobs, or for an unknown ``job_id``
-        (before anything is emitted)."""
+        Error handling: HTTPError 404 without jobs, or for an unknown ``job_id``; 403
+        for a job of a name the principal may not see (before anything is emitted)."""
         runner, store = self._running()
+        only_names, only_prefixes = principal.listing("status")
         send, receive = trio.open_memory_channel[Job | None](QUEUE)
         running: set[str] = set()
 
         def listener(job: Job) -> None:
             if job_id is not None and job.id != job_id:
+                return
+            if not principal.allows("status", job.name):
                 return
             try:
                 send.send_nowait(job)
@@ -90,15 +97,22 @@ class JobFeed:
             with job_errors():
                 if job_id is not None:
                     job = await runner.get(job_id)
+                    require(principal, "status", job.name)
                     if job.state is JobState.RUNNING:
                         running.add(job_id)
                     await emit(job_frame(job))
                 else:
                     page = await store.list_jobs(
-                        ListQuery(states=frozenset({JobState.RUNNING}), limit=MAX_RUNNING)
+                        ListQuery(
+                            states=frozenset({JobState.RUNNING}),
+                            limit=MAX_RUNNING,
+                            only_names=only_names,
+                            only_prefixes=only_prefixes,
+                        )
                     )
                     running.update(job.id for job in page.jobs)
-            await self._follow(emit, runner, store, receive, running, job_id is None)
+            totals = job_id is None and only_names is None
+            await self._follow(emit, runner, store, receive, running, totals)
         finally:
             remove()
 

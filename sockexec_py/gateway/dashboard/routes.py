@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from sockexec_py.gateway.auth import Principal, TokenStore
+from sockexec_py.gateway.auth import Principal, TokenStore, require
 from sockexec_py.gateway.jobs_api import JobsService
 from sockexec_py.gateway.jobs_views import job_errors, job_view
 from sockexec_py.gateway.models import OutputQuery
@@ -82,8 +82,8 @@ class Queues:
 
 
 def _allow(visit: Visit, action: str, name: str | None = None) -> None:
-    if not visit.principal.allows(action, name):
-        raise HTTPError(403, "forbidden", f"this token may not {action} {name or 'jobs'}")
+    """The API's check (403 ``missing_scope`` naming the scope, and its audit line)."""
+    require(visit.principal, action, name)
 
 
 class Dashboard:
@@ -150,12 +150,15 @@ class Dashboard:
     # -- the jobs list and a job ---------------------------------------------------
 
     async def list_page(self, request: Request, visit: Visit, form: Form) -> Response:
-        _allow(visit, "status")
+        """The jobs list; a token scoped to some names sees only those (and no
+        totals, which would count the others), as the API's list."""
         query = request.query_params
         state = query.get("state", "")
         if state not in {s.value for s in JobState}:
             state = ""
         name = query.get("name", "").strip()[:128]
+        _allow(visit, "status", name or None)
+        only_names, only_prefixes = visit.principal.listing("status")
         limit = int(query["limit"]) if query.get("limit", "").isdigit() else PAGE_SIZES[0]
         limit = limit if 1 <= limit <= MAX_PAGE else PAGE_SIZES[0]
         cursor = query.get("cursor") or None
@@ -180,9 +183,11 @@ class Dashboard:
                     name=name or None,
                     limit=limit,
                     cursor=cursor,
+                    only_names=only_names,
+                    only_prefixes=only_prefixes,
                 )
             )
-            totals = await store.counts()
+            totals = {} if only_names is not None else await store.counts()
         content = jobs_page(
             [runner.current(job) for job in page.jobs],
             {s.value: n for s, n in totals.items()},
@@ -202,6 +207,7 @@ class Dashboard:
         job_id = self._job_id(request)
         with job_errors():
             job = await runner.get(job_id)
+            _allow(visit, "status", job.name)
             position = None
             if job.state is JobState.QUEUED:
                 try:
@@ -245,7 +251,12 @@ class Dashboard:
         job_id = request.query_params.get("job")
         if job_id is not None and not is_job_id(job_id):
             raise HTTPError(404, "not_found", f"no job {job_id[:40]!r}")
-        return Stream(lambda emit: self.feed.frames(emit, job_id), SSE)
+        if job_id is not None:  # refused with a status, before the stream begins
+            _, runner, _ = self._jobs()
+            with job_errors():
+                _allow(visit, "status", (await runner.get(job_id)).name)
+        principal = visit.principal
+        return Stream(lambda emit: self.feed.frames(emit, job_id, principal), SSE)
 
     # -- the run form -----------------------------------------------------------------
 
@@ -291,7 +302,9 @@ class Dashboard:
 
     # -- queues -------------------------------------------------------------------------
 
-    async def _queues(self) -> Queues:
+    async def _queues(self, principal: Principal) -> Queues:
+        """Per name, running / limit and waiting: the names ``principal`` may see
+        (the overall running count is every job's: it is what the limits weigh)."""
         jobs, _, store = self._jobs()
         with job_errors():
             waiting = await store.queue_lengths()
@@ -300,7 +313,8 @@ class Dashboard:
             )
         running = Counter(job.name for job in page.jobs)
         settings = jobs.settings
-        names = sorted(set(waiting) | set(running) | set(settings.limits))
+        every = set(waiting) | set(running) | set(settings.limits)
+        names = sorted(name for name in every if principal.allows("status", name))
         return Queues(
             running=sum(running.values()),
             max_running=settings.max_running,
@@ -321,7 +335,7 @@ class Dashboard:
         if self.jobs is None:
             content = queue_page([], running=0, max_running=0, default_limit=0, notice=_OFF)
             return self.site.html(visit, "queue", "Queues", content)
-        data = await self._queues()
+        data = await self._queues(visit.principal)
         content = queue_page(
             [(q.name, q.running, q.limit, q.waiting) for q in data.queues],
             running=data.running,
@@ -332,4 +346,4 @@ class Dashboard:
 
     async def queue_data(self, request: Request, visit: Visit, form: Form) -> Response:
         _allow(visit, "status")
-        return JSONResponse(dataclasses.asdict(await self._queues()))
+        return JSONResponse(dataclasses.asdict(await self._queues(visit.principal)))

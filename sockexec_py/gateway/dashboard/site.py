@@ -133,6 +133,7 @@ class Site:
                         form = await read_form(request)
                         offered = first(form, "csrf") or request.headers.get(CSRF_HEADER)
                         self.guard.check_csrf(visit, offered)
+                    request.state.principal = visit.principal  # for the API's handlers
                     response = await handler(request, visit, form)
             except HTTPError as exc:
                 response = self.error(exc, kind, visit)

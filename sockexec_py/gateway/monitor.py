@@ -1,0 +1,263 @@
+"""The monitor WebSocket ``/v1/monitor?name=NAME&since=ID``: job events as they
+happen, one JSON message each, after those missed since an event id.
+
+What a monitor receives, in order:
+
+1. with ``since``, every kept event after that id (read from the store in pages),
+   preceded by ``{"type": "gap", "since", "first_id"}`` when some of them were
+   already purged (older than the retention period);
+2. ``{"type": "ready", "last_id"}``: from here on events come live; ``last_id``
+   is the ``since`` to reconnect with if no event comes before a reconnect;
+3. events ``{"id", "type": "queued"|"scheduled"|"started"|"progress"|"finished",
+   "job", "name", "time", ...}`` (with ``"step"`` for a task's step), in id order;
+4. when it falls more than the queue (``--monitor-queue``) behind,
+   ``{"type": "overflow", "last_id"}`` and a close (1013): it reconnects with
+   ``since=last_id`` and loses nothing.
+
+The live side never waits for a monitor (see :class:`~sockexec_py.jobs.events.EventHub`).
+A monitor that stops reading altogether is dropped from the live feed when its
+queue is full; its connection ends when it reads again (the overflow message, the
+close) or goes away. A token sees the events of the names it has ``status`` on,
+and needs ``monitor``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from starlette.datastructures import Headers
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from sockexec_py.errors import single_errors
+from sockexec_py.jobs import JobError
+from sockexec_py.jobs.events import Event, Subscription
+
+from .auth import Principal, require
+from .jobs_api import JobsService
+from .metrics import GatewayMetrics
+from .request import HTTPError, error_response
+
+__all__ = ["MONITOR_PATH", "MonitorEndpoint"]
+
+log = logging.getLogger("sockexec_py.gateway")
+
+#: Events read from the store per page while catching up.
+REPLAY_PAGE = 1000
+#: The close code after an overflow: "try again later".
+OVERFLOW_CLOSE = 1013
+_NAME = re.compile(r"[A-Za-z0-9._:@+/-]{1,128}")
+
+#: The WebSocket route in the OpenAPI document (written by hand, as /v1/exec/ws).
+MONITOR_PATH: dict[str, Any] = {
+    "get": {
+        "summary": "Job events as they happen (WebSocket)",
+        "description": "Upgrade to a WebSocket. With since=ID, the kept events after that "
+        'id come first ({"type": "gap", "since", "first_id"} before them if some were '
+        'purged), then {"type": "ready", "last_id"}, then events live, one JSON text '
+        'message each: {"id", "type": "scheduled"|"queued"|"started"|"progress"|"finished", '
+        '"job", "name", "time", "step"?, "state"?, "progress"?, "exitcode"?, "termsig"?, '
+        '"duration"?, "reason"?}. A monitor that falls --monitor-queue events behind gets '
+        '{"type": "overflow", "last_id"} and a close (1013): reconnect with since=last_id. '
+        "Needs the monitor scope; shows the names the token has status on.",
+        "parameters": [
+            {
+                "name": "name",
+                "in": "query",
+                "required": False,
+                "description": "Only this job name's events (empty: every name)",
+                "schema": {"type": "string"},
+            },
+            {
+                "name": "since",
+                "in": "query",
+                "required": False,
+                "description": "Replay the events after this event id first",
+                "schema": {"type": "integer", "minimum": 0},
+            },
+        ],
+        "responses": {
+            "101": {"description": "Switching protocols: events follow"},
+            **{
+                str(code): {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                }
+                for code, text in (
+                    (400, "A bad name or since"),
+                    (401, "Missing, wrong or expired bearer token"),
+                    (403, "An Origin header, or the token lacks monitor or status"),
+                    (404, "Jobs are off (no --data-dir)"),
+                    (421, "Without tokens, the Host must be a loopback name"),
+                )
+            },
+        },
+    }
+}
+
+
+class MonitorEndpoint:
+    """The WebSocket endpoint (:meth:`serve`); ``screen`` is the gateway's request check."""
+
+    def __init__(
+        self,
+        jobs: JobsService | None,
+        screen: Callable[[Headers, bool], Principal],
+        metrics: GatewayMetrics,
+    ) -> None:
+        self.jobs = jobs
+        self.screen = screen
+        self.metrics = metrics
+
+    async def serve(self, websocket: WebSocket) -> None:
+        status = "200"
+        try:
+            principal, name, since = self._admit(websocket)
+        except HTTPError as exc:
+            if "websocket.http.response" in websocket.scope.get("extensions", {}):
+                await websocket.send_denial_response(error_response(exc))
+            else:
+                await websocket.close(code=4000 + exc.status, reason=exc.detail)
+            self.metrics.requests.labels("monitor", str(exc.status)).inc()
+            return
+        await websocket.accept()
+        left = trio.Event()
+        try:
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_client, websocket, nursery.cancel_scope, left)
+                    await self._serve(websocket, principal, name, since, nursery.cancel_scope)
+                    nursery.cancel_scope.cancel()
+            if left.is_set():
+                status = "499"
+        except WebSocketDisconnect:
+            status = "499"
+        except HTTPError as exc:
+            status = str(exc.status)
+            await websocket.send_text(json.dumps({"type": "error", **_error(exc)}))
+            await websocket.close(code=1011)
+        finally:
+            self.metrics.requests.labels("monitor", status).inc()
+
+    def _admit(self, websocket: WebSocket) -> tuple[Principal, str | None, int | None]:
+        """The checks before the upgrade: who, which name, since which event."""
+        principal = self.screen(websocket.headers, True)
+        if self.jobs is None or self.jobs.runner is None:
+            raise HTTPError(
+                404, "jobs_disabled", "jobs are off: start sockexec-gateway with --data-dir DIR"
+            )
+        params = websocket.query_params
+        unknown = set(params) - {"name", "since"}
+        if unknown:
+            raise HTTPError(400, "bad_request", f"unknown parameter: {sorted(unknown)[0]}")
+        name = params.get("name") or None
+        if name is not None and _NAME.fullmatch(name) is None:
+            raise HTTPError(400, "bad_request", "name: not a job name")
+        since_text = params.get("since")
+        since = None
+        if since_text is not None:
+            if not since_text.isdigit() or len(since_text) > 18:
+                raise HTTPError(400, "bad_request", "since: expected an event id (an integer)")
+            since = int(since_text)
+        require(principal, "monitor", name)
+        require(principal, "status", name)
+        return principal, name, since
+
+    @staticmethod
+    async def _watch_client(
+        websocket: WebSocket, scope: trio.CancelScope, left: trio.Event
+    ) -> None:
+        """Read (and ignore) what the client sends; its close ends the monitor."""
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                left.set()
+                scope.cancel()
+                return
+
+    async def _serve(
+        self,
+        websocket: WebSocket,
+        principal: Principal,
+        name: str | None,
+        since: int | None,
+        scope: trio.CancelScope,
+    ) -> None:
+        assert self.jobs is not None and self.jobs.runner is not None
+        runner, store = self.jobs.runner, self.jobs.runner.store
+        names = principal.names_for("status")
+        allowed = None if names is None or names.everything else names.covers
+
+        def visible(event: Event) -> bool:
+            return allowed is None or allowed(event.name)
+
+        async def page(after: int) -> tuple[list[Event], int, int | None]:
+            try:
+                return await store.events_after(after, REPLAY_PAGE, name)
+            except JobError as exc:
+                raise HTTPError(503, "store_unavailable", str(exc)) from None
+
+        last = since if since is not None else 0
+        subscription: Subscription | None = None
+        try:
+            if since is not None:
+                events, newest, first = await page(last)
+                if newest > since and (first is None or first > since + 1):
+                    await websocket.send_text(
+                        json.dumps({"type": "gap", "since": since, "first_id": first})
+                    )
+                # Catch up page by page, then subscribe and read once more: what was
+                # committed meanwhile is in the table or in the queue (or both: the
+                # ids tell).
+                while True:
+                    for event in events:
+                        if visible(event):
+                            await websocket.send_text(event.text)
+                        last = event.id
+                    if len(events) < REPLAY_PAGE:
+                        if subscription is not None:
+                            break
+                        subscription = runner.hub.subscribe(name, allowed)
+                    events, newest, _ = await page(last)
+                last = max(last, newest)
+            else:
+                subscription = runner.hub.subscribe(name, allowed)
+                _, last, _ = await page(2**62)
+            await websocket.send_text(json.dumps({"type": "ready", "last_id": last}))
+            await self._live(websocket, subscription, last, scope)
+        finally:
+            if subscription is not None:
+                subscription.close()
+
+    async def _live(
+        self, websocket: WebSocket, subscription: Subscription, last: int, scope: trio.CancelScope
+    ) -> None:
+        """Send queued events as they come; after an overflow, say so and close.
+
+        A send to a peer that stopped reading blocks, and Hypercorn shields its
+        socket writes, so nothing can interrupt it: the hub has dropped the
+        subscription by then (nothing more is queued for it), and once the peer
+        reads again (or goes away) the overflow message and the close follow.
+        """
+        sent = last
+        while True:
+            await subscription.wait()
+            if subscription.overflowed:  # what it missed, it reads again with since
+                await websocket.send_text(json.dumps({"type": "overflow", "last_id": sent}))
+                await websocket.close(code=OVERFLOW_CLOSE)
+                scope.cancel()
+                return
+            for event in subscription.take():
+                if event.id > sent:
+                    await websocket.send_text(event.text)
+                    sent = event.id
+
+
+def _error(exc: HTTPError) -> dict[str, Any]:
+    return {"error": exc.error, "detail": exc.detail, "status": exc.status}

@@ -1,0 +1,279 @@
+"""The monitor WebSocket through a real gateway and broker: each job's events in
+order, a name's only, progress rate-limited, a client that reconnects with
+``since`` (nothing lost or repeated), a gateway killed and restarted under a
+connected monitor, a monitor that never reads (dropped; jobs do not slow), and
+the events table added to an old data dir by its migration."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from sockexec_py.client.jobs import MonitorEvent, amonitor, monitor
+from sockexec_py.jobs.schema import MIGRATIONS, SCHEMA_VERSION
+
+from conftest import Broker, GatewayProcess, wait_until
+
+
+@pytest.fixture
+def jobs(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
+    process.log_until("listening")  # from here on its log is read (and kept)
+    yield process
+    process.stop()
+    assert "Traceback" not in "".join(process.lines)  # monitors that leave are no error
+
+
+def call(gateway: GatewayProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    status, _, data = gateway.request(method, path, body)
+    return status, json.loads(data) if data else None
+
+
+def submit(gateway: GatewayProcess, **body: Any) -> str:
+    status, answer = call(gateway, "POST", "/v1/jobs", body)
+    assert status == 202, answer
+    return str(answer["id"])
+
+
+def wait(gateway: GatewayProcess, job_id: str) -> dict[str, Any]:
+    for _ in range(10):
+        _, job = call(gateway, "GET", f"/v1/jobs/{job_id}?wait=5")
+        if job["state"] in ("succeeded", "failed", "cancelled", "lost"):
+            return dict(job)
+    raise AssertionError(job)
+
+
+def replay(gateway: GatewayProcess, *until_jobs: str, **options: Any) -> list[MonitorEvent]:
+    """Every event from the start until each of ``until_jobs`` finished."""
+    events = []
+    waiting = set(until_jobs)
+    with contextlib.closing(monitor(gateway.base, since=0, reconnect=False, **options)) as stream:
+        for event in stream:
+            events.append(event)
+            if event.type == "finished" and event.step is None:
+                waiting.discard(event.job)
+                if not waiting:
+                    return events
+    raise AssertionError("the monitor ended")
+
+
+def test_events_of_jobs_and_steps(jobs: GatewayProcess) -> None:
+    script = "for i in $(seq 1 200); do echo \"[$i/200] part\"; done; sleep 0.3; echo '[200/200] x'"
+    busy = submit(jobs, argv=["sh", "-c", script], name="busy")
+    other = submit(jobs, argv=["sh", "-c", "exit 4"], name="other")
+    task = submit(
+        jobs, name="task", steps=[{"name": "a", "argv": ["true"]}, {"name": "b", "argv": ["false"]}]
+    )
+    for job_id in (busy, other, task):
+        wait(jobs, job_id)
+    events = replay(jobs, busy, other, task)
+    ids = [event.id for event in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    by_job: dict[str, list[MonitorEvent]] = {}
+    for event in events:
+        by_job.setdefault(event.job, []).append(event)
+    kinds = [event.type for event in by_job[other]]
+    assert kinds == ["queued", "started", "finished"]
+    end = by_job[other][-1]
+    assert (end.state, end.exitcode, end.termsig, end.name) == ("failed", 4, None, "other")
+    assert end.duration is not None and end.data["reason"] is None and end.time.endswith("Z")
+    progress = [event for event in by_job[busy] if event.type == "progress"]
+    assert 1 <= len(progress) <= 4  # 201 progress lines in ~0.3 s: rate-limited
+    assert progress[0].progress is not None and progress[0].progress["title"] == "part"
+    assert call(jobs, "GET", f"/v1/jobs/{busy}")[1]["progress"]["title"] == "x"
+    steps = [(e.step, e.type, e.state) for e in by_job[task] if e.step is not None]
+    assert steps == [
+        ("a", "started", "running"),
+        ("a", "finished", "succeeded"),
+        ("b", "started", "running"),
+        ("b", "finished", "failed"),
+    ]
+    assert by_job[task][-1].step is None and by_job[task][-1].state == "failed"
+    # A name's monitor gets that name's events only.
+    only = replay(jobs, other, name="other")
+    assert {event.name for event in only} == {"other"}
+    assert [event.id for event in only] == [event.id for event in by_job[other]]
+
+
+def test_a_client_that_reconnects_with_since_loses_nothing(jobs: GatewayProcess) -> None:
+    first = submit(jobs, argv=["true"])
+    wait(jobs, first)
+    before = replay(jobs, first)
+    missed = [submit(jobs, argv=["echo", str(i)], name="later") for i in range(3)]
+    for job_id in missed:
+        wait(jobs, job_id)
+    everything = replay(jobs, missed[-1])
+
+    async def resume() -> list[MonitorEvent]:
+        got = []
+        async with amonitor(jobs.base, since=before[-1].id) as events:
+            async for event in events:
+                got.append(event)
+                if event.job == missed[-1] and event.type == "finished":
+                    return got
+        raise AssertionError("ended")
+
+    resumed = trio.run(resume)
+    assert [e.id for e in before] + [e.id for e in resumed] == [e.id for e in everything]
+
+
+def test_a_gateway_restart_under_a_monitor(broker: Broker, tmp_path: Path) -> None:
+    """kill -9 of the gateway while a monitor is connected and a job runs: the
+    monitor reconnects (same port) with since and receives, without a gap or a
+    repeat, the lost job's end and what ran after the restart."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = ("--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{port}")
+    flags += ("--jobs-max-running", "1")
+    gateway = GatewayProcess(broker.path, *flags)
+    received: list[MonitorEvent] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        with contextlib.closing(monitor(gateway.base)) as events:
+            for event in events:
+                received.append(event)
+                if event.name == "after" and event.type == "finished":
+                    done.set()
+                    return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    try:
+        thread.start()
+        wait_until(
+            lambda: b"sockexec_gateway_monitors 1.0" in gateway.request("GET", "/metrics")[2],
+            10,
+            "the monitor",
+        )
+        running = submit(gateway, argv=["sh", "-c", "echo up; exec sleep 60"], name="long")
+        after = submit(gateway, argv=["echo", "after"], name="after")
+        wait_until(
+            lambda: any(e.job == running and e.type == "started" for e in received), 10, "start"
+        )
+    except BaseException:
+        gateway.stop()
+        raise
+    gateway.kill()
+    with GatewayProcess(broker.path, *flags) as restarted:
+        assert done.wait(30), received
+        thread.join(10)
+        everything = replay(restarted, after)
+    assert [e.id for e in received] == [e.id for e in everything]
+    lost = [e for e in received if e.job == running and e.type == "finished"]
+    assert [e.state for e in lost] == ["lost"]
+
+
+def handshake(port: int, path: str) -> socket.socket:
+    """A WebSocket client that connects and then never reads (a tiny receive
+    buffer, so the gateway's sends block soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {key}\r\n\r\n".encode()
+    )
+    return sock
+
+
+def text_frames(data: bytes) -> list[str]:
+    """The text messages of a server's WebSocket bytes (after its handshake)."""
+    view = memoryview(data)[data.index(b"\r\n\r\n") + 4 :]
+    texts = []
+    while len(view) >= 2:
+        opcode, length = view[0] & 0x0F, view[1] & 0x7F
+        start = 2
+        if length == 126:
+            length, start = int.from_bytes(view[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(view[2:10], "big"), 10
+        if len(view) < start + length:
+            break
+        if opcode == 1:
+            texts.append(bytes(view[start : start + length]).decode())
+        view = view[start + length :]
+    return texts
+
+
+def test_a_monitor_that_never_reads_is_dropped(broker: Broker, tmp_path: Path) -> None:
+    """Its queue (16 here) overflows once the socket buffers are full: it leaves the
+    live feed while the jobs go on at full speed; when it reads again it gets what
+    was sent, the overflow message with the last id, and reads the rest with since."""
+    flags = ("--data-dir", str(tmp_path / "data"), "--monitor-queue", "16")
+
+    def metric(gateway: GatewayProcess, line: bytes) -> bool:
+        return line in gateway.request("GET", "/metrics")[2]
+
+    with GatewayProcess(broker.path, *flags, "--jobs-max-running", "8") as gateway:
+        stuck = handshake(gateway.port, "/v1/monitor")
+        try:
+            wait_until(lambda: metric(gateway, b"sockexec_gateway_monitors 1.0"), 10, "it")
+            ids = [submit(gateway, argv=["true"], name=f"n{i % 4}") for i in range(150)]
+            for job_id in ids:  # the jobs are not held up by the monitor
+                assert wait(gateway, job_id)["state"] == "succeeded"
+            overflowed = b"sockexec_gateway_monitor_overflows_total 1.0"
+            wait_until(lambda: metric(gateway, overflowed), 20, "the overflow")
+            assert metric(gateway, b"sockexec_gateway_monitors 0.0")
+            stuck.settimeout(10)
+            received = bytearray()
+            with contextlib.suppress(OSError):
+                while chunk := stuck.recv(65536):
+                    received += chunk
+        finally:
+            stuck.close()
+        messages = [json.loads(text) for text in text_frames(bytes(received))]
+        assert messages[0]["type"] == "ready" and messages[-1]["type"] == "overflow"
+        events = messages[1:-1]
+        assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+        last = messages[-1]["last_id"]
+        assert last == len(events) < 150 * 3
+        rest = []
+        with contextlib.closing(monitor(gateway.base, since=last, reconnect=False)) as stream:
+            for event in stream:  # every job has ended: its events are all stored
+                rest.append(event)
+                if event.id == 150 * 3:
+                    break
+        assert [e.id for e in rest] == list(range(last + 1, 150 * 3 + 1))
+
+
+def test_the_events_table_comes_with_the_migration(broker: Broker, tmp_path: Path) -> None:
+    """A data dir written by the previous version (schema 2, with a job) is
+    upgraded in place: its jobs are kept, events are recorded from then on."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with sqlite3.connect(data / "jobs.db") as conn:
+        for migration in MIGRATIONS[:2]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute(
+            """INSERT INTO jobs (id, name, argv, labels, state, created_at, keep, ended_at,
+                exitcode) VALUES (?, 'old', '["true"]', '{}', 'succeeded', ?, 1, ?, 0)""",
+            ("01ARZ3NDEKTSV4RRFFQ69G5FAV", time.time(), time.time()),
+        )
+    conn.close()
+    with GatewayProcess(broker.path, "--data-dir", str(data)) as gateway:
+        status, old = call(gateway, "GET", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV")
+        assert status == 200 and (old["state"], old["mode"]) == ("succeeded", None)
+        new = submit(gateway, argv=["true"])
+        wait(gateway, new)
+        events = replay(gateway, new)
+        assert [event.id for event in events] == [1, 2, 3]
+    with sqlite3.connect(data / "jobs.db") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    conn.close()
