@@ -36,5 +36,5 @@ fi
 
 "$PYTHON" -m ruff format --check sockexec_py tests bench fuzz
 "$PYTHON" -m ruff check sockexec_py tests bench fuzz
-"$PYTHON" -m mypy sockexec_py
+"$PYTHON" -m mypy sockexec_py bench fuzz
 exec "$PYTHON" -m pytest "$@"

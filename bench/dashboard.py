@@ -5,7 +5,7 @@ headless chromium.
 
 (a) Server time of the jobs list (``GET /``, the first page, 50 rows) with a history
     of ``--history`` finished jobs (1,000,000; built straight into the store's schema
-    by :func:`bench.jobs.build_history`, cached under ``--cache``): p50/p99 of the
+    by :func:`bench.jobs_history.build_history`, cached under ``--cache``): p50/p99 of the
     gateway's own ``Server-Timing`` and of the whole request seen by a client, for
     the first page, a state filter, a name filter and a page deep in the history
     (target: <= 50 ms).
@@ -37,7 +37,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bench.jobs import Row, build_history, quantile, render
+from bench.jobs_common import Row, quantile, render
+from bench.jobs_history import build_history
 from sockexec_py.testing import BrokerProcess, GatewayProcess
 
 CHROMIUM_FLAGS = (

@@ -150,7 +150,9 @@ def render(result: dict[str, object]) -> str:
             f"| {label.split(',')[0]} | {fatal} | {row['failed']} / {row['requests']} | "
             f"{rate:.2%} | {target}{met} |"
         )
-    low, high = result["load"]  # type: ignore[misc]
+    load = result["load"]
+    assert isinstance(load, tuple | list)
+    low, high = load
     lines.append(f"\n{result['parallel']} parallel requests per round; load average {low}-{high}")
     return "\n".join(lines)
 
@@ -166,7 +168,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("bench.resty: " + "; ".join(problems) + "\n")
         return 1
     started = time.monotonic()
-    result = measure(args.rounds, args.reference, lambda s: sys.stderr.write(f"{s}\n"))
+
+    def progress(line: str) -> None:
+        sys.stderr.write(f"{line}\n")
+
+    result = measure(args.rounds, args.reference, progress)
     print(render(result))
     print(f"({time.monotonic() - started:.0f} s)")
     if args.json:

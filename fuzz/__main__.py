@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sockexec_py.testing import BrokerProcess
 
-from .broker import RunReport, run
+from .broker import RunReport, Verdict, run
 
 #: RSS the broker may keep after a run (allocator slack, pools), in KiB.
 RSS_MARGIN_KIB = 16 << 10
@@ -59,9 +59,7 @@ def fuzz(workdir: Path, sessions: int, seed: int, only: int | None = None) -> Ru
     return report
 
 
-def _final(problem: str) -> object:
-    from .broker import Verdict
-
+def _final(problem: str) -> Verdict:
     return Verdict(-1, "after the run", problem)
 
 

@@ -8,16 +8,15 @@ stdin, close, end of input and garbage in any order.
 from __future__ import annotations
 
 import re
-import signal
 from dataclasses import dataclass, field
 
 import pytest
-from chunking import chunkings
+from chunking import chunkings, run_client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from sockexec_py.errors import EXIT_REFUSED, LocalProtocolError, RemoteProtocolError
+from sockexec_py.errors import LocalProtocolError, RemoteProtocolError
 from sockexec_py.events import (
     ArgvReady,
     ClientEvent,
@@ -31,17 +30,14 @@ from sockexec_py.events import (
 )
 from sockexec_py.netstring import encode
 from sockexec_py.protocol import (
-    MAX_OUTPUT_CHUNK,
     NEED_DATA,
     TERMINATE,
     ClientSession,
     ServerLimits,
     ServerSession,
-    encode_error_reply,
     encode_exit_pair,
     encode_output_pair,
     encode_request,
-    termsig_text,
 )
 
 DIGITS = b"0123456789"
@@ -100,24 +96,6 @@ def run_server(
                 session.next_event()
             assert again.value is error
     return run
-
-
-def run_client(
-    pieces: list[bytes], *, eof: bool = True
-) -> tuple[list[ClientEvent], Exception | None]:
-    session = ClientSession()
-    events: list[ClientEvent] = []
-    try:
-        for piece in [*pieces, b""] if eof else pieces:
-            session.receive_data(piece)
-            while (event := session.next_event()) is not NEED_DATA:
-                events.append(event)  # type: ignore[arg-type]
-    except RemoteProtocolError as error:
-        with pytest.raises(RemoteProtocolError) as again:
-            session.next_event()
-        assert again.value is error
-        return events, error
-    return events, None
 
 
 def merge_outputs(events: list[ClientEvent]) -> list[ClientEvent]:
@@ -729,91 +707,6 @@ def test_client_oversized_frame_refused() -> None:
     session.receive_data(b"6:stdout,11:")
     with pytest.raises(RemoteProtocolError, match="limit"):
         session.next_event()
-
-
-# -- encoders -------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("reason", "code"),
-    [
-        ("argc must be at least 1", EXIT_REFUSED),
-        ("program not found: nope", 127),
-        ("cannot execute: /etc/passwd", 126),
-        ("caf\u00e9 \u2603", EXIT_REFUSED),
-    ],
-)
-@given(data=st.data())
-def test_error_reply_round_trip(data: st.DataObject, reason: str, code: int) -> None:
-    stream = encode_error_reply(reason, code)
-    events, error = run_client(data.draw(chunkings(stream)))
-    assert error is None
-    line = f"sockexec_py: {reason}\n".encode()
-    assert events == [Output("stderr", line), Exited(exitcode=code)]
-
-
-def test_error_reply_defaults_to_125() -> None:
-    events, error = run_client([encode_error_reply("argc must be at least 1")])
-    assert error is None
-    assert events == [
-        Output("stderr", b"sockexec_py: argc must be at least 1\n"),
-        Exited(exitcode=125),
-    ]
-    assert EXIT_REFUSED == 125
-
-
-def test_output_pair_is_buffers_of_one_pair() -> None:
-    parts = encode_output_pair("stdout", b"hello")
-    assert parts == (b"6:stdout,", b"5:", b"hello", b",")
-    assert b"".join(encode_output_pair("stderr", b"")) == b"6:stderr,0:,"
-
-
-def test_output_pair_chunk_limit() -> None:
-    assert MAX_OUTPUT_CHUNK == 64 * 1024
-    biggest = b"x" * MAX_OUTPUT_CHUNK
-    events, error = run_client(
-        [b"".join(encode_output_pair("stdout", biggest)), b"8:exitcode,1:0,"]
-    )
-    assert error is None
-    assert events[0] == Output("stdout", biggest)
-    with pytest.raises(LocalProtocolError):
-        encode_output_pair("stdout", biggest + b"x")
-    with pytest.raises(LocalProtocolError):
-        encode_output_pair("stderr", biggest + b"x")
-
-
-def test_exit_pair() -> None:
-    assert encode_exit_pair(exitcode=0) == b"8:exitcode,1:0,"
-    assert encode_exit_pair(exitcode=127) == b"8:exitcode,3:127,"
-    assert encode_exit_pair(termsig=b"TERM") == b"7:termsig,4:TERM,"
-    with pytest.raises(LocalProtocolError):
-        encode_exit_pair()
-    with pytest.raises(LocalProtocolError):
-        encode_exit_pair(exitcode=0, termsig=b"TERM")
-
-
-@pytest.mark.parametrize(
-    ("signum", "name"),
-    [
-        (signal.SIGTERM, b"TERM"),
-        (signal.SIGKILL, b"KILL"),
-        (signal.SIGSEGV, b"SEGV"),
-        (signal.SIGHUP, b"HUP"),
-        (signal.SIGINT, b"INT"),
-        (signal.SIGPIPE, b"PIPE"),
-        (signal.SIGABRT, b"ABRT"),
-    ],
-)
-def test_termsig_text(signum: signal.Signals, name: bytes) -> None:
-    assert termsig_text(signum) == name
-    assert termsig_text(int(signum), "name") == name
-    assert termsig_text(signum, fmt="number") == str(int(signum)).encode()
-    assert termsig_text(int(signum), "number").isdigit()
-
-
-def test_termsig_text_unnamed_signal_falls_back_to_number() -> None:
-    assert termsig_text(200) == b"200"
-    assert termsig_text(200, fmt="number") == b"200"
 
 
 # -- encode_request round trip ------------------------------------------------------

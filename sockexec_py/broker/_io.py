@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Sequence
 
 import trio
+
+_UCRED = struct.Struct("3i")
 
 # Errors meaning the other end is gone: the write side is broken for good.
 BROKEN_ERRORS = (BrokenPipeError, ConnectionResetError)
@@ -168,3 +171,15 @@ async def sendmsg_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]
     while pending:
         await trio.lowlevel.wait_writable(sock)
         pending = sendmsg_nowait(sock, pending)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer from SO_PEERCRED; -1s where unavailable."""
+    so_peercred = getattr(socket, "SO_PEERCRED", None)
+    if so_peercred is None:
+        return -1, -1, -1
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, so_peercred, _UCRED.size))
+    except OSError:
+        return -1, -1, -1
+    return pid, uid, gid

@@ -20,7 +20,6 @@ import enum
 import logging
 import math
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,14 +29,8 @@ import trio
 from sockexec_py.errors import EXIT_REFUSED, RemoteProtocolError
 from sockexec_py.events import ArgvReady, Exited, InputEnded
 from sockexec_py.policy import Allowed, Denied, Rule
-from sockexec_py.protocol import (
-    NEED_DATA,
-    ServerSession,
-    encode_error_reply,
-    encode_exit,
-    exit_event,
-    printable,
-)
+from sockexec_py.protocol import NEED_DATA, ServerSession
+from sockexec_py.replies import encode_error_reply, encode_exit, exit_event, printable
 
 from . import _io
 from .admission import Admission
@@ -50,7 +43,6 @@ from .spool import Spool, SpoolBudget
 from .supervisor import Supervisor
 
 log = logging.getLogger("sockexec_py")
-_UCRED = struct.Struct("3i")
 #: How long a client still sending stdin after its program ended may pause between
 #: two reads before the exit pair goes out anyway.
 SENDING_GRACE = 0.05
@@ -92,7 +84,7 @@ class Connection:
         self.fd = sock.fileno()
         self.deadline = deadline
         self.accepted = time.monotonic()
-        self.peer_pid, self.peer_uid, self.peer_gid = _peer_credentials(sock)
+        self.peer_pid, self.peer_uid, self.peer_gid = _io.peer_credentials(sock)
         self._services = services
         budget = services.spool_budget
         self.writer = PairWriter(
@@ -423,15 +415,3 @@ class Connection:
             f"in={self.bytes_in} out={self.writer.bytes_out} spooled={spooled} "
             f"state={self.phase.value}"
         )
-
-
-def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the peer from SO_PEERCRED; -1s where unavailable."""
-    so_peercred = getattr(socket, "SO_PEERCRED", None)
-    if so_peercred is None:
-        return -1, -1, -1
-    try:
-        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, so_peercred, _UCRED.size))
-    except OSError:
-        return -1, -1, -1
-    return pid, uid, gid

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from sockexec_py.events import OutputKind
-from sockexec_py.protocol import MAX_OUTPUT_CHUNK, encode_output_pair
+from sockexec_py.replies import MAX_OUTPUT_CHUNK, encode_output_pair
 
 from . import _io
 from ._uring import Ring, open_ring

@@ -33,7 +33,7 @@ import trio
 
 from sockexec_py.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_REFUSED
 from sockexec_py.policy import ExecSpec
-from sockexec_py.protocol import printable
+from sockexec_py.replies import printable
 
 from . import _io
 

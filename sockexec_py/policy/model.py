@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sockexec_py.protocol import printable
+from sockexec_py.replies import printable
 
 #: Where bare program names are looked up when the policy does not say.
 DEFAULT_SEARCH_PATH = ("/usr/local/bin", "/usr/bin", "/bin")
