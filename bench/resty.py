@@ -153,7 +153,9 @@ def render(result: dict[str, object]) -> str:
     load = result["load"]
     assert isinstance(load, tuple | list)
     low, high = load
-    lines.append(f"\n{result['parallel']} parallel requests per round; load average {low}-{high}")
+    lines.append(
+        f"\n{result['parallel']} parallel requests per round; load average {low:.2f}-{high:.2f}"
+    )
     return "\n".join(lines)
 
 

@@ -7,22 +7,17 @@ returned. The library is read from the reference folder, never copied.
 
 from __future__ import annotations
 
-import http.client
 import os
-import signal
-import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .broker import HarnessError, wait_until
+from .nginx import NginxProcess, free_port, lua_module_missing
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MISC = ROOT / "misc"
 #: Third-party reference material (lua-resty-exec, netstring.lua, the C sockexec and
 #: its build script), never copied into the repository: ../shared/reference/README.md.
 REFERENCE = Path(os.environ.get("SOCKEXEC_LUA_REF") or ROOT.parent / "shared" / "reference")
-MODULES = Path("/usr/share/nginx/modules")
 RESTY_EXEC_LIB = REFERENCE / "lua-resty-exec-3.0.3" / "lib"
 NETSTRING_SRC = REFERENCE / "netstring.lua-1.0.6" / "src"
 
@@ -30,8 +25,8 @@ NETSTRING_SRC = REFERENCE / "netstring.lua-1.0.6" / "src"
 def missing() -> list[str]:
     """What the stack needs and this machine lacks (empty when all is there)."""
     messages = []
-    if not (MODULES / "ngx_http_lua_module.so").exists():
-        messages.append("libnginx-mod-http-lua is not installed (the test command installs it)")
+    if problem := lua_module_missing():
+        messages.append(problem)
     wanted = (
         RESTY_EXEC_LIB / "resty" / "exec.lua",
         RESTY_EXEC_LIB / "resty" / "exec" / "socket.lua",
@@ -101,33 +96,6 @@ SERVER = """
     }}
 """
 
-CONF = """
-load_module {modules}/ndk_http_module.so;
-load_module {modules}/ngx_http_lua_module.so;
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    lua_package_path "{resty_exec}/?.lua;{netstring}/?.lua;/usr/share/lua/5.1/?.lua;;";
-{servers}
-}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 @dataclass(frozen=True)
 class Site:
@@ -138,18 +106,15 @@ class Site:
     misc: Path = MISC
 
 
-class RestyNginx:
+class RestyNginx(NginxProcess):
     """nginx (temporary prefix, free loopback port, master_process off) with one server
     block per site, each including resty-exec-locations.conf and the /r/run harness."""
 
     def __init__(self, prefix: Path, sites: list[Site]) -> None:
-        self.port = free_port()
-        self.prefix = prefix
-        for sub in ("logs", "tmp"):
-            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        port = free_port()
         servers = "".join(
             SERVER.format(
-                port=self.port,
+                port=port,
                 default=" default_server" if i == 0 else "",
                 name=site.name,
                 socket=site.socket,
@@ -159,59 +124,4 @@ class RestyNginx:
             )
             for i, site in enumerate(sites)
         )
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            CONF.format(
-                modules=MODULES,
-                prefix=prefix,
-                resty_exec=RESTY_EXEC_LIB,
-                netstring=NETSTRING_SRC,
-                servers=servers,
-            )
-        )
-        self.proc = subprocess.Popen(
-            ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def listening() -> bool:  # nginx has no readiness notification: poll the port
-            if self.proc.poll() is not None:
-                raise HarnessError(f"nginx exited {self.proc.returncode}: {self.error_log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
-            except ConnectionRefusedError:
-                return False
-            return True
-
-        try:
-            wait_until(listening, 20, "nginx to listen")
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def error_log(self) -> str:
-        return (self.prefix / "logs/error.log").read_text(errors="replace")
-
-    def request(
-        self, path: str, body: bytes | None = None, host: str | None = None, timeout: float = 60
-    ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            headers = {"Host": host} if host else {}
-            conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
+        super().__init__(prefix, port, servers, f"{RESTY_EXEC_LIB}/?.lua;{NETSTRING_SRC}/?.lua")

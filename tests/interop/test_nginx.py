@@ -33,6 +33,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from sockexec_py.testing.nginx import NginxProcess, free_port, lua_module_missing
+
 from conftest import (
     IN_CI,
     MISC,
@@ -44,8 +46,6 @@ from conftest import (
     require_tool,
     wait_until,
 )
-
-MODULES = Path("/usr/share/nginx/modules")
 
 # Test-only locations, in the default server: the Lua client called directly.
 # /t/run?a=ARG&a=ARG...[&sock=PATH][&timeout=MS] runs argv with the request body as
@@ -107,44 +107,16 @@ SERVER = """
     }}
 """
 
-CONF = """
-load_module {modules}/ndk_http_module.so;
-load_module {modules}/ngx_http_lua_module.so;
-daemon off;
-master_process off;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    lua_package_path "{root}/clients/lua/?.lua;/usr/share/lua/5.1/?.lua;;";
-{servers}
-}}
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
 
 def _require_nginx_lua() -> None:
     require_tool("nginx")
-    if not (MODULES / "ngx_http_lua_module.so").exists():
-        message = "libnginx-mod-http-lua is not installed (the test command installs it)"
+    if message := lua_module_missing():
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
 
 
-class Nginx:
+class Nginx(NginxProcess):
     """A running nginx: the default server talks to ``broker``; named servers
     (``Host:``) are given as (name, socket path, misc path) for failure cases."""
 
@@ -156,11 +128,8 @@ class Nginx:
         others: tuple[tuple[str, Path, Path], ...] = (),
         harness: bool = False,
     ) -> None:
-        self.port = _free_port()
-        self.prefix = prefix
-        for sub in ("logs", "tmp"):
-            (prefix / sub).mkdir(parents=True, exist_ok=True)
-        common = {"port": self.port, "root": ROOT}
+        port = free_port()
+        common = {"port": port, "root": ROOT}
         servers = [
             SERVER.format(
                 **common,
@@ -176,51 +145,14 @@ class Nginx:
             for name, sock, misc in others
         ]
         if gateway_port:
-            self.proxy_port = _free_port()
+            self.proxy_port = free_port()
             servers.append(f"""
     upstream sockexec_gateway {{ server 127.0.0.1:{gateway_port}; keepalive 4; }}
     server {{
         listen 127.0.0.1:{self.proxy_port};
         include {ROOT}/nginx/gateway-proxy.conf;
     }}""")
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            CONF.format(modules=MODULES, prefix=prefix, root=ROOT, servers="".join(servers))
-        )
-        self.proc = subprocess.Popen(
-            ["nginx", "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "logs/error.log")],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-        def listening() -> bool:  # nginx has no readiness notification: poll the port
-            if self.proc.poll() is not None:
-                pytest.fail(f"nginx exited {self.proc.returncode}: {self.error_log()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=5).close()
-            except ConnectionRefusedError:
-                return False
-            return True
-
-        try:
-            wait_until(listening, 20, "nginx to listen")
-        except BaseException:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGQUIT)  # graceful: finish requests, then exit
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def error_log(self) -> str:
-        return (self.prefix / "logs/error.log").read_text(errors="replace")
+        super().__init__(prefix, port, "".join(servers), f"{ROOT}/clients/lua/?.lua")
 
 
 @dataclass
@@ -231,20 +163,9 @@ class Stack:
     down_socket: Path  # where server "down.test" looks for the broker (nothing there)
 
     def request(
-        self,
-        path: str,
-        body: bytes | None = None,
-        host: str | None = None,
-        timeout: float = 60,
+        self, path: str, body: bytes | None = None, host: str | None = None, timeout: float = 60
     ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.nginx.port, timeout=timeout)
-        try:
-            headers = {"Host": host} if host else {}
-            conn.request("POST" if body is not None else "GET", path, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
+        return self.nginx.request(path, body, host, timeout)
 
     def run(
         self, *argv: str, stdin: bytes | None = None, **params: str
