@@ -249,3 +249,11 @@ def test_cli_monitor_and_task_submit(jobs: GatewayProcess, tmp_path: Path) -> No
         watcher.wait(10)
         if watcher.stdout is not None:
             watcher.stdout.close()
+    # --types is checked before connecting: one line, no traceback.
+    wrong = subprocess.run(
+        [*cli, "monitor", "--types", "finished,nope"], capture_output=True, text=True, timeout=30
+    )
+    assert wrong.returncode != 0
+    assert wrong.stderr.strip().splitlines() == [
+        "sockexec-client jobs: unknown event types: nope"
+    ], wrong.stderr

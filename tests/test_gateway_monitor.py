@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,95 @@ def test_a_monitor_that_never_reads_is_dropped(broker: Broker, tmp_path: Path) -
                 if event.id == 150 * 3:
                     break
         assert [e.id for e in rest] == list(range(last + 1, 150 * 3 + 1))
+
+
+def read_until(sock: socket.socket, done: bytes | Callable[[bytes], bool]) -> bytes:
+    """What the gateway sent until ``done`` holds of it (or is in it), each read
+    bounded by a 10 s timeout."""
+    sock.settimeout(10)
+    received = bytearray()
+    while not (done(bytes(received)) if callable(done) else done in received):
+        chunk = sock.recv(65536)
+        assert chunk, bytes(received[-200:])
+        received += chunk
+    return bytes(received)
+
+
+def test_types_and_batch(jobs: GatewayProcess) -> None:
+    """``types=finished&batch=1``: every message an array; only finished events and
+    the control messages, in id order; the same events as the unfiltered feed."""
+    ids = [submit(jobs, argv=["sh", "-c", f"exit {i}"], name=f"b{i}") for i in range(5)]
+    for job_id in ids:
+        wait(jobs, job_id)
+    everything = replay(jobs, *ids)
+    sock = handshake(jobs.port, "/v1/monitor?since=0&types=finished&batch=1")
+    try:
+        messages = [json.loads(t) for t in text_frames(read_until(sock, b'"ready"'))]
+    finally:
+        sock.close()
+    assert messages and all(isinstance(message, list) and message for message in messages)
+    flat = [item for message in messages for item in message]
+    assert flat[-1]["type"] == "ready"
+    finished = [e.id for e in everything if e.type == "finished"]
+    assert [item["id"] for item in flat[:-1]] == finished
+    assert len(messages) < len(flat)  # a replayed page goes out as one message
+    # The client asks for arrays and hands out events one by one, types filtered.
+    with contextlib.closing(
+        monitor(jobs.base, since=0, reconnect=False, types=["started"])
+    ) as stream:
+        started = [next(stream) for _ in ids]
+    assert [e.type for e in started] == ["started"] * len(ids)
+    assert sorted(e.job for e in started) == sorted(ids)
+    with pytest.raises(ValueError, match="unknown event types: nope"):
+        next(monitor(jobs.base, types="finished,nope"))
+
+
+def test_live_batches_carry_what_queued_up(jobs: GatewayProcess) -> None:
+    """Live, a batch monitor gets the events of jobs that end while it is
+    connected, in arrays, none lost or repeated; a non-batch one gets one each."""
+    batch = handshake(jobs.port, "/v1/monitor?batch=1&types=queued,finished")
+    single = handshake(jobs.port, "/v1/monitor?types=finished")
+    try:
+        head_batch = read_until(batch, b'"ready"')
+        head_single = read_until(single, b'"ready"')
+        ids = [submit(jobs, argv=["true"], name="live") for _ in range(20)]
+        for job_id in ids:
+            wait(jobs, job_id)
+        got_batch = head_batch + read_until(batch, lambda data: data.count(b'"job":') == 40)
+        got_single = head_single + read_until(single, lambda data: data.count(b'"job":') == 20)
+    finally:
+        batch.close()
+        single.close()
+    arrays = [json.loads(t) for t in text_frames(got_batch)]
+    assert all(isinstance(message, list) and message for message in arrays)
+    flat = [item for message in arrays for item in message if item["type"] != "ready"]
+    assert [e["id"] for e in flat] == sorted({e["id"] for e in flat})
+    assert sorted((e["job"], e["type"]) for e in flat) == sorted(
+        (job_id, kind) for job_id in ids for kind in ("queued", "finished")
+    )
+    singles = [json.loads(t) for t in text_frames(got_single)]
+    assert all(isinstance(m, dict) for m in singles)
+    assert sorted(m["job"] for m in singles if m["type"] == "finished") == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        ("types=finished,bogus", "types: 'bogus' is not one of finished, progress, queued"),
+        ("types=,", "types: '' is not one of"),
+        ("batch=2", "batch: expected 0 or 1"),
+        ("batch=true", "batch: expected 0 or 1"),
+    ],
+)
+def test_bad_types_or_batch_are_refused(jobs: GatewayProcess, query: str, detail: str) -> None:
+    sock = handshake(jobs.port, f"/v1/monitor?{query}")
+    try:
+        answer = read_until(sock, b"}")
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    body = json.loads(answer[answer.index(b"\r\n\r\n") + 4 :])
+    assert body["error"] == "bad_request" and detail in body["detail"]
 
 
 def test_the_events_table_comes_with_the_migration(broker: Broker, tmp_path: Path) -> None:

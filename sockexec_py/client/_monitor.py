@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +46,8 @@ from .wire import auth_headers, raise_for_status
 
 __all__ = ["RETRY_MAX", "MonitorEvent", "MonitorState", "amonitor", "monitor"]
 
+#: The event types a monitor may ask for (``types=``).
+MONITOR_EVENT_TYPES = frozenset({"scheduled", "queued", "started", "progress", "finished"})
 #: The longest wait between two reconnects.
 RETRY_MAX = 5.0
 _RETRY_FIRST = 0.1
@@ -105,11 +107,13 @@ class MonitorState:
         name: str | None,
         since: int | None,
         token: str | None,
+        types: frozenset[str] | None = None,
     ) -> None:
         self._address = address
         self._ws = WSConnection(ConnectionType.CLIENT)
         self.name = name
         self.since = since
+        self.types = types
         self._token = token
         self._events: deque[MonitorEvent] = deque()
         self._text: list[str] = []
@@ -119,12 +123,16 @@ class MonitorState:
         self.closed = False
 
     def opening(self) -> bytes:
-        params = {}
+        """The upgrade request; events come in arrays (``batch=1``): fewer messages
+        for the gateway to send when many events come at once."""
+        params = {"batch": "1"}
         if self.name:
             params["name"] = self.name
         if self.since is not None:
             params["since"] = str(self.since)
-        target = self._address.prefix + "/v1/monitor" + ("?" + urlencode(params) if params else "")
+        if self.types:
+            params["types"] = ",".join(sorted(self.types))
+        target = self._address.prefix + "/v1/monitor?" + urlencode(params)
         headers = [(k.encode(), v.encode()) for k, v in auth_headers(self._token).items()]
         return self._ws.send(
             Request(host=self._address.netloc, target=target, extra_headers=headers)
@@ -165,6 +173,10 @@ class MonitorState:
             self.closed = True
 
     def _message(self, message: Any) -> None:
+        if isinstance(message, list):  # batch=1: the messages in order
+            for item in message:
+                self._message(item)
+            return
         kind = message.get("type") if isinstance(message, dict) else None
         if kind in ("ready", "overflow"):
             self.ready = self.ready or kind == "ready"
@@ -201,9 +213,11 @@ def monitor(
     since: int | None = None,
     token: str | None = None,
     reconnect: bool = True,
+    types: Iterable[str] | None = None,
 ) -> Iterator[MonitorEvent]:
     """Job events of the gateway at ``target`` (of the job name ``name``, or all),
-    as they happen, for ever; with ``since``, the kept events after that id first.
+    as they happen, for ever; with ``since``, the kept events after that id first;
+    with ``types`` (e.g. ``["finished"]``), only those types of events.
 
     After the gateway closes the connection (an overflow, a restart) or cannot be
     reached, it reconnects with ``since`` = the last event seen: nothing is lost or
@@ -212,9 +226,10 @@ def monitor(
     (``contextlib.closing`` closes the connection at once).
     """
     address = GatewayAddress(_gateway_url(target))
+    kinds = _types(types)
     delay = _RETRY_FIRST
     while True:
-        state = MonitorState(address, name, since, token)
+        state = MonitorState(address, name, since, token, kinds)
         try:
             with _connect(address) as sock:
                 sock.sendall(state.opening())
@@ -244,6 +259,18 @@ def monitor(
         delay = min(delay * 2, RETRY_MAX)
 
 
+def _types(types: Iterable[str] | None) -> frozenset[str] | None:
+    """``types`` checked here (a ValueError), not by a refusal after connecting."""
+    if types is None:
+        return None
+    if isinstance(types, str):
+        types = types.split(",")
+    kinds = frozenset(types)
+    if unknown := kinds - MONITOR_EVENT_TYPES:
+        raise ValueError(f"unknown event types: {', '.join(sorted(unknown))}")
+    return kinds or None
+
+
 def _connect(address: GatewayAddress) -> socket.socket:
     try:
         sock = socket.create_connection((address.host, address.port), timeout=30)
@@ -260,11 +287,17 @@ def _connect(address: GatewayAddress) -> socket.socket:
 
 class _AsyncEvents:
     def __init__(
-        self, address: GatewayAddress, name: str | None, since: int | None, token: str | None
+        self,
+        address: GatewayAddress,
+        name: str | None,
+        since: int | None,
+        token: str | None,
+        types: frozenset[str] | None,
     ) -> None:
         self._address = address
         self._name = name
         self._token = token
+        self._types = types
         self.since = since
         self._state: MonitorState | None = None
         self._stream: trio.abc.Stream | None = None
@@ -307,7 +340,7 @@ class _AsyncEvents:
                 stream = trio.SSLStream(
                     stream, ssl.create_default_context(), server_hostname=address.host
                 )
-            state = MonitorState(address, self._name, self.since, self._token)
+            state = MonitorState(address, self._name, self.since, self._token, self._types)
             await stream.send_all(state.opening())
         except (OSError, trio.BrokenResourceError):
             await trio.sleep(self._delay)
@@ -338,10 +371,12 @@ async def amonitor(
     *,
     since: int | None = None,
     token: str | None = None,
+    types: Iterable[str] | None = None,
 ) -> AsyncIterator[AsyncIterator[MonitorEvent]]:
     """The trio flavour of :func:`monitor`: ``async with amonitor(url, name) as
     events: async for event in events``; leaving the block closes the connection."""
-    events = _AsyncEvents(GatewayAddress(_gateway_url(target)), name, since, token)
+    address = GatewayAddress(_gateway_url(target))
+    events = _AsyncEvents(address, name, since, token, _types(types))
     try:
         yield events
     finally:

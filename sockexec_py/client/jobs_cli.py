@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("monitor", help="job events as JSON lines, for ever")
     watch.add_argument("name", nargs="?", help="only this job name's events")
     watch.add_argument("--since", type=number(int, 0, "since"), help="replay after this id")
+    watch.add_argument("--types", help="only these event types, e.g. finished or started,finished")
     logs = commands.add_parser("logs", help="the job's output")
     logs.add_argument("-f", "--follow", action="store_true", help="until the job ends")
     logs.add_argument("--stream", choices=("stdout", "stderr", "both"), default="both")
@@ -152,7 +153,7 @@ def _run(args: argparse.Namespace, url: str) -> int:
             print(f"{status.id}  {status.state:<9}  {status.name}  {ended}  {status.created_at}")
         return 0
     if args.command == "monitor":
-        for event in monitor(url, args.name, since=args.since):
+        for event in monitor(url, args.name, since=args.since, types=args.types):
             print(json.dumps(dict(event.data)), flush=True)
         return 0
     job = Job(url, args.id)

@@ -14,6 +14,13 @@ What a monitor receives, in order:
    ``{"type": "overflow", "last_id"}`` and a close (1013): it reconnects with
    ``since=last_id`` and loses nothing.
 
+Two options for monitors that must keep up with many jobs: ``types=finished,...``
+sends only those event types (the control messages always come), and ``batch=1``
+makes every message a JSON array of one or more of the messages above, in order:
+what queued up while the previous message was being sent goes out as one message,
+so a busy gateway sends fewer, larger messages instead of falling behind (one
+WebSocket message per event costs the gateway ~20-40 us of CPU whatever its size).
+
 The live side never waits for a monitor (see :class:`~sockexec_py.jobs.events.EventHub`).
 A monitor that stops reading altogether is dropped from the live feed when its
 queue is full; its connection ends when it reads again (the overflow message, the
@@ -26,7 +33,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -35,14 +43,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sockexec_py.errors import single_errors
 from sockexec_py.jobs import JobError
-from sockexec_py.jobs.events import Event, Subscription
+from sockexec_py.jobs.events import EVENT_TYPES, Event, Subscription
 
 from .auth import Principal, require
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .request import HTTPError, error_response
 
-__all__ = ["MONITOR_PATH", "MonitorEndpoint"]
+__all__ = ["MONITOR_PATH", "MonitorEndpoint", "MonitorQuery", "parse_query"]
 
 log = logging.getLogger("sockexec_py.gateway")
 
@@ -50,6 +58,8 @@ log = logging.getLogger("sockexec_py.gateway")
 REPLAY_PAGE = 1000
 #: The close code after an overflow: "try again later".
 OVERFLOW_CLOSE = 1013
+#: The most messages in one ``batch=1`` array.
+BATCH_MAX = REPLAY_PAGE
 _NAME = re.compile(r"[A-Za-z0-9._:@+/-]{1,128}")
 
 #: The WebSocket route in the OpenAPI document (written by hand, as /v1/exec/ws).
@@ -79,6 +89,21 @@ MONITOR_PATH: dict[str, Any] = {
                 "description": "Replay the events after this event id first",
                 "schema": {"type": "integer", "minimum": 0},
             },
+            {
+                "name": "types",
+                "in": "query",
+                "required": False,
+                "description": "Only these event types, comma-separated (empty: all)",
+                "schema": {"type": "string", "example": "finished"},
+            },
+            {
+                "name": "batch",
+                "in": "query",
+                "required": False,
+                "description": "1: every message is a JSON array of one or more of the "
+                "messages above, in order (what queued up while the previous one was sent)",
+                "schema": {"type": "integer", "enum": [0, 1]},
+            },
         ],
         "responses": {
             "101": {"description": "Switching protocols: events follow"},
@@ -90,7 +115,7 @@ MONITOR_PATH: dict[str, Any] = {
                     },
                 }
                 for code, text in (
-                    (400, "A bad name or since"),
+                    (400, "A bad name, since, types or batch"),
                     (401, "Missing, wrong or expired bearer token"),
                     (403, "An Origin header, or the token lacks monitor or status"),
                     (404, "Jobs are off (no --data-dir)"),
@@ -100,6 +125,60 @@ MONITOR_PATH: dict[str, Any] = {
         },
     }
 }
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorQuery:
+    """What a monitor asked for: a name (None: all), ``since``, event ``types``
+    (None: all) and ``batch`` (arrays of messages instead of one each)."""
+
+    name: str | None = None
+    since: int | None = None
+    types: frozenset[str] | None = None
+    batch: bool = False
+
+
+def parse_query(params: Mapping[str, str]) -> MonitorQuery:
+    """The query string's options; :class:`HTTPError` 400 naming a bad one."""
+    unknown = set(params) - {"name", "since", "types", "batch"}
+    if unknown:
+        raise HTTPError(400, "bad_request", f"unknown parameter: {sorted(unknown)[0]}")
+    name = params.get("name") or None
+    if name is not None and _NAME.fullmatch(name) is None:
+        raise HTTPError(400, "bad_request", "name: not a job name")
+    since_text = params.get("since")
+    since = None
+    if since_text is not None:
+        if not since_text.isdigit() or len(since_text) > 18:
+            raise HTTPError(400, "bad_request", "since: expected an event id (an integer)")
+        since = int(since_text)
+    types = None
+    if types_text := params.get("types"):
+        types = frozenset(types_text.split(","))
+        if not types <= EVENT_TYPES:
+            wrong = sorted(types - EVENT_TYPES)[0]
+            known = ", ".join(sorted(EVENT_TYPES))
+            raise HTTPError(400, "bad_request", f"types: {wrong[:40]!r} is not one of {known}")
+    batch = params.get("batch", "0")
+    if batch not in ("0", "1"):
+        raise HTTPError(400, "bad_request", "batch: expected 0 or 1")
+    return MonitorQuery(name, since, types, batch == "1")
+
+
+class _Messages:
+    """Sends messages one per WebSocket message, or with ``batch`` as arrays."""
+
+    def __init__(self, websocket: WebSocket, batch: bool) -> None:
+        self.websocket = websocket
+        self.batch = batch
+
+    async def send(self, texts: Sequence[str]) -> None:
+        if not self.batch:
+            for text in texts:
+                await self.websocket.send_text(text)
+            return
+        for at in range(0, len(texts), BATCH_MAX):
+            await self.websocket.send_text("[" + ",".join(texts[at : at + BATCH_MAX]) + "]")
 
 
 class MonitorEndpoint:
@@ -118,7 +197,7 @@ class MonitorEndpoint:
     async def serve(self, websocket: WebSocket) -> None:
         status = "200"
         try:
-            principal, name, since = self._admit(websocket)
+            principal, query = self._admit(websocket)
         except HTTPError as exc:
             if "websocket.http.response" in websocket.scope.get("extensions", {}):
                 await websocket.send_denial_response(error_response(exc))
@@ -128,11 +207,12 @@ class MonitorEndpoint:
             return
         await websocket.accept()
         left = trio.Event()
+        messages = _Messages(websocket, query.batch)
         try:
             with single_errors():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_client, websocket, nursery.cancel_scope, left)
-                    await self._serve(websocket, principal, name, since, nursery.cancel_scope)
+                    await self._serve(messages, principal, query, nursery.cancel_scope)
                     nursery.cancel_scope.cancel()
             if left.is_set():
                 status = "499"
@@ -140,34 +220,22 @@ class MonitorEndpoint:
             status = "499"
         except HTTPError as exc:
             status = str(exc.status)
-            await websocket.send_text(json.dumps({"type": "error", **_error(exc)}))
+            await messages.send([json.dumps({"type": "error", **_error(exc)})])
             await websocket.close(code=1011)
         finally:
             self.metrics.requests.labels("monitor", status).inc()
 
-    def _admit(self, websocket: WebSocket) -> tuple[Principal, str | None, int | None]:
+    def _admit(self, websocket: WebSocket) -> tuple[Principal, MonitorQuery]:
         """The checks before the upgrade: who, which name, since which event."""
         principal = self.screen(websocket.headers, True)
         if self.jobs is None or self.jobs.runner is None:
             raise HTTPError(
                 404, "jobs_disabled", "jobs are off: start sockexec-gateway with --data-dir DIR"
             )
-        params = websocket.query_params
-        unknown = set(params) - {"name", "since"}
-        if unknown:
-            raise HTTPError(400, "bad_request", f"unknown parameter: {sorted(unknown)[0]}")
-        name = params.get("name") or None
-        if name is not None and _NAME.fullmatch(name) is None:
-            raise HTTPError(400, "bad_request", "name: not a job name")
-        since_text = params.get("since")
-        since = None
-        if since_text is not None:
-            if not since_text.isdigit() or len(since_text) > 18:
-                raise HTTPError(400, "bad_request", "since: expected an event id (an integer)")
-            since = int(since_text)
-        require(principal, "monitor", name)
-        require(principal, "status", name)
-        return principal, name, since
+        query = parse_query(websocket.query_params)
+        require(principal, "monitor", query.name)
+        require(principal, "status", query.name)
+        return principal, query
 
     @staticmethod
     async def _watch_client(
@@ -183,19 +251,21 @@ class MonitorEndpoint:
 
     async def _serve(
         self,
-        websocket: WebSocket,
+        messages: _Messages,
         principal: Principal,
-        name: str | None,
-        since: int | None,
+        query: MonitorQuery,
         scope: trio.CancelScope,
     ) -> None:
         assert self.jobs is not None and self.jobs.runner is not None
         runner, store = self.jobs.runner, self.jobs.runner.store
+        name, since, types = query.name, query.since, query.types
         names = principal.names_for("status")
         allowed = None if names is None or names.everything else names.covers
 
         def visible(event: Event) -> bool:
-            return allowed is None or allowed(event.name)
+            return (types is None or event.type in types) and (
+                allowed is None or allowed(event.name)
+            )
 
         async def page(after: int) -> tuple[list[Event], int, int | None]:
             try:
@@ -209,34 +279,32 @@ class MonitorEndpoint:
             if since is not None:
                 events, newest, first = await page(last)
                 if newest > since and (first is None or first > since + 1):
-                    await websocket.send_text(
-                        json.dumps({"type": "gap", "since": since, "first_id": first})
-                    )
+                    gap = {"type": "gap", "since": since, "first_id": first}
+                    await messages.send([json.dumps(gap)])
                 # Catch up page by page, then subscribe and read once more: what was
                 # committed meanwhile is in the table or in the queue (or both: the
                 # ids tell).
                 while True:
-                    for event in events:
-                        if visible(event):
-                            await websocket.send_text(event.text)
-                        last = event.id
+                    await messages.send([event.text for event in events if visible(event)])
+                    if events:
+                        last = events[-1].id
                     if len(events) < REPLAY_PAGE:
                         if subscription is not None:
                             break
-                        subscription = runner.hub.subscribe(name, allowed)
+                        subscription = runner.hub.subscribe(name, allowed, types)
                     events, newest, _ = await page(last)
                 last = max(last, newest)
             else:
-                subscription = runner.hub.subscribe(name, allowed)
+                subscription = runner.hub.subscribe(name, allowed, types)
                 _, last, _ = await page(2**62)
-            await websocket.send_text(json.dumps({"type": "ready", "last_id": last}))
-            await self._live(websocket, subscription, last, scope)
+            await messages.send([json.dumps({"type": "ready", "last_id": last})])
+            await self._live(messages, subscription, last, scope)
         finally:
             if subscription is not None:
                 subscription.close()
 
     async def _live(
-        self, websocket: WebSocket, subscription: Subscription, last: int, scope: trio.CancelScope
+        self, messages: _Messages, subscription: Subscription, last: int, scope: trio.CancelScope
     ) -> None:
         """Send queued events as they come; after an overflow, say so and close.
 
@@ -249,14 +317,14 @@ class MonitorEndpoint:
         while True:
             await subscription.wait()
             if subscription.overflowed:  # what it missed, it reads again with since
-                await websocket.send_text(json.dumps({"type": "overflow", "last_id": sent}))
-                await websocket.close(code=OVERFLOW_CLOSE)
+                await messages.send([json.dumps({"type": "overflow", "last_id": sent})])
+                await messages.websocket.close(code=OVERFLOW_CLOSE)
                 scope.cancel()
                 return
-            for event in subscription.take():
-                if event.id > sent:
-                    await websocket.send_text(event.text)
-                    sent = event.id
+            fresh = [event for event in subscription.take() if event.id > sent]
+            if fresh:
+                await messages.send([event.text for event in fresh])
+                sent = fresh[-1].id
 
 
 def _error(exc: HTTPError) -> dict[str, Any]:

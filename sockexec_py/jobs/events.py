@@ -30,6 +30,7 @@ from .model import Job
 from .steps import Step
 
 __all__ = [
+    "EVENT_TYPES",
     "MONITOR_QUEUE",
     "Event",
     "EventHub",
@@ -43,6 +44,8 @@ __all__ = [
 
 #: Events a monitor connection may have waiting to be sent before it is dropped.
 MONITOR_QUEUE = 4096
+#: The types of job events (a monitor may ask for some of them only).
+EVENT_TYPES = frozenset({"scheduled", "queued", "started", "progress", "finished"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +151,8 @@ class Subscription:
     drains. ``overflowed`` is set (and the hub forgets it) when the queue was full.
 
     ``name`` keeps only that job name's events; ``allowed`` (a predicate on names,
-    a token's scope) filters the rest.
+    a token's scope) and ``types`` (event types) filter the rest, before they take
+    room in the queue.
     """
 
     def __init__(
@@ -157,10 +161,12 @@ class Subscription:
         name: str | None,
         allowed: Callable[[str], bool] | None,
         limit: int,
+        types: frozenset[str] | None = None,
     ) -> None:
         self._hub = hub
         self.name = name
         self.allowed = allowed
+        self.types = types
         self.limit = limit
         self.queue: deque[Event] = deque()
         self.overflowed = False
@@ -170,6 +176,8 @@ class Subscription:
 
     def _offer(self, event: Event) -> bool:
         """In the hub: queue ``event``; False when the queue was full."""
+        if self.types is not None and event.type not in self.types:
+            return True
         if self.allowed is not None and not self.allowed(event.name):
             return True
         if len(self.queue) >= self.limit:
@@ -217,9 +225,12 @@ class EventHub:
         self.on_overflow: Callable[[], object] = lambda: None
 
     def subscribe(
-        self, name: str | None = None, allowed: Callable[[str], bool] | None = None
+        self,
+        name: str | None = None,
+        allowed: Callable[[str], bool] | None = None,
+        types: frozenset[str] | None = None,
     ) -> Subscription:
-        subscription = Subscription(self, name, allowed, self.limit)
+        subscription = Subscription(self, name, allowed, self.limit, types)
         if name is None:
             self._everyone.add(subscription)
         else:
