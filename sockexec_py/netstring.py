@@ -70,6 +70,11 @@ class Decoder:
     later call raises it again (the stream cannot be resynchronised).
     """
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_buf", "_eof", "_error", "_frame_length", "_max_digits", "_pos", "_remaining",
+        "max_length"
+    )  # fmt: skip
+
     def __init__(self, max_length: int) -> None:
         if max_length < 0:
             raise ValueError("max_length must be >= 0")

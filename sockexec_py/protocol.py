@@ -151,6 +151,11 @@ class ServerSession:
     (and again on every later call).
     """
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_argc", "_argv", "_argv_bytes", "_decoder", "_error", "_input_ended_pending", "_state",
+        "limits"
+    )  # fmt: skip
+
     def __init__(self, limits: ServerLimits | None = None) -> None:
         self.limits = limits or ServerLimits()
         self._decoder = Decoder(self.limits.max_frame)

@@ -68,6 +68,10 @@ class Ticket:
     """What one request holds: its rule's gate slot (if the rule has one) and a
     server slot. :meth:`release` gives back whatever was taken, once."""
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_slots", "gate", "slot", "waiting_at"
+    )  # fmt: skip
+
     def __init__(self, slots: trio.Semaphore) -> None:
         self._slots = slots
         self.gate: RuleGate | None = None

@@ -76,6 +76,13 @@ class Connection:
     program took it over, and terminates a program still running.
     """
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_exited", "_services", "abandoned", "accepted", "argv", "bytes_in", "client_gone",
+        "deadline", "fd", "hard_scope", "last_input", "number", "outcome", "peer_gid",
+        "peer_pid", "peer_uid", "phase", "phase_scope", "program", "rule", "sock", "ticket",
+        "writer"
+    )  # fmt: skip
+
     def __init__(
         self, number: int, sock: socket.socket, deadline: float, services: Services
     ) -> None:

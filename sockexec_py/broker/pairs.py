@@ -82,6 +82,12 @@ class PairWriter:
     :attr:`broken` is set, ``on_broken`` runs once, and further output is dropped.
     """
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_before_close", "_closing", "_drained", "_lock", "_on_broken", "_room_poll",
+        "_send_buffer", "_start_soon", "broken", "bytes_out", "closed", "fd", "measurable",
+        "sock", "spool"
+    )  # fmt: skip
+
     def __init__(
         self,
         sock: socket.socket,

@@ -30,6 +30,10 @@ from .spawn import Program
 class OutputPump:
     """Copies one of the program's output pipes to the client as pairs."""
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_read_scope", "_stopped", "done", "fd", "kind", "writer"
+    )  # fmt: skip
+
     def __init__(self, writer: PairWriter, program: Program, kind: OutputKind) -> None:
         self.writer = writer
         self.fd = program.stdout_fd if kind == "stdout" else program.stderr_fd
@@ -75,6 +79,11 @@ class StdinPump:
             program started (terminate it: SPEC §4).
         terminate: what to do when the client asks for the program's termination.
     """
+
+    __slots__ = (  # many live at once: no __dict__ each
+        "_client_done_event", "_program", "_protocol_error", "_receive", "_session",
+        "_terminate", "client_done"
+    )  # fmt: skip
 
     def __init__(
         self,

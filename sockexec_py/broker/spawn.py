@@ -70,6 +70,11 @@ class Program:
     :meth:`on_exit` callbacks and sets :attr:`exited`.
     """
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_exit_callbacks", "argv", "exited", "pid", "status", "stderr_fd", "stdin_fd",
+        "stdout_fd", "terminating"
+    )  # fmt: skip
+
     def __init__(self, pid: int, argv: Sequence[bytes], fds: tuple[int, int, int]) -> None:
         self.pid = pid
         self.argv = tuple(argv)

@@ -51,6 +51,10 @@ class Spool:
     bytes back to the budget.
     """
 
+    __slots__ = (  # many live at once: no __dict__ each
+        "_budget", "_connection", "_end", "_fd", "_read", "failed"
+    )  # fmt: skip
+
     def __init__(self, budget: SpoolBudget, connection: int) -> None:
         self._budget = budget
         self._connection = connection
