@@ -66,7 +66,7 @@ def test_bench_tiny_runs_every_measure(tmp_path: Path) -> None:
     assert rows["5"]["data"]["delivered_bytes"] == config["slow_bytes"]
     assert rows["6"]["data"]["succeeded"] == config["sessions"]
     assert rows["6"]["data"]["errors"] == 0
-    assert rows["7"]["result"] == "measured"
+    assert rows["7"]["result"] in ("met", "MISSED")  # against row 1 of the same run
     assert rows["7"]["data"]["runs"] > 0  # every request answered 200 with exitcode 0
     if os.geteuid() == 0:
         # Every run exited 0, after a check that the rule ran as nobody in its cwd

@@ -33,6 +33,7 @@ _MSG_NOSIGNAL = 0x4000
 _ENTRIES = 4
 _SQE = struct.Struct("=BBHiQQIIQHHiQQ")  # 64 bytes
 _CQE = struct.Struct("=QiI")  # 16 bytes
+_U32 = struct.Struct("=I")  # the rings' head and tail fields and the SQ index array
 
 
 class _Params(ctypes.Structure):
@@ -68,65 +69,43 @@ class Ring:
         self._cq = cq_off
         self._sq_mask = params.sq_entries - 1
         self._cq_mask = params.cq_entries - 1
-        self._buffer: ctypes.Array[ctypes.c_char] | None = None
-
-    def _u32(self, offset: int) -> int:
-        return int.from_bytes(self._ring[offset : offset + 4], "little")
-
-    def _set_u32(self, offset: int, value: int) -> None:
-        self._ring[offset : offset + 4] = value.to_bytes(4, "little")
 
     def send_and_close(self, fd: int, data: bytes) -> tuple[int, int]:
         """Send ``data`` on socket ``fd``, then close ``fd``, in one system call.
 
         Returns the results: bytes sent (or -errno) and 0 (or -errno) for the close;
         a close that was not done (the send fell short: the link is broken) is
-        ``-ECANCELED``, and the caller still owns ``fd`` then.
+        ``-ECANCELED``, and the caller still owns ``fd`` then. The kernel reads
+        ``data``'s own buffer (no copy): the call holds it until the send is done.
         """
-        buffer = ctypes.create_string_buffer(data, len(data))
-        self._buffer = buffer  # alive until the kernel is done with it (this call)
-        tail = self._u32(self._sq[1])
-        for index, sqe in enumerate(
-            (
-                (_IORING_OP_SEND, _IOSQE_IO_LINK, fd, ctypes.addressof(buffer), len(data)),
-                (_IORING_OP_CLOSE, 0, fd, 0, 0),
-            )
-        ):
-            opcode, flags, target, address, length = sqe
-            slot = (tail + index) & self._sq_mask
-            self._sqes[slot * _SQE.size : (slot + 1) * _SQE.size] = _SQE.pack(
-                opcode,
-                flags,
-                0,
-                target,
-                0,
-                address,
-                length,
-                _MSG_DONTWAIT | _MSG_NOSIGNAL if opcode == _IORING_OP_SEND else 0,
-                index + 1,
-                0,
-                0,
-                0,
-                0,
-                0,
-            )
-            array = self._sq[6] + slot * 4
-            self._set_u32(array, slot)
-        self._set_u32(self._sq[1], tail + 2)  # publish both at once
+        ring, sqes, sq, mask = self._ring, self._sqes, self._sq, self._sq_mask
+        address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+        tail = _U32.unpack_from(ring, sq[1])[0]
+        send, close = tail & mask, (tail + 1) & mask
+        flags = _MSG_DONTWAIT | _MSG_NOSIGNAL
+        _SQE.pack_into(
+            sqes, send * _SQE.size, _IORING_OP_SEND, _IOSQE_IO_LINK, 0, fd, 0, address,
+            len(data), flags, 1, 0, 0, 0, 0, 0,
+        )  # fmt: skip
+        _SQE.pack_into(
+            sqes, close * _SQE.size, _IORING_OP_CLOSE, 0, 0, fd, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0
+        )
+        _U32.pack_into(ring, sq[6] + send * 4, send)
+        _U32.pack_into(ring, sq[6] + close * 4, close)
+        _U32.pack_into(ring, sq[1], tail + 2)  # publish both at once
         done = self._libc.syscall(self._enter, self._fd, 2, 2, _IORING_ENTER_GETEVENTS, None, 0)
         if done < 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        results = {1: -125, 2: -125}
-        head = self._u32(self._cq[0])
-        cq_tail = self._u32(self._cq[1])
+        results = [0, -125, -125]  # by user_data; -ECANCELED unless completed
+        cq = self._cq
+        head = _U32.unpack_from(ring, cq[0])[0]
+        cq_tail = _U32.unpack_from(ring, cq[1])[0]
         while head != cq_tail:
-            slot = head & self._cq_mask
-            offset = self._cq[5] + slot * _CQE.size
-            user_data, res, _ = _CQE.unpack(self._ring[offset : offset + _CQE.size])
-            results[user_data] = res
+            user_data, res, _ = _CQE.unpack_from(ring, cq[5] + (head & self._cq_mask) * _CQE.size)
+            if 0 < user_data < 3:
+                results[user_data] = res
             head += 1
-        self._set_u32(self._cq[0], head)
-        self._buffer = None
+        _U32.pack_into(ring, cq[0], head)
         return results[1], results[2]
 
 
