@@ -16,7 +16,7 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,20 +29,9 @@ from sockexec_py.errors import BrokerUnavailable, ProtocolError
 from ._common import RECV_CHUNK, gateway_extra
 
 with gateway_extra():
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import (
-        AcceptConnection,
-        CloseConnection,
-        Ping,
-        RejectConnection,
-        RejectData,
-        Request,
-        TextMessage,
-    )
+    from ._websocket import ACCEPTED, GatewayAddress, GatewayWebSocket
 
-    from ._websocket import GatewayAddress
-
-from .wire import auth_headers, raise_for_status
+from .wire import raise_for_status
 
 __all__ = ["RETRY_MAX", "MonitorEvent", "MonitorState", "amonitor", "monitor"]
 
@@ -109,18 +98,12 @@ class MonitorState:
         token: str | None,
         types: frozenset[str] | None = None,
     ) -> None:
-        self._address = address
-        self._ws = WSConnection(ConnectionType.CLIENT)
+        self._socket = GatewayWebSocket(address, token)
         self.name = name
         self.since = since
         self.types = types
-        self._token = token
         self._events: deque[MonitorEvent] = deque()
-        self._text: list[str] = []
-        self._refusal: tuple[int, bytearray] | None = None
-        self._outgoing = bytearray()
         self.ready = False
-        self.closed = False
 
     def opening(self) -> bytes:
         """The upgrade request; events come in arrays (``batch=1``): fewer messages
@@ -132,45 +115,27 @@ class MonitorState:
             params["since"] = str(self.since)
         if self.types:
             params["types"] = ",".join(sorted(self.types))
-        target = self._address.prefix + "/v1/monitor?" + urlencode(params)
-        headers = [(k.encode(), v.encode()) for k, v in auth_headers(self._token).items()]
-        return self._ws.send(
-            Request(host=self._address.netloc, target=target, extra_headers=headers)
-        )
+        return self._socket.opening("/v1/monitor?" + urlencode(params))
+
+    @property
+    def address(self) -> GatewayAddress:
+        return self._socket.address
+
+    @property
+    def closed(self) -> bool:
+        """True once the gateway closed the connection: reconnect."""
+        return self._socket.closed
 
     def data_to_send(self) -> bytes:
-        data = bytes(self._outgoing)
-        self._outgoing.clear()
-        return data
+        return self._socket.data_to_send()
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the gateway (``b""``: it closed). Error handling: a refusal
         raises its typed error (:func:`~.wire.raise_for_status`)."""
-        self._ws.receive_data(data or None)
-        for event in self._ws.events():
-            if isinstance(event, RejectConnection):
-                self._refusal = (event.status_code, bytearray())
-                if not event.has_body:
-                    raise_for_status(event.status_code, b"")
-            elif isinstance(event, RejectData) and self._refusal is not None:
-                self._refusal[1].extend(event.data)
-                if event.body_finished:
-                    raise_for_status(self._refusal[0], bytes(self._refusal[1]))
-            elif isinstance(event, AcceptConnection):
-                pass
-            elif isinstance(event, TextMessage):
-                self._text.append(event.data)
-                if event.message_finished:
-                    text, self._text = "".join(self._text), []
-                    self._message(json.loads(text))
-            elif isinstance(event, Ping):
-                self._outgoing += self._ws.send(event.response())
-            elif isinstance(event, CloseConnection):
-                self.closed = True
-        if not data:
-            if self._refusal is not None:
-                raise_for_status(self._refusal[0], bytes(self._refusal[1]))
-            self.closed = True
+        for message in self._socket.receive(data):
+            if message is not ACCEPTED:
+                assert isinstance(message, str)
+                self._message(json.loads(message))
 
     def _message(self, message: Any) -> None:
         if isinstance(message, list):  # batch=1: the messages in order
@@ -286,18 +251,10 @@ def _connect(address: GatewayAddress) -> socket.socket:
 
 
 class _AsyncEvents:
-    def __init__(
-        self,
-        address: GatewayAddress,
-        name: str | None,
-        since: int | None,
-        token: str | None,
-        types: frozenset[str] | None,
-    ) -> None:
-        self._address = address
-        self._name = name
-        self._token = token
-        self._types = types
+    """The trio driver: ``connect(since)`` makes the state of each connection."""
+
+    def __init__(self, connect: Callable[[int | None], MonitorState], since: int | None) -> None:
+        self._connect = connect
         self.since = since
         self._state: MonitorState | None = None
         self._stream: trio.abc.Stream | None = None
@@ -333,14 +290,14 @@ class _AsyncEvents:
                 self._delay = _RETRY_FIRST
 
     async def _open(self) -> None:
-        address = self._address
+        state = self._connect(self.since)
+        address = state.address
         try:
             stream: trio.abc.Stream = await trio.open_tcp_stream(address.host, address.port)
             if address.secure:
                 stream = trio.SSLStream(
                     stream, ssl.create_default_context(), server_hostname=address.host
                 )
-            state = MonitorState(address, self._name, self.since, self._token, self._types)
             await stream.send_all(state.opening())
         except (OSError, trio.BrokenResourceError):
             await trio.sleep(self._delay)
@@ -376,7 +333,8 @@ async def amonitor(
     """The trio flavour of :func:`monitor`: ``async with amonitor(url, name) as
     events: async for event in events``; leaving the block closes the connection."""
     address = GatewayAddress(_gateway_url(target))
-    events = _AsyncEvents(address, name, since, token, _types(types))
+    kinds = _types(types)
+    events = _AsyncEvents(lambda since: MonitorState(address, name, since, token, kinds), since)
     try:
         yield events
     finally:
