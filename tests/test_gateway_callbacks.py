@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobs_support import call
 
 from conftest import Broker, GatewayProcess, wait_until
 
@@ -114,11 +115,6 @@ def gateway_flags(tmp_path: Path, receiver: Receiver, *more: str) -> list[str]:
         "0.05",
         *more,
     ]
-
-
-def call(gateway: GatewayProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    status, _, data = gateway.request(method, path, body)
-    return status, json.loads(data) if data else None
 
 
 def submit(gateway: GatewayProcess, url: str, **body: Any) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobs_support import call, wait
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
@@ -40,26 +41,10 @@ def jobs(broker: Broker, data_dir: Path) -> Iterator[GatewayProcess]:
     process.stop()
 
 
-def call(gateway: GatewayProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    status, _, data = gateway.request(method, path, body)
-    return status, json.loads(data) if data else None
-
-
 def submit(gateway: GatewayProcess, **body: Any) -> dict[str, Any]:
     status, answer = call(gateway, "POST", "/v1/jobs", body)
     assert status == 202, answer
     return dict(answer)
-
-
-def wait(gateway: GatewayProcess, job_id: str, timeout: float = 20) -> dict[str, Any]:
-    """The job once it has ended (long polls of the gateway)."""
-    deadline_polls = int(timeout / 5) + 1
-    for _ in range(deadline_polls):
-        status, job = call(gateway, "GET", f"/v1/jobs/{job_id}?wait=5")
-        assert status == 200, job
-        if job["state"] in ("succeeded", "failed", "cancelled", "lost"):
-            return dict(job)
-    raise AssertionError(f"job {job_id} did not end within {timeout}s: {job}")
 
 
 def frames(gateway: GatewayProcess, job_id: str, query: str = "follow=1") -> list[dict[str, Any]]:

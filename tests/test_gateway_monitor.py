@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+from jobs_support import call, submit, wait
 
 from sockexec_py.client.jobs import MonitorEvent, amonitor, monitor
 from sockexec_py.jobs.schema import MIGRATIONS, SCHEMA_VERSION
@@ -34,25 +35,6 @@ def jobs(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
     yield process
     process.stop()
     assert "Traceback" not in "".join(process.lines)  # monitors that leave are no error
-
-
-def call(gateway: GatewayProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    status, _, data = gateway.request(method, path, body)
-    return status, json.loads(data) if data else None
-
-
-def submit(gateway: GatewayProcess, **body: Any) -> str:
-    status, answer = call(gateway, "POST", "/v1/jobs", body)
-    assert status == 202, answer
-    return str(answer["id"])
-
-
-def wait(gateway: GatewayProcess, job_id: str) -> dict[str, Any]:
-    for _ in range(10):
-        _, job = call(gateway, "GET", f"/v1/jobs/{job_id}?wait=5")
-        if job["state"] in ("succeeded", "failed", "cancelled", "lost"):
-            return dict(job)
-    raise AssertionError(job)
 
 
 def replay(gateway: GatewayProcess, *until_jobs: str, **options: Any) -> list[MonitorEvent]:

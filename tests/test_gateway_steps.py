@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobs_support import call, submit, wait
 
 from conftest import Broker, GatewayProcess, wait_until
 
@@ -20,26 +21,6 @@ def jobs(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
     process = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
     yield process
     process.stop()
-
-
-def call(gateway: GatewayProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    status, _, data = gateway.request(method, path, body)
-    return status, json.loads(data) if data else None
-
-
-def submit(gateway: GatewayProcess, **body: Any) -> str:
-    status, answer = call(gateway, "POST", "/v1/jobs", body)
-    assert status == 202, answer
-    return str(answer["id"])
-
-
-def wait(gateway: GatewayProcess, job_id: str, timeout: float = 30) -> dict[str, Any]:
-    for _ in range(int(timeout / 5) + 1):
-        status, job = call(gateway, "GET", f"/v1/jobs/{job_id}?wait=5")
-        assert status == 200, job
-        if job["state"] in ("succeeded", "failed", "cancelled", "lost"):
-            return dict(job)
-    raise AssertionError(f"task {job_id} did not end: {job}")
 
 
 def steps_by_name(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
