@@ -7,12 +7,13 @@ programs themselves, never a sleep.
 
 from __future__ import annotations
 
+import http.client
 import os
 import select
 import shutil
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -147,6 +148,39 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):  # gone before or while reading
         return False
     return state != b"Z"
+
+
+def running_children(children: list[int], name: bytes) -> list[int]:
+    """Those of ``children`` (a broker's) alive whose command line mentions ``name``."""
+    found = []
+    for pid in children:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        if name in cmdline and pid_alive(pid):
+            found.append(pid)
+    return found
+
+
+def check_lines_arrive_while_running(
+    port: int, programs: Callable[[bytes], list[int]], ms: int
+) -> None:
+    """GET /slow of the nginx on ``port`` (3 lines, ``ms`` apart): chunked, and the
+    first line arrives while slow-print still runs."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", f"/slow?count=3&ms={ms}")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Transfer-Encoding") == "chunked"
+        assert response.readline() == b"line 1\n"
+        # The first line is here and slow-print still has 2 * ms of lines to print.
+        assert programs(b"slow-print"), "the first line came only after the program"
+        assert response.readline() == b"line 2\n"
+        assert response.read() == b"line 3\n"
+    finally:
+        conn.close()
 
 
 def wait_exit(pids: int | list[int], timeout: float = 10) -> None:

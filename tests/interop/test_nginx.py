@@ -42,8 +42,10 @@ from conftest import (
     Broker,
     GatewayProcess,
     StartBroker,
+    check_lines_arrive_while_running,
     pid_alive,
     require_tool,
+    running_children,
     wait_until,
 )
 
@@ -181,15 +183,7 @@ class Stack:
 
     def programs(self, name: bytes) -> list[int]:
         """The broker's running children whose command line mentions ``name``."""
-        found = []
-        for pid in self.broker.children():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if name in cmdline and pid_alive(pid):
-                found.append(pid)
-        return found
+        return running_children(self.broker.children(), name)
 
 
 @pytest.fixture(scope="module")
@@ -267,19 +261,7 @@ def test_eight_megabytes_through_cat_exactly(stack: Stack) -> None:
 
 
 def test_slow_printer_lines_arrive_while_the_program_runs(stack: Stack) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=30)
-    try:
-        conn.request("GET", "/slow?count=3&ms=750")
-        response = conn.getresponse()
-        assert response.status == 200
-        assert response.getheader("Transfer-Encoding") == "chunked"
-        assert response.readline() == b"line 1\n"
-        # The first line is here and slow-print still has 1.5 s of lines to print.
-        assert stack.programs(b"slow-print"), "the first line came only after the program"
-        assert response.readline() == b"line 2\n"
-        assert response.read() == b"line 3\n"
-    finally:
-        conn.close()
+    check_lines_arrive_while_running(stack.nginx.port, stack.programs, 750)
 
 
 def test_http_client_going_away_stops_the_program(stack: Stack) -> None:

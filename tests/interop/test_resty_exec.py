@@ -42,7 +42,14 @@ import pytest
 
 from sockexec_py.testing.resty import RestyNginx, Site, missing
 
-from conftest import IN_CI, Broker, pid_alive, require_tool, wait_until
+from conftest import (
+    IN_CI,
+    Broker,
+    check_lines_arrive_while_running,
+    require_tool,
+    running_children,
+    wait_until,
+)
 
 
 def _require_stack() -> None:
@@ -107,15 +114,7 @@ class Stack:
 
     def programs(self, name: bytes) -> list[int]:
         """The default broker's running children whose command line mentions ``name``."""
-        found = []
-        for pid in self.names.children():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if name in cmdline and pid_alive(pid):
-                found.append(pid)
-        return found
+        return running_children(self.names.children(), name)
 
 
 @pytest.fixture(scope="module")
@@ -201,19 +200,7 @@ def test_cat_echoes_small_bodies_and_refuses_large_ones(stack: Stack) -> None:
 
 
 def test_slow_lines_arrive_while_the_program_runs(stack: Stack) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=30)
-    try:
-        conn.request("GET", "/slow?count=3&ms=500")
-        response = conn.getresponse()
-        assert response.status == 200
-        assert response.getheader("Transfer-Encoding") == "chunked"
-        assert response.readline() == b"line 1\n"
-        # The first line is here and slow-print still has 1 s of lines to print.
-        assert stack.programs(b"slow-print"), "the first line came only after the program"
-        assert response.readline() == b"line 2\n"
-        assert response.read() == b"line 3\n"
-    finally:
-        conn.close()
+    check_lines_arrive_while_running(stack.nginx.port, stack.programs, 500)
 
 
 def test_slow_program_dying_mid_stream_cuts_the_response_short(stack: Stack) -> None:
