@@ -237,3 +237,35 @@ def test_a_scoped_token_sees_only_its_names(
             "POST", "/run", form=form, headers={"Origin": client.origin}
         )
         assert status == 403 and "run on 'hello'" in html.unescape(text)
+
+
+def test_a_tasks_page_shows_its_steps(secured: GatewayProcess) -> None:
+    """A multi-step task's page lists its steps in order with their states and
+    exits (a failed step's dependent skipped)."""
+    full = {"Authorization": f"Bearer {TOKEN}"}
+    steps = [
+        {"name": "build", "argv": ["true"]},
+        {"name": "test", "argv": ["sh", "-c", "exit 3"], "depends_on": ["build"]},
+        {"name": "ship", "argv": ["true"], "depends_on": ["test"]},
+    ]
+    status, _, body = secured.request(
+        "POST", "/v1/jobs", {"name": "pipeline", "mode": "dag", "steps": steps}, full
+    )
+    assert status == 202, body
+    job_id = json.loads(body)["id"]
+    status, _, body = secured.request("GET", f"/v1/jobs/{job_id}?wait=30", headers=full)
+    assert status == 200 and json.loads(body)["state"] == "failed", body
+    client = Browserless(secured.port)
+    client.login()
+    status, _, page = client.request("GET", f"/jobs/{job_id}")
+    assert status == 200
+    table = page[page.index('id="steps"') : page.index("</table>", page.index('id="steps"'))]
+    rows = [html.unescape(row) for row in table.split('<tr class="step">')[1:]]
+    assert [row.split("</td>")[1].rsplit(">", 1)[-1] for row in rows] == [
+        "build",
+        "test",
+        "ship",
+    ]
+    states = [row.split("state-")[1].split('"')[0] for row in rows]
+    assert states == ["succeeded", "failed", "skipped"]
+    assert "<td>3</td>" in rows[1]  # the exit code of the failed step

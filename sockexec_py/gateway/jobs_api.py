@@ -315,11 +315,13 @@ class JobsService:
                     return await runner.get(job_id)
 
                 job = await unless_client_leaves(request.receive, wait)
-        return await self._view(job, await self._position(job))
+        return await self.view(job)
 
-    async def _view(self, job: Job, position: int | None = None) -> JobView:
-        """The full view of one job: a task's steps, the callback."""
+    async def view(self, job: Job) -> JobView:
+        """The full view of one job: its queue position, a task's steps, the callback
+        (the API's answers and the dashboard's job page)."""
         assert self.store is not None and self.runner is not None
+        position = await self._position(job)
         with job_errors():
             steps = await self.runner.steps(job.id) if job.is_task else None
             callback = await self.store.callback(job.id)
@@ -330,7 +332,7 @@ class JobsService:
         with job_errors():
             job = await runner.cancel(job_id)
         audit.info("%s cancelled job %s", audit_name(request.state.principal), job_id)
-        return await self._view(job)
+        return await self.view(job)
 
     async def cancel_step(self, request: Request, body: None, query: None) -> JobView:
         runner, job_id, _ = await self._allowed_job(request, "cancel")
@@ -340,7 +342,7 @@ class JobsService:
         audit.info(
             "%s cancelled step %s of job %s", audit_name(request.state.principal), name, job_id
         )
-        return await self._view(job)
+        return await self.view(job)
 
     async def delete(self, request: Request, body: None, query: None) -> Response:
         runner, job_id, _ = await self._allowed_job(request, "cancel")

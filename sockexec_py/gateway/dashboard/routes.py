@@ -35,14 +35,13 @@ from starlette.routing import BaseRoute, Route
 
 from sockexec_py.gateway.auth import Principal, TokenStore, require
 from sockexec_py.gateway.jobs_api import JobsService
-from sockexec_py.gateway.jobs_views import job_errors, job_view
+from sockexec_py.gateway.jobs_views import job_errors
 from sockexec_py.gateway.models import OutputQuery
 from sockexec_py.gateway.request import HTTPError
 from sockexec_py.gateway.settings import GatewaySettings
 from sockexec_py.gateway.streaming import SSE, Stream
 from sockexec_py.jobs import (
     InvalidField,
-    JobNotFound,
     JobState,
     ListQuery,
     Runner,
@@ -203,18 +202,11 @@ class Dashboard:
 
     async def job_page(self, request: Request, visit: Visit, form: Form) -> Response:
         _allow(visit, "status")
-        _, runner, store = self._jobs()
-        job_id = self._job_id(request)
+        jobs, runner, _ = self._jobs()
         with job_errors():
-            job = await runner.get(job_id)
-            _allow(visit, "status", job.name)
-            position = None
-            if job.state is JobState.QUEUED:
-                try:
-                    position = await store.position(job_id)
-                except JobNotFound:
-                    position = None
-        view = job_view(job, position).model_dump(mode="json")
+            job = await runner.get(self._job_id(request))
+        _allow(visit, "status", job.name)
+        view = (await jobs.view(job)).model_dump(mode="json")  # with a task's steps
         content = job_page(job, view, can_cancel=visit.principal.allows("cancel", job.name))
         return self.site.html(visit, "job", f"{job.name} {job.id}", content)
 
