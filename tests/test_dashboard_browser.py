@@ -353,3 +353,34 @@ def test_the_queue_view(browser: WebDriver, stack: Stack) -> None:
     for job_id in reversed(job_ids):
         stack.api("POST", f"/v1/jobs/{job_id}/cancel")
     until(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, row), "the queue emptied, live")
+
+
+def test_a_task_page_follows_its_steps(browser: WebDriver, stack: Stack) -> None:
+    """A sequential task's page shows each step's state as it changes, without a
+    reload: the second step waits on a FIFO until the test lets it go."""
+    fifo = stack.fifo()
+    job_id = stack.submit(
+        name="pipeline",
+        mode="sequential",
+        steps=[
+            {"name": "first", "argv": ["true"]},
+            {"name": "wait", "argv": ["sh", "-c", f'read x < "{fifo}"']},
+            {"name": "last", "argv": ["sh", "-c", "exit 5"]},
+        ],
+    )
+    browser.get(f"{stack.base}/jobs/{job_id}")
+
+    def states(driver: WebDriver) -> list[str]:
+        cells = driver.find_elements(By.CSS_SELECTOR, "#steps tr.step td:nth-child(3)")
+        return [cell.text for cell in cells]
+
+    until(browser, lambda d: states(d) == ["succeeded", "running", "queued"], "step 2 running")
+    browser.execute_script("window.sameDocument = true")  # gone if the page reloads
+    release(fifo)
+    until(browser, lambda d: states(d) == ["succeeded", "succeeded", "failed"], "steps ended")
+    until(browser, lambda d: text_of(d, "#job-state") == "failed", "the task failed")
+    row = browser.find_elements(By.CSS_SELECTOR, "#steps tr.step")[2]
+    assert [cell.text for cell in row.find_elements(By.TAG_NAME, "td")][3] == "5"
+    # Still the same document: the states came through the live feed.
+    assert browser.execute_script("return window.sameDocument === true")
+    shoot(browser, stack, "task")

@@ -245,7 +245,7 @@ def test_a_tasks_page_shows_its_steps(secured: GatewayProcess) -> None:
     full = {"Authorization": f"Bearer {TOKEN}"}
     steps = [
         {"name": "build", "argv": ["true"]},
-        {"name": "test", "argv": ["sh", "-c", "exit 3"], "depends_on": ["build"]},
+        {"name": "test", "argv": ["sh", "-c", "echo testing; exit 3"], "depends_on": ["build"]},
         {"name": "ship", "argv": ["true"], "depends_on": ["test"]},
     ]
     status, _, body = secured.request(
@@ -269,3 +269,9 @@ def test_a_tasks_page_shows_its_steps(secured: GatewayProcess) -> None:
     states = [row.split("state-")[1].split('"')[0] for row in rows]
     assert states == ["succeeded", "failed", "skipped"]
     assert "<td>3</td>" in rows[1]  # the exit code of the failed step
+    assert "a dag task of 3 steps" in page  # not the first step's command as its own
+    link = html.unescape(rows[1].split('href="')[1].split('"')[0])
+    status, headers, text = client.request("GET", link)
+    assert (status, text) == (200, "testing\n")
+    assert f'filename="{job_id}.test.log"' in headers["content-disposition"]
+    assert client.request("GET", f"/jobs/{job_id}/output?step=nope")[0] == 404

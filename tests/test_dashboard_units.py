@@ -77,10 +77,13 @@ def test_steps_are_shown_only_when_the_view_has_them() -> None:
             {"name": "fetch", "state": "succeeded", "exitcode": 0},
             {"name": PAYLOADS[0], "state": "running"},
             "not a step",
-        ]
+        ],
+        "JOB",
     )
     assert table.count('class="step"') == 2
     assert "state-succeeded" in table and "<script>" not in table
+    assert 'href="/jobs/JOB/output?step=fetch"' in table
+    assert table.count('href="/jobs/JOB/output?step=%3C') == 1  # the payload's name, quoted
 
 
 @pytest.mark.parametrize(

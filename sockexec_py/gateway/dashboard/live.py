@@ -28,7 +28,7 @@ from sockexec_py.gateway.jobs_api import JobsService
 from sockexec_py.gateway.jobs_views import job_errors, job_view
 from sockexec_py.gateway.request import HTTPError
 from sockexec_py.gateway.streaming import Emit
-from sockexec_py.jobs import Job, JobNotFound, JobState, ListQuery, Runner, Store
+from sockexec_py.jobs import Job, JobNotFound, JobState, ListQuery, Runner, Step, Store
 
 #: Changes a subscriber may have waiting.
 QUEUE = 256
@@ -38,14 +38,18 @@ MAX_RUNNING = 1000
 PING = 15.0
 
 
-def job_frame(job: Job) -> dict[str, Any]:
-    """A job change as the pages read it: the API's job view."""
-    return {"type": "job", "job": job_view(job).model_dump(mode="json")}
+def job_frame(job: Job, steps: list[Step] | None = None) -> dict[str, Any]:
+    """A job change as the pages read it: the API's job view (a task's steps with
+    it on the task's own page)."""
+    return {"type": "job", "job": job_view(job, steps=steps).model_dump(mode="json")}
 
 
-def _mark(job: Job) -> tuple[object, ...]:
-    """What a tick compares to tell whether a running job changed."""
-    return (job.state, job.stdout_bytes, job.stderr_bytes, job.truncated, job.progress)
+def _mark(job: Job, steps: list[Step] | None = None) -> tuple[object, ...]:
+    """What a tick compares to tell whether a running job (and its steps) changed."""
+    mark = (job.state, job.stdout_bytes, job.stderr_bytes, job.truncated, job.progress)
+    if steps is None:
+        return mark
+    return (*mark, *((step.state, step.exitcode, step.termsig) for step in steps))
 
 
 class JobFeed:
@@ -100,7 +104,7 @@ class JobFeed:
                     require(principal, "status", job.name)
                     if job.state is JobState.RUNNING:
                         running.add(job_id)
-                    await emit(job_frame(job))
+                    await emit(job_frame(job, await _steps(runner, job, True)))
                 else:
                     page = await store.list_jobs(
                         ListQuery(
@@ -112,7 +116,8 @@ class JobFeed:
                     )
                     running.update(job.id for job in page.jobs)
             totals = job_id is None and only_names is None
-            await self._follow(emit, runner, store, receive, running, totals)
+            detail = job_id is not None
+            await self._follow(emit, runner, store, receive, running, totals, detail)
         finally:
             remove()
 
@@ -124,7 +129,11 @@ class JobFeed:
         receive: trio.MemoryReceiveChannel[Job | None],
         running: set[str],
         totals: bool,
+        detail: bool,
     ) -> None:
+        """Emit changes as the runner reports them, and once per ``interval`` what
+        changed in the running jobs (sizes, progress; with ``detail``, a task's
+        steps) and the totals."""
         marks: dict[str, tuple[object, ...]] = {}
         counts: dict[str, int] | None = None
         quiet_since = trio.current_time()
@@ -139,8 +148,9 @@ class JobFeed:
                     running.add(change.id)
                 else:
                     running.discard(change.id)
-                marks[change.id] = _mark(change)
-                await emit(job_frame(runner.current(change)))
+                steps = await _steps(runner, change, detail)
+                marks[change.id] = _mark(change, steps)
+                await emit(job_frame(runner.current(change), steps))
                 quiet_since = trio.current_time()
                 continue
             tick_at = trio.current_time() + self.interval
@@ -150,9 +160,10 @@ class JobFeed:
                 except JobNotFound:
                     running.discard(running_id)
                     continue
-                if marks.get(running_id) != (mark := _mark(job)):
+                steps = await _steps(runner, job, detail)
+                if marks.get(running_id) != (mark := _mark(job, steps)):
                     marks[running_id] = mark
-                    await emit(job_frame(job))
+                    await emit(job_frame(job, steps))
                     quiet_since = trio.current_time()
                 if job.finished:
                     running.discard(running_id)
@@ -168,6 +179,14 @@ class JobFeed:
             if trio.current_time() - quiet_since >= PING:
                 await emit({"type": "ping"})
                 quiet_since = trio.current_time()
+
+
+async def _steps(runner: Runner, job: Job, detail: bool) -> list[Step] | None:
+    """A task's steps, on its own page (``detail``); None otherwise."""
+    if not (detail and job.is_task):
+        return None
+    with job_errors():
+        return await runner.steps(job.id)
 
 
 def _drain(receive: trio.MemoryReceiveChannel[Job | None]) -> None:

@@ -217,10 +217,13 @@ class Dashboard:
         stream = request.query_params.get("stream", "both")
         if stream not in ("both", "stdout", "stderr"):
             raise HTTPError(400, "bad_request", "stream: expected both, stdout or stderr")
-        query = OutputQuery.model_validate({"stream": stream})
+        step = request.query_params.get("step")  # a task's step: unknown names are 404
+        query = OutputQuery.model_validate({"stream": stream, "step": step})
         response = await jobs.output(request, None, query)
         suffix = "log" if stream == "both" else stream
-        response.headers["content-disposition"] = f'attachment; filename="{job_id}.{suffix}"'
+        # A step found has a submitted name: [A-Za-z0-9._:@+/-] only.
+        name = f"{job_id}.{step.replace('/', '_')}.{suffix}" if step else f"{job_id}.{suffix}"
+        response.headers["content-disposition"] = f'attachment; filename="{name}"'
         return response
 
     async def live_output(self, request: Request, visit: Visit, form: Form) -> Response:

@@ -228,8 +228,9 @@ def _exit(view: Mapping[str, Any]) -> str:
     return ""
 
 
-def steps_table(steps: object) -> Markup:
-    """The steps of a multi-step task (issue 16), when the job view has them."""
+def steps_table(steps: object, job_id: str = "") -> Markup:
+    """The steps of a multi-step task (issue 16), when the job view has them, each
+    with a link to its output."""
     if not isinstance(steps, list) or not steps:
         return Markup("")
     columns = ("name", "state", "exitcode", "termsig", "duration", "reason")
@@ -242,10 +243,15 @@ def steps_table(steps: object) -> Markup:
             value = step.get(column)
             if column == "state" and value:
                 cells.append(tag("td", tag("span", value, class_=f"badge state-{value}")))
+            elif column == "duration":
+                took = float(value) if isinstance(value, int | float) else None
+                cells.append(tag("td", seconds(took)))
             else:
                 cells.append(tag("td", "" if value is None else value))
+        query = urlencode({"step": str(step.get("name", ""))})
+        cells.append(tag("td", tag("a", "output", href=f"/jobs/{job_id}/output?{query}")))
         rows.append(tag("tr", join(cells), class_="step"))
-    head = join(tag("th", c) for c in ("#", *columns))
+    head = join(tag("th", c) for c in ("#", *columns, ""))
     return Markup(
         tag("h2", "Steps")
         + tag("table", Markup(tag("thead", tag("tr", head)) + tag("tbody", join(rows))), id="steps")
@@ -285,7 +291,11 @@ def job_page(job: Job, view: Mapping[str, Any], *, can_cancel: bool) -> Markup:
             "offset": str(offset),
             "started_epoch": "" if job.started_at is None else f"{job.started_at:.3f}",
             "name": job.name,
-            "argv": command_line(job.argv),
+            "argv": (
+                f"a {job.mode} task of {job.steps} steps (below)"
+                if job.is_task
+                else command_line(job.argv)
+            ),
             "labels": labels,
             "created": when(job.created_at),
             "start_at": when(job.start_at),
@@ -298,7 +308,7 @@ def job_page(job: Job, view: Mapping[str, Any], *, can_cancel: bool) -> Markup:
             "sizes": sizes,
             "progress": progress_bar(job.progress, job.state),
             "cancel": cancel,
-            "steps": steps_table(view.get("steps")),
+            "steps": steps_table(view.get("steps"), job.id),
             "output_note": note,
             "download": base,
             "download_stdout": f"{base}?stream=stdout",

@@ -476,6 +476,7 @@
       if (job.truncated) sizes += `; truncated, ${job.dropped_bytes.toLocaleString("en")} bytes dropped`;
       set("job-sizes", sizes);
       showProgress(document.getElementById("job-progress"), job.progress, job.state);
+      if (job.steps) showSteps(job.steps);
       if (FINISHED.has(job.state)) {
         const cancel = document.getElementById("cancel");
         if (cancel) cancel.remove();
@@ -483,6 +484,21 @@
       } else if (job.state === "running" && !output) {
         openOutput();
       }
+    }
+
+    // A task's steps, in the order of the table the server rendered: # name state
+    // exitcode termsig duration reason.
+    function showSteps(steps) {
+      const rows = document.querySelectorAll("#steps tbody tr.step");
+      steps.forEach((step, i) => {
+        const cells = rows[i] ? rows[i].children : null;
+        if (!cells || cells[1].textContent !== step.name) return;
+        badge(cells[2].firstElementChild || cells[2].appendChild(el("span")), step.state);
+        cells[3].textContent = step.exitcode === null ? "" : step.exitcode;
+        cells[4].textContent = step.termsig || "";
+        cells[5].textContent = seconds(step.duration);
+        cells[6].textContent = step.reason || "";
+      });
     }
 
     function openOutput() {
