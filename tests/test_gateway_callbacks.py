@@ -31,6 +31,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.behaviour: dict[str, Any] = {}
+        self.secret = SECRET  # what signatures are checked with
         self.hits: list[dict[str, Any]] = []
         self.changed = threading.Condition()
         self.release = threading.Event()
@@ -40,7 +41,7 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 stamp = self.headers["X-Sockexec-Timestamp"]
-                expected = hmac.new(SECRET, stamp.encode() + b"." + body, hashlib.sha256)
+                expected = hmac.new(receiver.secret, stamp.encode() + b"." + body, hashlib.sha256)
                 signed = hmac.compare_digest(
                     "sha256=" + expected.hexdigest(), self.headers["X-Sockexec-Signature"]
                 )
@@ -164,6 +165,30 @@ def test_delivered_once_signed_with_the_status(
             "succeeded",
             "failed",
         ]
+
+
+def test_a_rewritten_secret_signs_the_next_callbacks(
+    broker: Broker, tmp_path: Path, receiver: Receiver
+) -> None:
+    """The secret file is read again when it changes: a new key (renamed over the
+    file) signs the next delivery; an emptied file keeps the last key, said once."""
+    with GatewayProcess(broker.path, *gateway_flags(tmp_path, receiver)) as gateway:
+        gateway.log_until("listening")
+        callback_ended(gateway, submit(gateway, receiver.url("/before")))
+        assert [hit["signed"] for hit in receiver.delivered("/before")] == [True]
+        fresh = tmp_path / "secret.new"
+        fresh.write_bytes(b"the rotated key\n")
+        fresh.rename(tmp_path / "secret")
+        receiver.secret = b"the rotated key"
+        callback_ended(gateway, submit(gateway, receiver.url("/after")))
+        assert [hit["signed"] for hit in receiver.delivered("/after")] == [True]
+        (tmp_path / "secret").write_bytes(b"")  # a writer that truncated, not done yet
+        for path in ("/kept", "/kept-again"):
+            callback_ended(gateway, submit(gateway, receiver.url(path)))
+            assert [hit["signed"] for hit in receiver.delivered(path)] == [True]
+        gateway.log_until("keeping the last good version")
+    warnings = [line for line in gateway.lines if "keeping the last good version" in line]
+    assert len(warnings) == 1 and "is empty" in warnings[0]
 
 
 def test_500_is_retried_then_delivered(broker: Broker, tmp_path: Path, receiver: Receiver) -> None:

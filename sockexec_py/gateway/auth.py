@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from datetime import UTC, datetime
 from sockexec_py.jobs import InvalidField, parse_start_at
 
 from .request import HTTPError
+from .watched import WatchedFile
 
 #: Audit lines: who (a token's fingerprint) did or was refused what. Never a token.
 audit = logging.getLogger("sockexec_py.gateway.audit")
@@ -146,12 +146,6 @@ class _Token:
     principal: Principal
 
 
-@dataclass(frozen=True, slots=True)
-class _Snapshot:
-    identity: tuple[int, int, int, int]  # (dev, ino, size, mtime_ns)
-    tokens: tuple[_Token, ...]
-
-
 _FIELD = re.compile(rb"([a-z]+)=(\S+)")
 
 
@@ -208,55 +202,22 @@ def parse_tokens(text: bytes, path: str) -> tuple[_Token, ...]:
     return tokens
 
 
-def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class TokenStore:
-    """Tokens from a file (see the module docstring), reloaded when it changes.
-
-    The file is checked (one ``stat``) on every request and, when it changed, read
-    whole, parsed, and only then swapped in, so no request ever sees a mix of two
-    versions. A read that the file changed under (its size or mtime differ before
-    and after, or fewer bytes came than its size said), an empty file (a writer
-    that truncated and has not written yet), or one that does not parse keeps the
-    last good tokens, and the next request reads again (fail closed: never "no
-    auth"). Rewrite it by renaming a new file over it to make every change visible
-    at once; an in-place rewrite is safe too when written in one ``write``.
+    """Tokens from a file (see the module docstring), read again when it changes
+    (:class:`~.watched.WatchedFile`: one ``stat`` per request; a file that changes
+    while read, is empty or does not parse keeps the last good tokens, so it fails
+    closed, never "no auth"). Rewrite it by renaming a new file over it to make
+    every change visible at once; an in-place rewrite is safe too when written in
+    one ``write``.
     """
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.clock = clock
-        loaded = self._load()
-        if loaded is None:
-            raise TokenFileError(f"token file {path} changed while it was read: try again")
-        self._snapshot = loaded
-
-    def _load(self) -> _Snapshot | None:
-        """The file's tokens, or None when it changed while it was read.
-
-        Error handling: :class:`TokenFileError` (unreadable, empty, a bad line)."""
-        try:
-            with open(self.path, "rb") as f:
-                before = os.fstat(f.fileno())
-                text = f.read()
-            after = os.stat(self.path)
-        except OSError as exc:
-            raise TokenFileError(f"cannot read token file {self.path}: {exc.strerror}") from None
-        if _identity(before) != _identity(after) or len(text) != before.st_size:
-            return None
-        return _Snapshot(_identity(after), parse_tokens(text, self.path))
+        self._file = WatchedFile(path, parse_tokens, "token file", TokenFileError)
 
     def _current(self) -> tuple[_Token, ...]:
-        try:
-            if _identity(os.stat(self.path)) != self._snapshot.identity:
-                loaded = self._load()
-                if loaded is not None:
-                    self._snapshot = loaded
-        except (OSError, TokenFileError):
-            pass  # keep the last good tokens
-        return self._snapshot.tokens
+        return self._file.current()
 
     def check(self, authorization: str | None) -> Principal | None:
         """The principal of ``authorization`` when it is ``Bearer <a valid token>``.

@@ -51,6 +51,8 @@ from sockexec_py.jobs.document import CallbackAttempt
 from sockexec_py.jobs.events import Event, EventHub
 from sockexec_py.jobs.store import Store
 
+from .watched import WatchedFile
+
 __all__ = [
     "ADDRESS_CLASSES",
     "AllowRule",
@@ -262,7 +264,7 @@ class Deliverer:
         store: Store,
         hub: EventHub,
         policy: CallbackPolicy,
-        secret: bytes,
+        secret: Callable[[], bytes],
         settings: DeliverySettings,
         clock: Callable[[], float] = time.time,
         count: Callable[[str], object] = lambda outcome: None,
@@ -337,7 +339,7 @@ class Deliverer:
             headers = {
                 "Content-Type": "application/json",
                 "X-Sockexec-Timestamp": str(stamp),
-                "X-Sockexec-Signature": sign(self.secret, stamp, delivery.body),
+                "X-Sockexec-Signature": sign(self.secret(), stamp, delivery.body),
                 "X-Sockexec-Delivery": job_id,
                 "X-Sockexec-Attempt": str(delivery.attempts + 1),
             }
@@ -385,15 +387,19 @@ def _status_error(response: httpx.Response) -> str | None:
     return f"HTTP {status}"
 
 
-def read_secret(path: str) -> bytes:
+def parse_secret(data: bytes, path: str) -> bytes:
     """The HMAC secret: the file's bytes without the trailing newline.
 
-    Error handling: ``ValueError`` (one line) when unreadable or empty."""
-    try:
-        with open(path, "rb") as f:
-            secret = f.read().rstrip(b"\r\n")
-    except OSError as exc:
-        raise ValueError(f"cannot read the callback secret file {path}: {exc.strerror}") from None
+    Error handling: ``ValueError`` (one line) when empty."""
+    secret = data.rstrip(b"\r\n")
     if not secret:
         raise ValueError(f"the callback secret file {path} is empty")
     return secret
+
+
+def secret_file(path: str) -> WatchedFile[bytes]:
+    """The callback secret, read again when the file changes (a rotated secret
+    signs the next attempt; an empty or unreadable file keeps the last one).
+
+    Error handling: ``ValueError`` (one line) when unreadable or empty at first."""
+    return WatchedFile(path, parse_secret, "the callback secret file")

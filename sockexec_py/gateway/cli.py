@@ -248,10 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: usage error: --callback-allow needs --callback-secret-file\n")
         return EXIT_USAGE
     if args.callback_secret_file:
-        from .callbacks import read_secret
+        from .callbacks import secret_file
 
         try:
-            read_secret(args.callback_secret_file)
+            secret_file(args.callback_secret_file)
         except ValueError as exc:
             sys.stderr.write(f"{PROG}: {exc}\n")
             return EXIT_USAGE

@@ -40,8 +40,14 @@ from sockexec_py.jobs import (
 
 from .api import Api
 from .auth import Principal, audit, audit_name, require
-from .callbacks import AllowRule, CallbackPolicy, CallbackRefused, Deliverer, DeliverySettings
-from .callbacks import read_secret as read_callback_secret
+from .callbacks import (
+    AllowRule,
+    CallbackPolicy,
+    CallbackRefused,
+    Deliverer,
+    DeliverySettings,
+    secret_file,
+)
 from .jobs_routes import register
 from .jobs_views import (
     TextStream,
@@ -162,7 +168,7 @@ class JobsService:
                     store,
                     runner.hub,
                     self.callbacks,
-                    read_callback_secret(settings.callback_secret_file),
+                    secret_file(settings.callback_secret_file).current,
                     DeliverySettings(
                         timeout=settings.callback_timeout,
                         attempts=settings.callback_attempts,
