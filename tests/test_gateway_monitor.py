@@ -75,6 +75,10 @@ def test_events_of_jobs_and_steps(jobs: GatewayProcess) -> None:
     assert 1 <= len(progress) <= 4  # 201 progress lines in ~0.3 s: rate-limited
     assert progress[0].progress is not None and progress[0].progress["title"] == "part"
     assert call(jobs, "GET", f"/v1/jobs/{busy}")[1]["progress"]["title"] == "x"
+    # The last progress line came 0.3 s after the others: the end carries it.
+    last = by_job[busy][-1]
+    assert last.type == "finished" and last.progress is not None
+    assert (last.progress["task"], last.progress["title"]) == (200, "x")
     steps = [(e.step, e.type, e.state) for e in by_job[task] if e.step is not None]
     assert steps == [
         ("a", "started", "running"),

@@ -71,8 +71,9 @@ MONITOR_PATH: dict[str, Any] = {
         'purged), then {"type": "ready", "last_id"}, then events live, one JSON text '
         'message each: {"id", "type": "scheduled"|"queued"|"started"|"progress"|"finished", '
         '"job", "name", "time", "step"?, "state"?, "progress"?, "exitcode"?, "termsig"?, '
-        '"duration"?, "reason"?}. A monitor that falls --monitor-queue events behind gets '
-        '{"type": "overflow", "last_id"} and a close (1013): reconnect with since=last_id. '
+        '"duration"?, "reason"?} (finished: with the last progress). A monitor that falls '
+        '--monitor-queue events behind gets {"type": "overflow", "last_id"} and a close '
+        "(1013): reconnect with since=last_id. "
         "Needs the monitor scope; shows the names the token has status on.",
         "parameters": [
             {

@@ -64,7 +64,8 @@ class Event:
 def event_body(kind: str, job: Job, at: float, step: Step | None = None) -> dict[str, Any]:
     """An event's message without its id: ``queued``/``scheduled`` (the job's state),
     ``started``, ``progress`` (the progress) or ``finished`` (the end state, exit,
-    duration and reason) of a job, or with ``step`` of one of a task's steps."""
+    duration, reason and last progress) of a job, or with ``step`` of one of a
+    task's steps."""
     body: dict[str, Any] = {"type": kind, "job": job.id, "name": job.name, "time": rfc3339(at)}
     if step is not None:
         body["step"] = step.name
@@ -73,12 +74,13 @@ def event_body(kind: str, job: Job, at: float, step: Step | None = None) -> dict
         body["progress"] = progress_document(record.progress)
         return body
     body["state"] = record.state.value
-    if kind == "finished":
+    if kind == "finished":  # with the last progress: progress events are rate-limited
         body.update(
             exitcode=record.exitcode,
             termsig=record.termsig,
             duration=record.duration,
             reason=record.reason,
+            progress=progress_document(record.progress),
         )
     return body
 
