@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -494,6 +495,32 @@ def test_unwritable_store_is_503_and_nothing_half_written(
     _, page = call(jobs, "GET", "/v1/jobs")
     assert [job["id"] for job in page["jobs"]] == [second["id"], first["id"]]
     assert page["totals"]["scheduled"] == 2
+
+
+def test_an_end_the_store_refuses_is_recorded_once_it_can(
+    jobs: GatewayProcess, data_dir: Path, tmp_path: Path
+) -> None:
+    """A job ends while the store cannot be written: the gateway keeps its end and
+    records it when the store comes back (not ``lost`` at the next start)."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    job_id = submit(jobs, argv=["sh", "-c", f'read x < "{fifo}"; echo done'])["id"]
+    wait_until(lambda: call(jobs, "GET", f"/v1/jobs/{job_id}")[1]["state"] == "running", 10, "it")
+    wal = data_dir / "jobs.db-wal"
+    _immutable(wal, True)
+    try:
+        fd = os.open(fifo, os.O_WRONLY)  # the program reads: it runs
+        os.write(fd, b"go\n")
+        os.close(fd)
+        jobs.log_until(f"cannot record the end of job {job_id}")
+        status, job = call(jobs, "GET", f"/v1/jobs/{job_id}")
+        assert (status, job["state"]) == (200, "running")  # as recorded, for now
+    finally:
+        _immutable(wal, False)
+    job = wait(jobs, job_id)
+    assert (job["state"], job["exitcode"]) == ("succeeded", 0)
+    status, _, body = jobs.request("GET", f"/v1/jobs/{job_id}/output")
+    assert (status, body) == (200, b"done\n")
 
 
 def test_kill_9_mid_run_then_restart(broker: Broker, data_dir: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import trio
 
 from sockexec_py.client import BrokerUnavailable
 
-from .errors import JobError
+from .errors import JobError, StoreUnavailable
 from .model import (
     CANCELLED_RUNNING_REASON,
     LOST_REASON,
@@ -147,6 +147,30 @@ class Execution:
             raise
         await self._finish(run, state, reason, exitcode, termsig)
 
+    async def _record_end(self, ended: Job, remove: bool) -> None:
+        """Record a job's end, again and again while the store cannot be written (a
+        full disk, say): the end is known and must not become ``lost``. Its slot stays
+        taken meanwhile. If the gateway stops first, the next start finds the job
+        ``running`` and marks it ``lost``, saying why."""
+        delay = self.config.retry_initial
+        while True:
+            try:
+                await self.store.finish(ended, remove=remove)
+            except StoreUnavailable as exc:
+                log.error(
+                    "cannot record the end of job %s (%s): %s; trying again in %g s",
+                    ended.id,
+                    ended.state.value,
+                    exc,
+                    delay,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max)
+                continue
+            except JobError as exc:
+                log.error("cannot record the end of job %s: %s", ended.id, exc)
+            return
+
     async def _broker_unavailable(self, run: RunningJob, detail: str) -> None:
         """The connect failed, so the program never started: back to the queue (or
         ``cancelled`` if that was asked meanwhile), and retry later."""
@@ -215,10 +239,7 @@ class Execution:
             termsig=termsig,
         )
         remove = ended.state is JobState.SUCCEEDED and not ended.keep
-        try:
-            await self.store.finish(ended, remove=remove)
-        except JobError as exc:
-            log.error("cannot record the end of job %s: %s", ended.id, exc)
+        await self._record_end(ended, remove)
         run.final = ended
         await run.output.close()
         if remove:
