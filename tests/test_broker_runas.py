@@ -18,7 +18,8 @@ import trio
 
 from sockexec_py.broker import spawn as spawn_module
 from sockexec_py.broker.cli import close_on_exec_inherited
-from sockexec_py.broker.spawn import Program, needs_helper
+from sockexec_py.broker.runas import needs_helper
+from sockexec_py.broker.spawn import Program
 from sockexec_py.broker.supervisor import Supervisor
 from sockexec_py.errors import single_errors
 from sockexec_py.policy import ExecSpec

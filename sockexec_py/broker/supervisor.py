@@ -19,16 +19,8 @@ import trio
 from sockexec_py.errors import EXIT_REFUSED
 from sockexec_py.policy import ExecSpec
 
-from .spawn import (
-    Program,
-    SpawnError,
-    finish_helper,
-    needs_helper,
-    runs_as,
-    spawn,
-    spawn_as,
-    spawn_helper,
-)
+from .runas import finish_helper, needs_helper, runs_as, spawn_as, spawn_helper
+from .spawn import Program, SpawnError, spawn
 
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 # How often to check whether a terminated group still has members.
