@@ -83,3 +83,23 @@ def encode_error_reply(reason: str, exitcode: int = EXIT_REFUSED) -> bytes:
     """An in-band error: a ``stderr`` pair ``sockexec_py: <reason>\\n``, then the exit pair."""
     line = f"sockexec_py: {reason}\n".encode("utf-8", "backslashreplace")
     return _KIND_HEADERS["stderr"] + encode(line) + encode_exit_pair(exitcode=exitcode)
+
+
+def pair_at(data: bytes | memoryview, start: int) -> tuple[int, int] | None:
+    """(end, data length) of the whole pair (two netstrings, as the broker encodes
+    them) at ``start`` of ``data``, or None if it is cut short."""
+    end = start
+    length = 0
+    for _ in range(2):  # the type netstring, then the data netstring
+        colon = -1
+        for index in range(end, min(end + 12, len(data))):
+            if data[index] == 0x3A:  # ":"
+                colon = index
+                break
+        if colon < 0:
+            return None
+        length = int(bytes(data[end:colon]))
+        end = colon + 1 + length + 1
+        if end > len(data):
+            return None
+    return end, length

@@ -18,6 +18,7 @@ from sockexec_py.replies import (
     encode_error_reply,
     encode_exit_pair,
     encode_output_pair,
+    pair_at,
     termsig_text,
 )
 
@@ -102,3 +103,20 @@ def test_termsig_text(signum: signal.Signals, name: bytes) -> None:
 def test_termsig_text_unnamed_signal_falls_back_to_number() -> None:
     assert termsig_text(200) == b"200"
     assert termsig_text(200, fmt="number") == b"200"
+
+
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=5), st.data())
+def test_pair_at_finds_each_whole_pair_and_no_cut_one(
+    payloads: list[bytes], data: st.DataObject
+) -> None:
+    stream = b"".join(b"".join(encode_output_pair("stdout", p)) for p in payloads)
+    start = 0
+    for payload in payloads:
+        found = pair_at(stream, start)
+        assert found is not None and found[1] == len(payload)
+        end = found[0]
+        assert stream[end - len(payload) - 1 : end - 1] == payload
+        cut = data.draw(st.integers(start, end - 1))
+        assert pair_at(stream[:cut], start) is None
+        start = end
+    assert start == len(stream) and pair_at(stream, start) is None

@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from sockexec_py.events import OutputKind
-from sockexec_py.replies import MAX_OUTPUT_CHUNK, encode_output_pair
+from sockexec_py.replies import MAX_OUTPUT_CHUNK, encode_output_pair, pair_at
 
 from . import _io
 from ._uring import Ring, open_ring
@@ -380,7 +380,7 @@ def whole_pairs(data: memoryview, room: int | None) -> int:
     measured ``room`` (None: unmeasured, one pair only). 0 when no pair is whole."""
     offset = 0
     while offset < len(data):
-        pair = _pair_at(data, offset)
+        pair = pair_at(data, offset)
         if pair is None:
             break
         end, data_length = pair
@@ -390,22 +390,3 @@ def whole_pairs(data: memoryview, room: int | None) -> int:
             room -= footprint(data_length)
         offset = end
     return offset
-
-
-def _pair_at(data: memoryview, start: int) -> tuple[int, int] | None:
-    """(end, data length) of the whole pair at ``start``, or None if it is cut."""
-    end = start
-    length = 0
-    for _ in range(2):  # the type netstring, then the data netstring
-        colon = -1
-        for index in range(end, min(end + 12, len(data))):
-            if data[index] == 0x3A:  # ":"
-                colon = index
-                break
-        if colon < 0:
-            return None
-        length = int(bytes(data[end:colon]))
-        end = colon + 1 + length + 1
-        if end > len(data):
-            return None
-    return end, length
