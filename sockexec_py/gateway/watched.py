@@ -7,7 +7,8 @@ only then swapped in: a reader never sees a mix of two versions. A read that the
 file changed under (size or mtime differ before and after, or fewer bytes came
 than its size said), an unreadable file, or one the parser refuses (an empty file
 from a writer that truncated and has not written yet, say) keeps the last good
-value, and the next check reads again: it fails closed, never "no secret".
+value: it fails closed, never "no secret". A read that raced a writer is tried
+again at the next check; a refused version, once it changes again.
 """
 
 from __future__ import annotations
