@@ -1,12 +1,19 @@
 """Shared by the tests of the jobs API over HTTP: a request with a JSON answer, a
-submit, and a wait for a job's end by long polls."""
+submit, a wait for a job's end by long polls, and a store file made unwritable."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sockexec_py.testing import GatewayProcess
+
+from conftest import IN_CI
 
 ENDED = ("succeeded", "failed", "cancelled", "lost")
 
@@ -33,3 +40,14 @@ def wait(gateway: GatewayProcess, job_id: str, timeout: float = 30) -> dict[str,
         if job["state"] in ENDED:
             return dict(job)
     raise AssertionError(f"job {job_id} did not end within {timeout} s: {job}")
+
+
+def immutable(path: Path, on: bool) -> None:
+    """``chattr +i`` (or ``-i``) on ``path``: writes to it fail, even as root (who
+    ignores chmod). Without chattr: a skip, and a failure under CI."""
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i" if on else "-i", str(path)]).returncode:
+        message = "chattr +i is not available here (root ignores chmod)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)

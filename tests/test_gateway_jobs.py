@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobs_support import call, wait
+from jobs_support import call, immutable, wait
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_spec
 
@@ -400,12 +399,6 @@ def test_auth_and_host_rules_apply_to_jobs(broker: Broker, data_dir: Path, tmp_p
 # -- faults -------------------------------------------------------------------------
 
 
-def _immutable(path: Path, on: bool) -> None:
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i" if on else "-i", str(path)]).returncode:
-        pytest.skip("chattr +i is not available here (root ignores chmod)")
-
-
 def _start_fails(broker: Broker, data_dir: Path) -> str:
     command = [sys.executable, "-m", "sockexec_py.gateway", "--socket", str(broker.path)]
     proc = subprocess.run(
@@ -459,11 +452,11 @@ def test_an_unusable_data_dir_is_a_startup_error(broker: Broker, tmp_path: Path)
     assert "cannot use the data dir" in _start_fails(broker, blocked / "data")
     locked = tmp_path / "immutable"
     locked.mkdir()
-    _immutable(locked, True)
+    immutable(locked, True)
     try:
         assert f"cannot use the data dir {locked}" in _start_fails(broker, locked)
     finally:
-        _immutable(locked, False)
+        immutable(locked, False)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     import sqlite3
@@ -480,7 +473,7 @@ def test_unwritable_store_is_503_and_nothing_half_written(
     first = submit(jobs, argv=["true"], start_at=4102444800, labels={"a": "b"})
     wal = data_dir / "jobs.db-wal"
     assert wal.exists()
-    _immutable(wal, True)
+    immutable(wal, True)
     try:
         status, error = call(jobs, "POST", "/v1/jobs", {"argv": ["true"], "labels": {"x": "y"}})
         assert status == 503 and error["error"] == "store_unavailable", error
@@ -488,7 +481,7 @@ def test_unwritable_store_is_503_and_nothing_half_written(
         status, page = call(jobs, "GET", "/v1/jobs")  # reads still work
         assert status == 200 and [job["id"] for job in page["jobs"]] == [first["id"]]
     finally:
-        _immutable(wal, False)
+        immutable(wal, False)
     second = submit(jobs, argv=["true"], start_at=4102444800)
     _, page = call(jobs, "GET", "/v1/jobs?label=x=y")
     assert page["jobs"] == []  # the refused submit left no label behind
@@ -507,7 +500,7 @@ def test_an_end_the_store_refuses_is_recorded_once_it_can(
     job_id = submit(jobs, argv=["sh", "-c", f'read x < "{fifo}"; echo done'])["id"]
     wait_until(lambda: call(jobs, "GET", f"/v1/jobs/{job_id}")[1]["state"] == "running", 10, "it")
     wal = data_dir / "jobs.db-wal"
-    _immutable(wal, True)
+    immutable(wal, True)
     try:
         fd = os.open(fifo, os.O_WRONLY)  # the program reads: it runs
         os.write(fd, b"go\n")
@@ -516,7 +509,7 @@ def test_an_end_the_store_refuses_is_recorded_once_it_can(
         status, job = call(jobs, "GET", f"/v1/jobs/{job_id}")
         assert (status, job["state"]) == (200, "running")  # as recorded, for now
     finally:
-        _immutable(wal, False)
+        immutable(wal, False)
     job = wait(jobs, job_id)
     assert (job["state"], job["exitcode"]) == ("succeeded", 0)
     status, _, body = jobs.request("GET", f"/v1/jobs/{job_id}/output")

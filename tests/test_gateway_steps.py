@@ -6,12 +6,13 @@ gateway mid-task (running steps lost, queued ones run after the restart)."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from jobs_support import call, submit, wait
+from jobs_support import call, immutable, submit, wait
 
 from conftest import Broker, GatewayProcess, wait_until
 
@@ -208,6 +209,42 @@ def test_steps_survive_a_kill_9(broker: Broker, tmp_path: Path) -> None:
         assert job["state"] == "lost" and "step 'slow' lost" in job["reason"]
         status, _, out = restarted.request("GET", f"/v1/jobs/{task}/output?step=then")
         assert (status, out) == (200, b"then\n")
+
+
+def test_a_step_end_the_store_refuses_is_kept_and_the_task_goes_on(
+    jobs: GatewayProcess, tmp_path: Path
+) -> None:
+    """A step ends while the store cannot be written: its end is kept, the task
+    waits, and once the store takes writes again the end is recorded and the next
+    step runs (nothing lost, nothing marked lost)."""
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    steps = [
+        {"name": "first", "argv": ["sh", "-c", f'echo up; read x < "{fifo}"']},
+        {"name": "second", "argv": ["echo", "after"]},
+    ]
+    task = submit(jobs, name="held", mode="sequential", steps=steps)
+    step_running(jobs, task, "first")
+    wal = tmp_path / "data" / "jobs.db-wal"
+    immutable(wal, True)
+    try:
+        fd = os.open(fifo, os.O_WRONLY)
+        os.write(fd, b"go\n")
+        os.close(fd)
+        jobs.log_until(f"cannot record the end of step first of {task} yet")
+        jobs.log_until("cannot record a step's end yet")  # the task waits for the store
+        status, job = call(jobs, "GET", f"/v1/jobs/{task}")
+        assert status == 200 and job["state"] == "running"
+    finally:
+        immutable(wal, False)
+    job = wait(jobs, task)
+    assert job["state"] == "succeeded", job
+    assert [(s["name"], s["state"]) for s in job["steps"]] == [
+        ("first", "succeeded"),
+        ("second", "succeeded"),
+    ]
+    status, _, body = jobs.request("GET", f"/v1/jobs/{task}/output?step=second")
+    assert (status, body) == (200, b"after\n")
 
 
 def test_task_answers_are_documented(jobs: GatewayProcess) -> None:

@@ -16,11 +16,14 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
+from typing import TypeVar
 
 import trio
 
 from sockexec_py.client import BrokerUnavailable
 
+from .errors import JobError, StoreUnavailable
 from .model import Job, JobState, broken_session_reason, final_state
 from .output import OutputStore, RunOutput, output_key
 from .progress import Progress
@@ -38,6 +41,7 @@ from .store import Store
 __all__ = ["RunningTask", "TaskConfig", "run_task"]
 
 log = logging.getLogger("sockexec_py.jobs")
+T = TypeVar("T")
 
 CANCELLED_STEP_REASON = "cancelled before it started"
 CANCELLED_TASK_REASON = "the task was cancelled before this step started"
@@ -68,6 +72,9 @@ class RunningTask(RunningJob):
         self.changed = trio.Event()
         #: Wakes the scheduler of :func:`run_task` (a step cancelled while queued).
         self.wake: Callable[[], None] = lambda: None
+        #: Step ends the store refused (a full disk): recorded, in order, by the
+        #: scheduler before it starts anything else (:func:`_record_kept`).
+        self.unrecorded: list[list[Step]] = []
 
     def load(self, steps: list[Step]) -> None:
         self.steps = steps
@@ -147,7 +154,7 @@ async def cancel_step(
             step, state=StepState.CANCELLED, ended_at=now, reason=CANCELLED_STEP_REASON
         )
         ended = [task.steps[index], *task.skip_after(index, now)]
-        await store.end_steps(task.job, ended)
+        await _record_step_end(task, store, ended)
         task.wake()
         task.notify()
         return
@@ -203,11 +210,15 @@ async def run_task(
 
     async with trio.open_nursery() as nursery:
         while True:
+            await _record_kept(task, store, config)
             while ready and running < config.max_parallel and not task.cancel_requested:
                 index = ready.popleft()
                 if task.steps[index].state is not StepState.QUEUED:
                     continue  # cancelled while it waited
-                task.steps[index] = await store.start_step(task.job, task.steps[index])
+                step = task.steps[index]
+                task.steps[index] = await _written(
+                    partial(store.start_step, task.job, step), config, f"the start of {step.name}"
+                )
                 # Its output is open before anyone sees it running: a follower that
                 # wakes now waits on it instead of reading no file and ending.
                 outputs.open(output_key(task.job.id, index))
@@ -235,9 +246,49 @@ async def run_task(
     if left:
         for step in left:
             task.steps[step.index] = step
-        await store.end_steps(task.job, left)
+        task.unrecorded.append(left)
         task.notify()
+    await _record_kept(task, store, config)
     return task_end(task.steps, cancel_requested=task.cancel_requested)
+
+
+async def _record_step_end(task: RunningTask, store: Store, ended: list[Step]) -> None:
+    """Record a step's end (and its skipped dependents) now, or keep it for the
+    scheduler when the store refuses it or earlier ends still wait (their order)."""
+    if not task.unrecorded:
+        try:
+            await store.end_steps(task.job, ended)
+            return
+        except StoreUnavailable as exc:
+            log.error(
+                "cannot record the end of step %s of %s yet: %s", ended[0].name, task.job.id, exc
+            )
+        except JobError as exc:
+            log.error("cannot record the end of step %s of %s: %s", ended[0].name, task.job.id, exc)
+            return
+    task.unrecorded.append(ended)
+    task.wake()
+
+
+async def _record_kept(task: RunningTask, store: Store, config: TaskConfig) -> None:
+    """Record the step ends kept back, in order, trying while the store refuses."""
+    while task.unrecorded:
+        ended = task.unrecorded[0]
+        await _written(partial(store.end_steps, task.job, ended), config, "a step's end")
+        task.unrecorded.pop(0)
+
+
+async def _written(write: Callable[[], Awaitable[T]], config: TaskConfig, what: str) -> T:
+    """``write()`` once the store takes it: while it is unavailable (a full disk,
+    an I/O error) tried again with backoff; the task waits, steps that run go on."""
+    delay = config.retry_initial
+    while True:
+        try:
+            return await write()
+        except StoreUnavailable as exc:
+            log.error("cannot record %s yet: %s; trying again in %g s", what, exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, config.retry_max)
 
 
 async def _run_step(
@@ -314,12 +365,7 @@ async def _run_step(
             task.steps[index] = ended
             skipped = task.skip_after(index, now) if state is not JobState.SUCCEEDED else []
             if state is not JobState.LOST:
-                try:
-                    await store.end_steps(task.job, [ended, *skipped])
-                except Exception as exc:
-                    log.error(
-                        "cannot record the end of step %s of %s: %s", step.name, task.job.id, exc
-                    )
+                await _record_step_end(task, store, [ended, *skipped])
             await run.output.close()
             del task.step_runs[index]
             run.done.set()
