@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         help="events a monitor may have waiting before it is dropped (4096)",
     )
+    add(
+        "--monitor-pace",
+        type=number(float, 0, "monitor_pace"),
+        default=250e-6,
+        metavar="SECONDS",
+        help="a batch=1 monitor sends at most one message every (monitors x SECONDS), "
+        "leaving the gateway time for its other work (0.00025; 0: as fast as it can)",
+    )
     hooks = parser.add_argument_group("callbacks (README: Callbacks)")
     add = hooks.add_argument
     add(
@@ -242,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             callback_backoff=args.callback_backoff,
             callback_deadline=args.callback_deadline,
             monitor_queue=args.monitor_queue,
+            monitor_pace=args.monitor_pace,
         ),
     )
     if args.callback_allow and not args.callback_secret_file:

@@ -18,8 +18,11 @@ Two options for monitors that must keep up with many jobs: ``types=finished,...`
 sends only those event types (the control messages always come), and ``batch=1``
 makes every message a JSON array of one or more of the messages above, in order:
 what queued up while the previous message was being sent goes out as one message,
-so a busy gateway sends fewer, larger messages instead of falling behind (one
-WebSocket message per event costs the gateway ~20-40 us of CPU whatever its size).
+so a busy gateway sends fewer, larger messages instead of falling behind (a
+WebSocket message costs the gateway about the same whatever its size). A ``batch=1``
+monitor is also paced: at most one array every (monitors connected x
+``--monitor-pace``, 250 us), so a thousand of them leave the gateway time for
+submits and the rest.
 
 The live side never waits for a monitor (see :class:`~sockexec_py.jobs.events.EventHub`).
 A monitor that stops reading altogether is dropped from the live feed when its
@@ -226,6 +229,14 @@ class MonitorEndpoint:
         finally:
             self.metrics.requests.labels("monitor", status).inc()
 
+    def _pace(self) -> float:
+        """The least time between two arrays of one ``batch=1`` monitor: each
+        connected monitor's share of ``--monitor-pace``."""
+        jobs = self.jobs
+        if jobs is None or jobs.runner is None:
+            return 0.0
+        return jobs.runner.hub.subscribers * jobs.settings.monitor_pace
+
     def _admit(self, websocket: WebSocket) -> tuple[Principal, MonitorQuery]:
         """The checks before the upgrade: who, which name, since which event."""
         principal = self.screen(websocket.headers, True)
@@ -315,8 +326,12 @@ class MonitorEndpoint:
         reads again (or goes away) the overflow message and the close follow.
         """
         sent = last
+        next_at = 0.0
+        batch = messages.batch
         while True:
             await subscription.wait()
+            if batch and (wait := next_at - trio.current_time()) > 0:
+                await trio.sleep(wait)  # what comes meanwhile joins this message
             if subscription.overflowed:  # what it missed, it reads again with since
                 await messages.send([json.dumps({"type": "overflow", "last_id": sent})])
                 await messages.websocket.close(code=OVERFLOW_CLOSE)
@@ -326,6 +341,8 @@ class MonitorEndpoint:
             if fresh:
                 await messages.send([event.text for event in fresh])
                 sent = fresh[-1].id
+                if batch:
+                    next_at = trio.current_time() + self._pace()
 
 
 def _error(exc: HTTPError) -> dict[str, Any]:

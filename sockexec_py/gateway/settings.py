@@ -37,6 +37,10 @@ class JobsSettings:
     callback_deadline: float = 3600.0
     #: Events a monitor may have waiting before it is dropped (``overflow``).
     monitor_queue: int = 4096
+    #: Seconds of the gateway's time one monitor message may take: a ``batch=1``
+    #: monitor sends at most one array every (monitors connected x this), so many
+    #: monitors do not crowd out the gateway's other work.
+    monitor_pace: float = 250e-6
 
 
 @dataclass(frozen=True, slots=True)
