@@ -32,26 +32,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from bench.jobs_common import Row, quantile, render
 from bench.jobs_history import build_history
 from sockexec_py.testing import BrokerProcess, GatewayProcess
+from sockexec_py.testing.browser import chromium
 
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,860",
-)
 #: Navigation and Paint Timing of the page just loaded, in ms from its start.
 _TIMINGS = """
 const nav = performance.getEntriesByType('navigation')[0];
@@ -130,18 +119,7 @@ def bench_server(port: int, requests: int) -> tuple[list[Row], dict[str, Any]]:
     return rows, figures
 
 
-def _browser(profile: Path) -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={profile}")
-    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-
-
-def bench_paint(
-    driver: webdriver.Chrome, base: str, loads: int
-) -> tuple[list[Row], dict[str, Any]]:
+def bench_paint(driver: WebDriver, base: str, loads: int) -> tuple[list[Row], dict[str, Any]]:
     samples = []
     for number in range(loads + 1):
         driver.get(base + "/")
@@ -174,7 +152,7 @@ def bench_paint(
 
 
 def bench_output(
-    driver: webdriver.Chrome, gateway: GatewayProcess, size: int
+    driver: WebDriver, gateway: GatewayProcess, size: int
 ) -> tuple[list[Row], dict[str, Any]]:
     line = "\x1b[32mok\x1b[0m step of a long build, with \x1b[1msome\x1b[0m text"
     script = f"sleep 1; yes '{line}' | head -c {size}"
@@ -239,7 +217,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.dashboa
             with GatewayProcess(broker.path, "--data-dir", str(cache), *keep) as gateway:
                 more, figures["server"] = bench_server(gateway.port, args.requests)
                 rows += more
-                driver = _browser(work / "profile")
+                driver = chromium(work / "profile")
                 try:
                     more, figures["paint"] = bench_paint(driver, gateway.base, args.loads)
                     rows += more

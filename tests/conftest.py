@@ -11,6 +11,7 @@ import http.client
 import os
 import select
 import shutil
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -179,6 +180,25 @@ def check_lines_arrive_while_running(
         assert programs(b"slow-print"), "the first line came only after the program"
         assert response.readline() == b"line 2\n"
         assert response.read() == b"line 3\n"
+    finally:
+        conn.close()
+
+
+def check_dying_program_cuts_the_response(
+    port: int, programs: Callable[[bytes], list[int]]
+) -> None:
+    """GET /slow of the nginx on ``port`` (100 lines), then SIGTERM to slow-print
+    after the first line: the 200 already went out, so the response is cut short
+    (no last chunk) instead of ending as if complete."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/slow?count=100&ms=100")
+        response = conn.getresponse()
+        assert (response.status, response.readline()) == (200, b"line 1\n")
+        for pid in programs(b"slow-print"):
+            os.kill(pid, signal.SIGTERM)
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
     finally:
         conn.close()
 

@@ -36,13 +36,15 @@ program = "head"
 program = "true"
 
 # Prints a line, waits for a line on the FIFO @@1, and so on: the tests say when
-# it goes on, so nothing depends on timing.
+# it goes on, so nothing depends on timing. A read that finds only the end of the
+# previous writer (its close came after this open) waits again.
 [[command]]
 name = "talk"
 argv = [
     "/bin/sh", "-c",
-    '''echo "[1/3] start $2"; printf '\033[31mred\033[0m plain\n'; read x < "$1";
-    echo "[2/3] middle"; read x < "$1"; echo "[3/3] end"''',
+    '''echo "[1/3] start $2"; printf '\033[31mred\033[0m plain\n';
+    until read x < "$1"; do :; done; echo "[2/3] middle";
+    until read x < "$1"; do :; done; echo "[3/3] end"''',
     "talk", "@@1", "@@2",
 ]
 params_regex = ['/[\w./-]+', '[A-Za-z]{1,20}']

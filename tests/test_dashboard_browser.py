@@ -20,31 +20,19 @@ from typing import Any, TypeVar
 
 import pytest
 from dashboard_support import TOKEN, build_history, write_files
-from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
-from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from sockexec_py.gateway.dashboard.guard import CSP
+from sockexec_py.testing.browser import chromium as start_chromium
 
 from conftest import Broker, GatewayProcess, require_tool
 
 HISTORY = 10_000
 WAIT = 30.0
-CHROMIUM_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1280,860",
-)
 T = TypeVar("T")
 
 
@@ -112,13 +100,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture(scope="module")
 def chromium(stack: Stack) -> Iterator[WebDriver]:
     binary = require_tool("chromium")
-    driver_path = require_tool("chromedriver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={stack.root / 'chromium-profile'}")
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver = start_chromium(stack.root / "chromium-profile", binary, require_tool("chromedriver"))
     try:
         yield driver
     finally:
@@ -131,11 +113,16 @@ def browser(chromium: WebDriver, stack: Stack) -> WebDriver:
     chromium.get(stack.base + "/")
     if "/login" in chromium.current_url:
         log_in(chromium, TOKEN)
+        # Logged in once the login page has sent us on (with the session cookie).
+        until(chromium, lambda d: "/login" not in d.current_url, "the page after the login")
     return chromium
 
 
 def until(driver: WebDriver, condition: Callable[[WebDriver], T], what: str) -> T:
-    return WebDriverWait(driver, WAIT).until(condition, what)
+    """``condition`` once it holds; an element replaced while it is looked at (the
+    page navigating, a live update) is looked up again, as a person would look."""
+    wait = WebDriverWait(driver, WAIT, ignored_exceptions=(StaleElementReferenceException,))
+    return wait.until(condition, what)
 
 
 def text_of(driver: WebDriver, css: str) -> str:

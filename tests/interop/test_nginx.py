@@ -17,7 +17,6 @@ import http.client
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sysconfig
@@ -42,6 +41,7 @@ from conftest import (
     Broker,
     GatewayProcess,
     StartBroker,
+    check_dying_program_cuts_the_response,
     check_lines_arrive_while_running,
     pid_alive,
     require_tool,
@@ -279,20 +279,8 @@ def test_http_client_going_away_stops_the_program(stack: Stack) -> None:
 
 
 def test_program_dying_mid_stream_cuts_the_response_short(stack: Stack) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", stack.nginx.port, timeout=30)
-    try:
-        conn.request("GET", "/slow?count=100&ms=100")
-        response = conn.getresponse()
-        assert (response.status, response.readline()) == (200, b"line 1\n")
-        for pid in stack.programs(b"slow-print"):
-            os.kill(pid, signal.SIGTERM)
-        # 200 was sent with the first line; the failure shows as a missing last chunk.
-        with pytest.raises(http.client.IncompleteRead):
-            response.read()
-    finally:
-        conn.close()
-    # logged before the connection was cut
-    assert "slow-print: killed by SIGTERM" in stack.nginx.error_log()
+    check_dying_program_cuts_the_response(stack.nginx.port, stack.programs)
+    assert "slow-print: killed by SIGTERM" in stack.nginx.error_log()  # logged before the cut
 
 
 def test_missing_program_is_a_502_with_the_brokers_message(stack: Stack) -> None:
