@@ -23,7 +23,7 @@ import trio
 
 from sockexec_py.client import BrokerUnavailable
 
-from .errors import JobError, StoreUnavailable
+from .errors import StoreUnavailable
 from .model import Job, JobState, broken_session_reason, final_state
 from .output import OutputStore, RunOutput, output_key
 from .progress import Progress
@@ -263,7 +263,7 @@ async def _record_step_end(task: RunningTask, store: Store, ended: list[Step]) -
             log.error(
                 "cannot record the end of step %s of %s yet: %s", ended[0].name, task.job.id, exc
             )
-        except JobError as exc:
+        except Exception as exc:  # a bug or a refusal: said, not the task's end
             log.error("cannot record the end of step %s of %s: %s", ended[0].name, task.job.id, exc)
             return
     task.unrecorded.append(ended)
