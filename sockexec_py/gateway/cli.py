@@ -60,7 +60,7 @@ def _origin(text: str) -> str:
 
 def _allow_rule(text: str) -> str:
     """A ``--callback-allow`` value, checked now (a usage error names it)."""
-    from .callbacks import AllowRule
+    from .callback_policy import AllowRule
 
     try:
         AllowRule.parse(text)

@@ -40,14 +40,8 @@ from sockexec_py.jobs import (
 
 from .api import Api
 from .auth import Principal, audit, audit_name, require
-from .callbacks import (
-    AllowRule,
-    CallbackPolicy,
-    CallbackRefused,
-    Deliverer,
-    DeliverySettings,
-    secret_file,
-)
+from .callback_policy import AllowRule, CallbackPolicy, CallbackRefused
+from .callbacks import Deliverer, DeliverySettings, secret_file
 from .jobs_routes import register
 from .jobs_views import (
     TextStream,

@@ -27,7 +27,7 @@ class JobsSettings:
     keep_for: float | None = 7 * 86400.0
     keep_max: int | None = None
     kill_grace: float = 15.0
-    #: ``--callback-allow`` values (:class:`~.callbacks.AllowRule` syntax); none:
+    #: ``--callback-allow`` values (:class:`~.callback_policy.AllowRule` syntax); none:
     #: callbacks are refused.
     callback_allow: tuple[str, ...] = ()
     callback_secret_file: str | None = None
