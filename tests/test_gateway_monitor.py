@@ -326,27 +326,6 @@ def test_live_batches_carry_what_queued_up(jobs: GatewayProcess) -> None:
     assert sorted(m["job"] for m in singles if m["type"] == "finished") == sorted(ids)
 
 
-def test_a_paced_batch_monitor_gets_what_came_meanwhile_in_one_array(
-    broker: Broker, tmp_path: Path
-) -> None:
-    """With ``--monitor-pace 3`` (one monitor: 3 s between two of its arrays), the
-    ends of jobs that finish while it waits come together in the next array."""
-    flags = ("--data-dir", str(tmp_path / "data"), "--monitor-pace", "3")
-    with GatewayProcess(broker.path, *flags) as gateway:
-        paced = handshake(gateway.port, "/v1/monitor?batch=1&types=finished")
-        try:
-            head = read_until(paced, ready)
-            ids = [submit(gateway, argv=["true"], name="paced") for _ in range(4)]
-            got = read_until(paced, job_events(4), head)
-        finally:
-            paced.close()
-    arrays = [json.loads(text) for text in text_frames(got)]
-    events = [item for array in arrays for item in array if item["type"] == "finished"]
-    assert sorted(event["job"] for event in events) == sorted(ids)
-    # The first end goes out at once; the three that came during the 3 s, together.
-    assert len([array for array in arrays if array[0]["type"] == "finished"]) <= 2
-
-
 @pytest.mark.parametrize(
     ("query", "detail"),
     [

@@ -39,6 +39,7 @@ from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .models import EncodingQuery, ExecRequest, ExecResult, Health
 from .monitor import MONITOR_PATH, MonitorEndpoint
+from .monitor_wire import WireMonitors
 from .request import (
     ExecCall,
     HTTPError,
@@ -166,6 +167,8 @@ class Gateway:
         )
         self.dashboard = Dashboard(settings, self.tokens, self.jobs, self._count)
         monitor = MonitorEndpoint(self.jobs, self._screen, self.metrics)
+        #: The monitors the front door serves itself (see :mod:`.frontdoor`).
+        self.monitors = WireMonitors(monitor)
         self.app = Starlette(
             routes=[
                 *api.routes(),

@@ -162,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=number(float, 0, "monitor_pace"),
         default=250e-6,
         metavar="SECONDS",
-        help="a batch=1 monitor sends at most one message every (monitors x SECONDS), "
-        "leaving the gateway time for its other work (0.00025; 0: as fast as it can)",
+        help="a batch=1 monitor that reached the ASGI route (its upgrade came after "
+        "another request on its connection) sends at most one message every (monitors x "
+        "SECONDS), leaving the gateway time for its other work (0.00025; 0: no pause)",
     )
     hooks = parser.add_argument_group("callbacks (README: Callbacks)")
     add = hooks.add_argument
@@ -208,12 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from hypercorn.config import Config
-        from hypercorn.trio import serve
 
         from sockexec_py.jobs import JobError
 
         from .app import Gateway
         from .auth import TokenFileError
+        from .frontdoor import serve
     except ModuleNotFoundError as exc:  # installed without the [gateway] extra
         sys.stderr.write(
             f"{PROG}: the gateway needs the package {exc.name}: "
@@ -295,8 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             nursery.start_soon(on_signals)
             binds = await nursery.start(
                 lambda task_status: serve(
-                    gateway.app,  # type: ignore[arg-type]
+                    gateway.app,
                     config,
+                    gateway.monitors,
                     shutdown_trigger=stop.wait,
                     task_status=task_status,
                 )

@@ -17,12 +17,15 @@ What a monitor receives, in order:
 Two options for monitors that must keep up with many jobs: ``types=finished,...``
 sends only those event types (the control messages always come), and ``batch=1``
 makes every message a JSON array of one or more of the messages above, in order:
-what queued up while the previous message was being sent goes out as one message,
-so a busy gateway sends fewer, larger messages instead of falling behind (a
-WebSocket message costs the gateway about the same whatever its size). A ``batch=1``
-monitor is also paced: at most one array every (monitors connected x
-``--monitor-pace``, 250 us), so a thousand of them leave the gateway time for
-submits and the rest.
+what queued up while the previous message was being sent goes out as one message.
+
+Who sends them: a monitor whose upgrade is the first request of its connection
+(nearly every client) is taken aside by the front door (:mod:`.frontdoor`) and
+served by :mod:`.monitor_wire`, which writes all monitors' messages from one loop;
+any other reaches this module's ASGI route, where each message costs the gateway
+~130 us, so a ``batch=1`` monitor here is also paced: at most one array every
+(monitors connected x ``--monitor-pace``, 250 us). Both share the checks, the
+replay and the messages (:meth:`MonitorEndpoint.admit`, :meth:`~MonitorEndpoint.open_feed`).
 
 The live side never waits for a monitor (see :class:`~sockexec_py.jobs.events.EventHub`).
 A monitor that stops reading altogether is dropped from the live feed when its
@@ -34,28 +37,36 @@ and needs ``monitor``.
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from starlette.datastructures import Headers
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from sockexec_py.client.wire import error_frame
 from sockexec_py.errors import single_errors
 from sockexec_py.jobs import JobError
-from sockexec_py.jobs.events import EVENT_TYPES, Event, Subscription
+from sockexec_py.jobs.events import EVENT_TYPES, Event, EventHub, Subscription
 
 from .auth import Principal, require
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .request import HTTPError, error_response
 
-__all__ = ["MONITOR_PATH", "MonitorEndpoint", "MonitorQuery", "parse_query"]
+__all__ = [
+    "MONITOR_PATH",
+    "MonitorEndpoint",
+    "MonitorQuery",
+    "Sink",
+    "batches",
+    "error_message",
+    "overflow_message",
+    "parse_query",
+]
 
-log = logging.getLogger("sockexec_py.gateway")
 
 #: Events read from the store per page while catching up.
 REPLAY_PAGE = 1000
@@ -169,8 +180,22 @@ def parse_query(params: Mapping[str, str]) -> MonitorQuery:
     return MonitorQuery(name, since, types, batch == "1")
 
 
+class Sink(Protocol):
+    """Where a monitor's messages go, in order: one WebSocket message each, or with
+    ``batch`` as arrays (:func:`batches`)."""
+
+    async def send(self, texts: Sequence[str]) -> None: ...
+
+
+def batches(texts: Sequence[str]) -> list[str]:
+    """``batch=1``'s messages: JSON arrays of at most :data:`BATCH_MAX` texts."""
+    return [
+        "[" + ",".join(texts[at : at + BATCH_MAX]) + "]" for at in range(0, len(texts), BATCH_MAX)
+    ]
+
+
 class _Messages:
-    """Sends messages one per WebSocket message, or with ``batch`` as arrays."""
+    """The ASGI route's :class:`Sink`."""
 
     def __init__(self, websocket: WebSocket, batch: bool) -> None:
         self.websocket = websocket
@@ -181,8 +206,8 @@ class _Messages:
             for text in texts:
                 await self.websocket.send_text(text)
             return
-        for at in range(0, len(texts), BATCH_MAX):
-            await self.websocket.send_text("[" + ",".join(texts[at : at + BATCH_MAX]) + "]")
+        for text in batches(texts):
+            await self.websocket.send_text(text)
 
 
 class MonitorEndpoint:
@@ -199,15 +224,17 @@ class MonitorEndpoint:
         self.metrics = metrics
 
     async def serve(self, websocket: WebSocket) -> None:
+        """The ASGI route: a monitor whose request line the front door could not
+        tell at once (see :mod:`.frontdoor`), or the app under another server."""
         status = "200"
         try:
-            principal, query = self._admit(websocket)
+            principal, query = self.admit(websocket.headers, websocket.query_params)
         except HTTPError as exc:
             if "websocket.http.response" in websocket.scope.get("extensions", {}):
                 await websocket.send_denial_response(error_response(exc))
             else:
                 await websocket.close(code=4000 + exc.status, reason=exc.detail)
-            self.metrics.requests.labels("monitor", str(exc.status)).inc()
+            self.count(exc.status)
             return
         await websocket.accept()
         left = trio.Event()
@@ -216,7 +243,9 @@ class MonitorEndpoint:
             with single_errors():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_client, websocket, nursery.cancel_scope, left)
-                    await self._serve(messages, principal, query, nursery.cancel_scope)
+                    subscription, last = await self.open_feed(messages, principal, query)
+                    with subscription:
+                        await self._live(messages, subscription, last, nursery.cancel_scope)
                     nursery.cancel_scope.cancel()
             if left.is_set():
                 status = "499"
@@ -224,30 +253,40 @@ class MonitorEndpoint:
             status = "499"
         except HTTPError as exc:
             status = str(exc.status)
-            await messages.send([json.dumps({"type": "error", **_error(exc)})])
+            await messages.send([error_message(exc)])
             await websocket.close(code=1011)
         finally:
-            self.metrics.requests.labels("monitor", status).inc()
+            self.count(status)
+
+    def count(self, status: int | str) -> None:
+        """One monitor request in the metrics, by how it ended."""
+        self.metrics.requests.labels("monitor", str(status)).inc()
 
     def _pace(self) -> float:
-        """The least time between two arrays of one ``batch=1`` monitor: each
-        connected monitor's share of ``--monitor-pace``."""
+        """The least time between two arrays of one ``batch=1`` monitor of this
+        route: each connected monitor's share of ``--monitor-pace``."""
         jobs = self.jobs
         if jobs is None or jobs.runner is None:
             return 0.0
         return jobs.runner.hub.subscribers * jobs.settings.monitor_pace
 
-    def _admit(self, websocket: WebSocket) -> tuple[Principal, MonitorQuery]:
+    def admit(self, headers: Headers, params: Mapping[str, str]) -> tuple[Principal, MonitorQuery]:
         """The checks before the upgrade: who, which name, since which event."""
-        principal = self.screen(websocket.headers, True)
+        principal = self.screen(headers, True)
         if self.jobs is None or self.jobs.runner is None:
             raise HTTPError(
                 404, "jobs_disabled", "jobs are off: start sockexec-gateway with --data-dir DIR"
             )
-        query = parse_query(websocket.query_params)
+        query = parse_query(params)
         require(principal, "monitor", query.name)
         require(principal, "status", query.name)
         return principal, query
+
+    @property
+    def hub(self) -> EventHub:
+        """The jobs' event hub (there is one once :meth:`admit` let a monitor in)."""
+        assert self.jobs is not None and self.jobs.runner is not None
+        return self.jobs.runner.hub
 
     @staticmethod
     async def _watch_client(
@@ -261,13 +300,13 @@ class MonitorEndpoint:
                 scope.cancel()
                 return
 
-    async def _serve(
-        self,
-        messages: _Messages,
-        principal: Principal,
-        query: MonitorQuery,
-        scope: trio.CancelScope,
-    ) -> None:
+    async def open_feed(
+        self, sink: Sink, principal: Principal, query: MonitorQuery
+    ) -> tuple[Subscription, int]:
+        """Send what the monitor missed (with ``since``) and ``ready``; returns its
+        live subscription (events may be queued already) and the last id sent.
+
+        Error handling: :class:`HTTPError` 503 when the store cannot be read."""
         assert self.jobs is not None and self.jobs.runner is not None
         runner, store = self.jobs.runner, self.jobs.runner.store
         name, since, types = query.name, query.since, query.types
@@ -292,12 +331,12 @@ class MonitorEndpoint:
                 events, newest, first = await page(last)
                 if newest > since and (first is None or first > since + 1):
                     gap = {"type": "gap", "since": since, "first_id": first}
-                    await messages.send([json.dumps(gap)])
+                    await sink.send([json.dumps(gap)])
                 # Catch up page by page, then subscribe and read once more: what was
                 # committed meanwhile is in the table or in the queue (or both: the
                 # ids tell).
                 while True:
-                    await messages.send([event.text for event in events if visible(event)])
+                    await sink.send([event.text for event in events if visible(event)])
                     if events:
                         last = events[-1].id
                     if len(events) < REPLAY_PAGE:
@@ -309,11 +348,12 @@ class MonitorEndpoint:
             else:
                 subscription = runner.hub.subscribe(name, allowed, types)
                 _, last, _ = await page(2**62)
-            await messages.send([json.dumps({"type": "ready", "last_id": last})])
-            await self._live(messages, subscription, last, scope)
-        finally:
+            await sink.send([json.dumps({"type": "ready", "last_id": last})])
+        except BaseException:
             if subscription is not None:
                 subscription.close()
+            raise
+        return subscription, last
 
     async def _live(
         self, messages: _Messages, subscription: Subscription, last: int, scope: trio.CancelScope
@@ -333,7 +373,7 @@ class MonitorEndpoint:
             if batch and (wait := next_at - trio.current_time()) > 0:
                 await trio.sleep(wait)  # what comes meanwhile joins this message
             if subscription.overflowed:  # what it missed, it reads again with since
-                await messages.send([json.dumps({"type": "overflow", "last_id": sent})])
+                await messages.send([overflow_message(sent)])
                 await messages.websocket.close(code=OVERFLOW_CLOSE)
                 scope.cancel()
                 return
@@ -345,5 +385,11 @@ class MonitorEndpoint:
                     next_at = trio.current_time() + self._pace()
 
 
-def _error(exc: HTTPError) -> dict[str, Any]:
-    return {"error": exc.error, "detail": exc.detail, "status": exc.status}
+def error_message(exc: HTTPError) -> str:
+    """The message that ends a monitor the gateway cannot serve any more."""
+    return json.dumps(error_frame(exc.status, exc.error, exc.detail))
+
+
+def overflow_message(last_id: int) -> str:
+    """The message before the close of a monitor that fell too far behind."""
+    return json.dumps({"type": "overflow", "last_id": last_id})
