@@ -16,9 +16,10 @@
     all delivered, each once, every signature right; p99 from the job's end to the
     receiver.
 
-The monitors are trio tasks of this process on raw sockets with a minimal frame
-reader (a full WebSocket client per message would measure this process, not the
-gateway); submitters are threads on keep-alive ``http.client`` connections.
+The monitors are raw sockets read by one epoll loop in a process of their own,
+with a minimal frame reader (a full WebSocket client per message would measure
+the client, not the gateway); submitters are threads on keep-alive
+``http.client`` connections.
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="",
         help="the monitors' options, e.g. batch=1&types=finished (default: none, "
         "one message per event of every type)",
+    )
+    parser.add_argument(
+        "--pace",
+        type=float,
+        help="the gateway's --monitor-pace in seconds (default: the gateway's default)",
     )
     parser.add_argument("--json", help="write the rows and the settings there")
     args = parser.parse_args(argv)
