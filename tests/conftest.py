@@ -253,6 +253,18 @@ def broker(start_broker: StartBroker) -> Broker:
 
 
 @pytest.fixture
+def jobs(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
+    """A gateway with jobs (a data dir in ``tmp_path``); its log must show no
+    traceback at the end (monitors that leave, refused requests: no error).
+    Modules that need other flags define their own ``jobs``."""
+    process = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
+    process.log_until("listening")  # from here on its log is read (and kept)
+    yield process
+    process.stop()
+    assert "Traceback" not in "".join(process.lines)
+
+
+@pytest.fixture
 def gateway(broker: Broker) -> Iterator[GatewayProcess]:
     process = GatewayProcess(broker.path)
     yield process

@@ -12,29 +12,19 @@ import os
 import signal
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jobs_support import submit, wait
-from test_gateway_monitor import handshake, job_events, read_until, ready, text_frames
+from test_gateway_monitor import frames, handshake, job_events, read_until, ready, text_frames
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
 from sockexec_py.gateway.monitor_wire import text_frame
 
 from conftest import Broker, GatewayProcess, wait_until
-
-
-@pytest.fixture
-def jobs(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
-    process.log_until("listening")  # from here on its log is read (and kept)
-    yield process
-    process.stop()
-    assert "Traceback" not in "".join(process.lines)
 
 
 def upgrade_request(path: str, version: str = "13") -> bytes:
@@ -52,23 +42,6 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     assert len(payload) < 126
     return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
-
-
-def frames(data: bytes) -> list[tuple[int, bytes]]:
-    """(opcode, payload) of each whole server frame after the handshake."""
-    view = memoryview(data)[data.index(b"\r\n\r\n") + 4 :]
-    out = []
-    while len(view) >= 2:
-        opcode, length, start = view[0] & 0x0F, view[1] & 0x7F, 2
-        if length == 126:
-            length, start = int.from_bytes(view[2:4], "big"), 4
-        elif length == 127:
-            length, start = int.from_bytes(view[2:10], "big"), 10
-        if len(view) < start + length:
-            break
-        out.append((opcode, bytes(view[start : start + length])))
-        view = view[start + length :]
-    return out
 
 
 def read_all(sock: socket.socket) -> bytes:

@@ -15,7 +15,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +27,6 @@ from sockexec_py.client.jobs import MonitorEvent, amonitor, monitor
 from sockexec_py.jobs.schema import MIGRATIONS, SCHEMA_VERSION
 
 from conftest import Broker, GatewayProcess, wait_until
-
-
-@pytest.fixture
-def jobs(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
-    process = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
-    process.log_until("listening")  # from here on its log is read (and kept)
-    yield process
-    process.stop()
-    assert "Traceback" not in "".join(process.lines)  # monitors that leave are no error
 
 
 def replay(gateway: GatewayProcess, *until_jobs: str, **options: Any) -> list[MonitorEvent]:
@@ -186,23 +177,26 @@ def handshake(port: int, path: str) -> socket.socket:
     return sock
 
 
-def text_frames(data: bytes) -> list[str]:
-    """The text messages of a server's WebSocket bytes (after its handshake)."""
+def frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole server frame after the handshake."""
     view = memoryview(data)[data.index(b"\r\n\r\n") + 4 :]
-    texts = []
+    out = []
     while len(view) >= 2:
-        opcode, length = view[0] & 0x0F, view[1] & 0x7F
-        start = 2
+        opcode, length, start = view[0] & 0x0F, view[1] & 0x7F, 2
         if length == 126:
             length, start = int.from_bytes(view[2:4], "big"), 4
         elif length == 127:
             length, start = int.from_bytes(view[2:10], "big"), 10
         if len(view) < start + length:
             break
-        if opcode == 1:
-            texts.append(bytes(view[start : start + length]).decode())
+        out.append((opcode, bytes(view[start : start + length])))
         view = view[start + length :]
-    return texts
+    return out
+
+
+def text_frames(data: bytes) -> list[str]:
+    """The text messages of a server's WebSocket bytes (after its handshake)."""
+    return [payload.decode() for opcode, payload in frames(data) if opcode == 0x1]
 
 
 def test_a_monitor_that_never_reads_is_dropped(broker: Broker, tmp_path: Path) -> None:
