@@ -7,11 +7,14 @@ requests the door refuses; frames a WebSocket client reads back."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -162,14 +165,90 @@ def test_a_stopping_gateway_closes_its_monitors_with_1001(broker: Broker, tmp_pa
             "the request head is over 16384 bytes",
         ),
         (upgrade_request("/v1/monitor?batch=2"), "batch: expected 0 or 1"),
+        (upgrade_request("/v1/monitor?since=%C2%B2"), "since: expected an event id"),
+        (
+            upgrade_request("/v1/monitor").replace(b"HTTP/1.1", b"HTTP/1.0"),
+            "needs HTTP/1.1",
+        ),
+        (
+            upgrade_request("/v1/monitor").replace(b"\r\n\r\n", b"\r\nContent-Length: 2\r\n\r\nhi"),
+            "has no body",
+        ),
+        (
+            upgrade_request("/v1/monitor").replace(b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Key: !"),
+            "16 bytes, base64",
+        ),
     ],
-    ids=["no-upgrade", "version-8", "no-key", "bad-header", "head-over-16k", "bad-batch"],
+    ids=[
+        "no-upgrade",
+        "version-8",
+        "no-key",
+        "bad-header",
+        "head-over-16k",
+        "bad-batch",
+        "since-not-ascii",
+        "http-1.0",
+        "a-body",
+        "key-not-base64",
+    ],
 )
 def test_the_door_refuses_what_is_not_a_monitor_upgrade(
     jobs: GatewayProcess, request_bytes: bytes, detail: str
 ) -> None:
     status, body = answer(jobs.port, request_bytes)
     assert status == 400 and body["error"] == "bad_request" and detail in body["detail"]
+
+
+def test_a_bad_frame_is_answered_with_1002(jobs: GatewayProcess) -> None:
+    sock = handshake(jobs.port, "/v1/monitor")
+    try:
+        got = read_until(sock, ready)
+        sock.sendall(b"\x81\x02hi")  # a client's frame must be masked
+        got += read_all(sock)
+    finally:
+        sock.close()
+    closes = [payload for op, payload in frames(got) if op == 0x8]
+    assert closes and closes[0][:2] == struct.pack("!H", 1002)
+
+
+def test_a_client_that_pings_and_never_reads_is_not_read_either(jobs: GatewayProcess) -> None:
+    """Pongs wait for the client to read them; past 64 KiB of them the gateway stops
+    reading its frames, so its sends block: the gateway's memory does not grow with
+    what the client sends."""
+    sock = handshake(jobs.port, "/v1/monitor")
+    try:
+        read_until(sock, ready)
+        rss = jobs.rss_kib()
+        pings = client_frame(0x9, b"p" * 125) * 8000  # ~1 MiB a send
+        sent = 0
+        sock.setblocking(False)
+        while sent < 48 << 20:
+            if not select.select([], [sock], [], 3)[1]:
+                break  # blocked for 3 s: the gateway stopped reading
+            with contextlib.suppress(BlockingIOError):
+                sent += sock.send(pings)
+        grown = jobs.rss_kib() - rss
+    finally:
+        sock.close()
+    assert sent < 32 << 20, f"the gateway read {sent >> 20} MiB of pings nobody reads"
+    assert grown < 32 << 10, f"the gateway grew by {grown >> 10} MiB"
+
+
+def test_a_silent_connection_does_not_hold_up_a_stop(broker: Broker, tmp_path: Path) -> None:
+    """A connection that never sent a byte is closed when the gateway stops, as
+    Hypercorn closes its idle ones (not after the 5 s keep-alive wait)."""
+    gateway = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
+    try:
+        silent = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+        wait_until(lambda: bool(gateway.request("GET", "/healthz")), 10, "the gateway")
+        began = time.monotonic()
+        gateway.proc.send_signal(signal.SIGTERM)
+        assert silent.recv(1) == b""  # closed by the stop
+        assert gateway.proc.wait(timeout=20) == 0
+        assert time.monotonic() - began < 4.5
+        silent.close()
+    finally:
+        gateway.stop()
 
 
 def test_other_paths_that_start_alike_are_hypercorns(jobs: GatewayProcess) -> None:

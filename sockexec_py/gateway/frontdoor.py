@@ -14,6 +14,7 @@ which is why ``pyproject.toml`` bounds Hypercorn's version.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -28,6 +29,8 @@ from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 __all__ = ["MONITOR_REQUEST", "MonitorDoor", "serve"]
+
+log = logging.getLogger("sockexec_py.gateway")
 
 #: The request line's start that picks the wire monitors (then ``?`` or a space).
 MONITOR_REQUEST = b"GET /v1/monitor"
@@ -72,18 +75,29 @@ async def serve(
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
 
+    waiting: set[trio.CancelScope] = set()  # connections that have not spoken yet
+
     async def handle(stream: trio.SocketStream) -> None:
+        """One connection: never raises (an error would end serve_listeners)."""
         try:
-            monitor = await _is_monitor(stream, config.keep_alive_timeout)
-        except OSError:  # reset before it sent anything
-            monitor = None
-        if monitor is None:
+            with trio.CancelScope() as scope:
+                waiting.add(scope)
+                try:
+                    monitor = await _is_monitor(stream, config.keep_alive_timeout)
+                except OSError:  # reset before it sent anything
+                    monitor = None
+                finally:
+                    waiting.discard(scope)
+            if monitor is None or scope.cancelled_caught:  # silent, or the gateway stops
+                await stream.aclose()
+            elif monitor:
+                await door.serve(stream)
+            else:
+                state = ConnectionState(lifespan_state.copy())
+                await TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
+        except Exception:  # a bug: this connection ends, the gateway goes on
+            log.exception("connection failed")
             await stream.aclose()
-        elif monitor:
-            await door.serve(stream)
-        else:
-            state = ConnectionState(lifespan_state.copy())
-            await TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -98,15 +112,22 @@ async def serve(
                 binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
             server_nursery.start_soon(door.run)
             task_status.started(binds)
-            async with trio.open_nursery() as accepting:
-                accepting.start_soon(
-                    partial(trio.serve_listeners, handle, listeners, handler_nursery=server_nursery)
-                )
-                await shutdown_trigger()
-                accepting.cancel_scope.cancel()
-            door.close()
-            # What is running gets graceful_timeout seconds to end (Hypercorn's rule).
-            await context.terminated.set()
-            server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            try:
+                async with trio.open_nursery() as accepting:
+                    accepting.start_soon(
+                        partial(
+                            trio.serve_listeners, handle, listeners, handler_nursery=server_nursery
+                        )
+                    )
+                    await shutdown_trigger()
+                    accepting.cancel_scope.cancel()
+            finally:
+                # What is running gets graceful_timeout seconds to end (Hypercorn's
+                # rule); idle connections and monitors are told at once.
+                for scope in waiting:
+                    scope.cancel()
+                door.close()
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()

@@ -164,7 +164,7 @@ def parse_query(params: Mapping[str, str]) -> MonitorQuery:
     since_text = params.get("since")
     since = None
     if since_text is not None:
-        if not since_text.isdigit() or len(since_text) > 18:
+        if not (since_text.isascii() and since_text.isdigit()) or len(since_text) > 18:
             raise HTTPError(400, "bad_request", "since: expected an event id (an integer)")
         since = int(since_text)
     types = None

@@ -44,6 +44,8 @@ from .ws_handshake import accepted, read_head, refuse, upgrade_key
 
 #: Seconds a closing monitor gets to read what is left (then it is cut off).
 CLOSE_WAIT = 30.0
+#: Bytes waiting to go out past which the client's frames are not read.
+READ_PAUSE = 65536
 
 __all__ = ["FanOut", "WireMonitor", "WireMonitors", "text_frame"]
 
@@ -65,7 +67,10 @@ def _frames(texts: Sequence[str], batch: bool) -> bytes:
 class WireMonitor:
     """One monitor connection after its upgrade: writes that never wait (what the
     socket does not take waits in ``pending`` for :meth:`flushing`), and the
-    client's frames read by :meth:`reading` (pings answered, a close ends it)."""
+    client's frames read by :meth:`reading` (pings answered, a close ends it).
+    Nothing is written after a close frame; the client's reading is paused while
+    more than :data:`READ_PAUSE` bytes wait to go out (a client that pings and never
+    reads cannot grow ``pending``)."""
 
     def __init__(self, stream: trio.SocketStream, batch: bool, unread: bytes) -> None:
         self.stream = stream
@@ -73,7 +78,7 @@ class WireMonitor:
         self.pending = bytearray()
         self.sent = 0  # the id of the last event written
         self.subscription: Subscription | None = None
-        #: True when the client closed or went away (not the gateway).
+        #: True when the client closed or went away first (not the gateway).
         self.left = False
         #: Set when the monitor is over: the client closed or left, or we closed.
         self.over = trio.Event()
@@ -83,14 +88,17 @@ class WireMonitor:
         self._writable = trio.Event()
         self._drained = trio.Event()
         self._drained.set()
+        #: Set when the client's side ended (its close frame, EOF or an error).
+        self._peer_done = trio.Event()
         self._fanout: FanOut | None = None
         self._broken = False
+        self._shut = False  # a close frame was written: nothing more goes out
 
     # -- writing ---------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         """Send ``data`` now as far as the socket takes it; the rest in order later."""
-        if self._broken:
+        if self._broken or self._shut:
             return
         if not self.pending:
             try:
@@ -134,36 +142,55 @@ class WireMonitor:
                 self._fanout.wake()  # its queue may have filled meanwhile
 
     def _gone(self) -> None:
-        self.left = self._broken = True
+        self.left = self.left or not self._shut
+        self._broken = True
         self.pending.clear()
         self._drained.set()
+        self._peer_done.set()
         self.over.set()
 
     def close(self, code: int, texts: Sequence[str] = ()) -> None:
-        """Write ``texts`` and a close frame; the monitor is over."""
+        """Write ``texts`` and a close frame (unless one went already); over."""
         if self._ws.state is ConnectionState.OPEN:
             self.write(_frames(texts, self.batch) + self._ws.send(CloseConnection(code)))
+            self._shut = True
         self.over.set()
 
     async def closed(self) -> None:
-        """Once over: let the client read what is left (at most :data:`CLOSE_WAIT`)."""
+        """Once over: let the client read what is left and answer our close (at
+        most :data:`CLOSE_WAIT` seconds), so that the socket's close cannot reset
+        the connection under data it has not read yet."""
         with trio.move_on_after(CLOSE_WAIT):
             await self._drained.wait()
+            await self._peer_done.wait()
 
     # -- reading ---------------------------------------------------------------------
 
     async def reading(self) -> None:
         """Read the client's frames until it closes or goes away (then ``over``)."""
+        try:
+            await self._read()
+        finally:
+            self._peer_done.set()
+
+    async def _read(self) -> None:
         while True:
             for event in self._ws.events():
                 if isinstance(event, Ping) and self._ws.state is ConnectionState.OPEN:
                     self.write(self._ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
-                    if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                        self.write(self._ws.send(event.response()))
-                    self.left = True
+                    state = self._ws.state
+                    if state is not ConnectionState.CLOSED:  # its close, or a bad frame
+                        self.left = self.left or not self._shut
+                        reply = (
+                            event.response() if state is ConnectionState.REMOTE_CLOSING else event
+                        )
+                        self.write(self._ws.send(reply))
+                        self._shut = True
                     self.over.set()
                     return
+            if len(self.pending) > READ_PAUSE:
+                await self._drained.wait()
             try:
                 data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -193,6 +220,9 @@ class FanOut:
     def add(self, monitor: WireMonitor, subscription: Subscription, last: int) -> None:
         """``monitor`` goes live: the events of ``subscription`` after ``last``."""
         monitor.subscription, monitor.sent, monitor._fanout = subscription, last, self
+        if self._closed:  # the gateway stops
+            monitor.close(CloseReason.GOING_AWAY)
+            return
         self.monitors.add(monitor)
         self.wake()
 
@@ -253,25 +283,36 @@ class WireMonitors:
         self.endpoint = endpoint
         self.fanout = FanOut()
         self._monitors: set[WireMonitor] = set()
+        self._heads: set[trio.CancelScope] = set()  # requests still being read
         self._hub: EventHub | None = None
+        self._closing = False
 
     async def run(self) -> None:
         await self.fanout.run()
 
     def close(self) -> None:
+        self._closing = True
+        for scope in self._heads:
+            scope.cancel()
         for monitor in self._monitors:
             monitor.close(CloseReason.GOING_AWAY)
         self.fanout.close()
 
     async def serve(self, stream: trio.SocketStream) -> None:
         async with stream:
-            try:
-                request, unread = await read_head(stream)
-            except HTTPError as exc:
-                await refuse(stream, exc)
-                return
-            except (trio.TooSlowError, trio.BrokenResourceError, OSError):
-                return  # gone, or too slow to say what it wants
+            with trio.CancelScope() as reading:  # the gateway's stop cancels it
+                self._heads.add(reading)
+                try:
+                    request, unread = await read_head(stream)
+                except HTTPError as exc:
+                    await refuse(stream, exc)
+                    return
+                except (trio.TooSlowError, trio.BrokenResourceError, OSError):
+                    return  # gone, or too slow to say what it wants
+                finally:
+                    self._heads.discard(reading)
+            if reading.cancelled_caught or self._closing:
+                return  # the gateway stops: the connection ends, as Hypercorn's idle ones
             try:
                 key = upgrade_key(request)
                 query_string = request.target.partition(b"?")[2].decode("latin-1")
@@ -315,10 +356,9 @@ class WireMonitors:
                             await monitor.over.wait()
                         finally:
                             self.fanout.discard(monitor)
+            await monitor.closed()
             if monitor.left:
                 status = "499"
-            else:
-                await monitor.closed()
             nursery.cancel_scope.cancel()
         return status
 

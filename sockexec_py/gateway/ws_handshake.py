@@ -7,6 +7,7 @@ the 101 or an error answer with the same JSON body as the ASGI app's.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -63,13 +64,21 @@ def upgrade_key(request: h11.Request) -> bytes:
     def tokens(name: bytes) -> set[bytes]:
         return {t.strip().lower() for v in values.get(name, ()) for t in v.split(b",")}
 
+    if request.http_version != b"1.1":
+        raise HTTPError(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1")
+    if b"transfer-encoding" in values or values.get(b"content-length", [b"0"]) != [b"0"]:
+        raise HTTPError(400, "bad_request", "a WebSocket upgrade has no body")
     if b"websocket" not in tokens(b"upgrade") or b"upgrade" not in tokens(b"connection"):
         raise HTTPError(400, "bad_request", "/v1/monitor is a WebSocket: expected an upgrade")
     if values.get(b"sec-websocket-version") != [b"13"]:
         raise HTTPError(400, "bad_request", "expected Sec-WebSocket-Version: 13")
     keys = values.get(b"sec-websocket-key", [])
-    if len(keys) != 1 or len(keys[0]) != 24:
-        raise HTTPError(400, "bad_request", "expected one Sec-WebSocket-Key")
+    try:
+        nonce = base64.b64decode(keys[0], validate=True) if len(keys) == 1 else b""
+    except binascii.Error:
+        nonce = b""
+    if len(nonce) != 16:
+        raise HTTPError(400, "bad_request", "expected one Sec-WebSocket-Key (16 bytes, base64)")
     return keys[0]
 
 

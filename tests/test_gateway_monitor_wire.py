@@ -1,0 +1,108 @@
+"""The wire monitors' units on socket pairs: the fan-out's rounds (events in order,
+arrays for ``batch``, an overflow's message and close) and nothing written after
+a close frame."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from sockexec_py.gateway.monitor_wire import FanOut, WireMonitor
+from sockexec_py.jobs.events import Event, EventHub
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole unmasked frame in ``data``."""
+    out = []
+    while len(data) >= 2:
+        opcode, length, start = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        out.append((opcode, data[start : start + length]))
+        data = data[start + length :]
+    return out
+
+
+def received(peer: socket.socket) -> bytes:
+    """What the monitor's side wrote so far (it writes without waiting)."""
+    data = b""
+    while True:
+        try:
+            data += peer.recv(1 << 20)
+        except BlockingIOError:
+            return data
+
+
+def event(event_id: int, kind: str = "finished") -> Event:
+    text = json.dumps({"id": event_id, "type": kind, "job": f"j{event_id}", "name": "n"})
+    return Event(event_id, f"j{event_id}", "n", kind, text)
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """The tests' socket pairs, closed at the end."""
+    made: list[socket.socket] = []
+    yield made
+    for sock in made:
+        sock.close()
+
+
+def pair(sockets: list[socket.socket], batch: bool = False) -> tuple[WireMonitor, socket.socket]:
+    """A monitor on one end of a socket pair; the other end, non-blocking."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    sockets += (ours, theirs)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    return WireMonitor(stream, batch, b""), theirs
+
+
+async def test_a_round_writes_each_monitors_events_in_order(
+    sockets: list[socket.socket],
+) -> None:
+    hub = EventHub()
+    fanout = FanOut()
+    single, single_peer = pair(sockets)
+    batched, batched_peer = pair(sockets, batch=True)
+    fanout.add(single, hub.subscribe(), 0)
+    fanout.add(batched, hub.subscribe(), 1)  # it saw event 1 already (its replay)
+    hub.publish([event(1), event(2, "started"), event(3)])
+    fanout.round()
+    texts = [json.loads(p) for op, p in server_frames(received(single_peer))]
+    assert [t["id"] for t in texts] == [1, 2, 3]
+    (array,) = [json.loads(p) for op, p in server_frames(received(batched_peer))]
+    assert [t["id"] for t in array] == [2, 3]
+    fanout.round()  # nothing new: nothing written
+    assert received(single_peer) == b""
+
+
+async def test_an_overflowed_monitor_gets_the_message_and_a_1013_close(
+    sockets: list[socket.socket],
+) -> None:
+    hub = EventHub(limit=2)
+    fanout = FanOut()
+    monitor, peer = pair(sockets)
+    fanout.add(monitor, hub.subscribe(), 0)
+    hub.publish([event(1), event(2), event(3)])
+    fanout.round()
+    got = server_frames(received(peer))
+    assert got[0] == (0x1, b'{"type": "overflow", "last_id": 0}')
+    assert got[1][0] == 0x8 and got[1][1][:2] == (1013).to_bytes(2, "big")
+    assert monitor.over.is_set() and monitor not in fanout.monitors
+
+
+async def test_nothing_is_written_after_the_close_frame(
+    sockets: list[socket.socket],
+) -> None:
+    """A replay page that comes back from the store after the gateway closed the
+    monitor (shutdown) is dropped, not written after the close."""
+    monitor, peer = pair(sockets)
+    monitor.close(1001, ['{"type": "last"}'])
+    monitor.write(b"\x81\x04late")
+    await monitor.send(['{"type": "later"}'])
+    got = server_frames(received(peer))
+    assert [op for op, _ in got] == [0x1, 0x8]
+    assert got[1][1][:2] == (1001).to_bytes(2, "big")
