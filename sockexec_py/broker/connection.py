@@ -30,7 +30,7 @@ from sockexec_py.errors import EXIT_REFUSED, RemoteProtocolError
 from sockexec_py.events import ArgvReady, Exited, InputEnded
 from sockexec_py.policy import Allowed, Denied, Rule
 from sockexec_py.protocol import NEED_DATA, ServerSession
-from sockexec_py.replies import encode_error_reply, encode_exit, exit_event, printable
+from sockexec_py.replies import encode_error_reply, encode_exit, exit_event
 
 from . import _io
 from .admission import Admission
@@ -38,6 +38,7 @@ from .config import ServerConfig
 from .hangup import HangupMonitor
 from .pairs import PairWriter
 from .pumps import OutputPump, StdinPump
+from .report import audit_line
 from .spawn import Program, SpawnError
 from .spool import Spool, SpoolBudget
 from .supervisor import Supervisor
@@ -391,34 +392,6 @@ class Connection:
             if program.status is None:
                 self.terminate("connection ended")
         if self.argv is not None and self._services.admission.policy.audited:
-            self._audit()
+            self.exited()  # the outcome is the program's exit, once it is known
+            log.info("audit %s", audit_line(self))
         log.debug("close conn=%d in=%d out=%d", self.number, self.bytes_in, self.writer.bytes_out)
-
-    def _audit(self) -> None:
-        """One info line per request under a policy: who, what, which rule, outcome."""
-        assert self.argv is not None
-        rule = self.rule
-        self.exited()  # the outcome is the program's exit, once it is known
-        log.info(
-            "audit conn=%d peer_uid=%d peer_pid=%d rule=%s argv=%s outcome=%s duration=%.3fs",
-            self.number,
-            self.peer_uid,
-            self.peer_pid,
-            f"{rule.kind}:{rule.name}" if rule else "-",
-            [a.decode("utf-8", "backslashreplace") for a in self.argv],
-            self.outcome,
-            time.monotonic() - self.accepted,
-        )
-
-    def describe(self) -> str:
-        """One line for the SIGUSR1 dump."""
-        program = self.program
-        pid = program.pid if program else "-"
-        argv0 = printable(program.argv[0]) if program else "-"
-        spooled = self.writer.spool.pending if self.writer.spool is not None else 0
-        return (
-            f"conn={self.number} peer_pid={self.peer_pid} peer_uid={self.peer_uid} "
-            f"pid={pid} argv0={argv0} age={time.monotonic() - self.accepted:.1f}s "
-            f"in={self.bytes_in} out={self.writer.bytes_out} spooled={spooled} "
-            f"state={self.phase.value}"
-        )

@@ -30,6 +30,7 @@ from .config import ServerConfig
 from .connection import Connection, Services
 from .hangup import HangupMonitor
 from .pairs import final_ring
+from .report import dump_line
 from .spool import SpoolBudget
 from .supervisor import OrphanReaper, Supervisor
 
@@ -147,7 +148,7 @@ class Server:
     def dump(self, stream: TextIO | None = None) -> None:
         """Write one line per active connection (the SIGUSR1 report)."""
         out = stream or self._dump_stream or sys.stderr
-        lines = [f"sockexec-py: {c.describe()}\n" for c in list(self.connections.values())]
+        lines = [f"sockexec-py: {dump_line(c)}\n" for c in list(self.connections.values())]
         lines.append(f"sockexec-py: {len(lines)} active connection(s)\n")
         out.write("".join(lines))
         out.flush()
