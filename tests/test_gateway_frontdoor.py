@@ -141,6 +141,13 @@ def test_a_stopping_gateway_closes_its_monitors_with_1001(broker: Broker, tmp_pa
         sock = handshake(gateway.port, "/v1/monitor")
         got = read_until(sock, ready)
         gateway.proc.send_signal(signal.SIGTERM)
+        data = bytearray(got)
+        while not any(op == 0x8 for op, _ in frames(bytes(data))):  # its close frame
+            chunk = sock.recv(65536)  # (the 10 s timeout read_until set)
+            assert chunk, bytes(data[-200:])
+            data += chunk
+        got = bytes(data)
+        sock.sendall(client_frame(0x8, struct.pack("!H", 1000)))  # the close handshake
         got += read_all(sock)
         sock.close()
         assert gateway.proc.wait(timeout=20) == 0
@@ -252,7 +259,9 @@ def test_a_silent_connection_does_not_hold_up_a_stop(broker: Broker, tmp_path: P
 
 
 def test_other_paths_that_start_alike_are_hypercorns(jobs: GatewayProcess) -> None:
-    status, body = answer(jobs.port, b"GET /v1/monitors HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    status, body = answer(
+        jobs.port, b"GET /v1/monitors HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
     assert status == 404 and body["error"] == "not_found"
 
 
