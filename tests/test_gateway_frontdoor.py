@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import os
 import select
@@ -256,6 +257,24 @@ def test_a_silent_connection_does_not_hold_up_a_stop(broker: Broker, tmp_path: P
         silent.close()
     finally:
         gateway.stop()
+
+
+def test_a_plain_get_is_refused_alike_by_the_door_and_the_asgi_route(
+    jobs: GatewayProcess,
+) -> None:
+    plain = b"GET /v1/monitor HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    door = answer(jobs.port, plain)
+    conn = http.client.HTTPConnection("127.0.0.1", jobs.port, timeout=10)
+    try:
+        conn.request("GET", "/healthz")  # the connection's first request: Hypercorn's
+        conn.getresponse().read()
+        conn.request("GET", "/v1/monitor")
+        response = conn.getresponse()
+        route = response.status, json.loads(response.read())
+    finally:
+        conn.close()
+    assert door == route
+    assert route[0] == 400 and "is a WebSocket: expected an upgrade" in route[1]["detail"]
 
 
 def test_other_paths_that_start_alike_are_hypercorns(jobs: GatewayProcess) -> None:

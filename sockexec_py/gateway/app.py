@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import WebSocketRoute
+from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sockexec_py._version import __version__
@@ -51,6 +51,7 @@ from .request import (
 from .sessions import SessionRunner
 from .settings import GatewaySettings, JobsSettings
 from .streaming import NDJSON, SSE, Stream, session_frames, unless_client_leaves
+from .ws_handshake import not_an_upgrade
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,7 @@ class Gateway:
                 *api.routes(),
                 WebSocketRoute("/v1/exec/ws", self.exec_ws),
                 WebSocketRoute("/v1/monitor", monitor.serve),
+                Route("/v1/monitor", self._monitor_without_upgrade, methods=["GET"]),
                 *self.dashboard.routes(),
             ],
             exception_handlers={404: self._not_found, 405: self._not_allowed},
@@ -234,6 +236,12 @@ class Gateway:
 
     def _count(self, mode: str, status: int) -> None:
         self.metrics.requests.labels(mode, str(status)).inc()
+
+    async def _monitor_without_upgrade(self, request: Request) -> Response:
+        """A plain GET of the monitor on a connection's later request: the front
+        door's answer to one that comes first (see :mod:`.frontdoor`)."""
+        self._count("monitor", 400)
+        return error_response(not_an_upgrade(request.url.path))
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return error_response(HTTPError(404, "not_found", f"no such endpoint: {request.url.path}"))

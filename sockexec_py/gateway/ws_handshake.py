@@ -20,7 +20,7 @@ from sockexec_py.client.wire import error_body
 
 from .request import HTTPError
 
-__all__ = ["accepted", "read_head", "refuse", "upgrade_key"]
+__all__ = ["accepted", "not_an_upgrade", "read_head", "refuse", "upgrade_key"]
 
 #: The most bytes of a monitor request's head, and the seconds it may take.
 HEAD_MAX = 16384
@@ -55,6 +55,11 @@ async def read_head(stream: trio.SocketStream) -> tuple[h11.Request, bytes]:
             conn.receive_data(data)
 
 
+def not_an_upgrade(path: str) -> HTTPError:
+    """The answer to a plain GET of a WebSocket endpoint."""
+    return HTTPError(400, "bad_request", f"{path} is a WebSocket: expected an upgrade")
+
+
 def upgrade_key(request: h11.Request) -> bytes:
     """The client's ``Sec-WebSocket-Key`` once the request is a WebSocket upgrade."""
     values: dict[bytes, list[bytes]] = {}
@@ -69,7 +74,7 @@ def upgrade_key(request: h11.Request) -> bytes:
     if b"transfer-encoding" in values or values.get(b"content-length", [b"0"]) != [b"0"]:
         raise HTTPError(400, "bad_request", "a WebSocket upgrade has no body")
     if b"websocket" not in tokens(b"upgrade") or b"upgrade" not in tokens(b"connection"):
-        raise HTTPError(400, "bad_request", "/v1/monitor is a WebSocket: expected an upgrade")
+        raise not_an_upgrade(request.target.partition(b"?")[0].decode("latin-1"))
     if values.get(b"sec-websocket-version") != [b"13"]:
         raise HTTPError(400, "bad_request", "expected Sec-WebSocket-Version: 13")
     keys = values.get(b"sec-websocket-key", [])
