@@ -85,6 +85,7 @@ def test_a_monitor_after_a_request_on_its_connection_goes_through_the_asgi_route
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             health.read(length)  # the answer read whole: what follows is the monitor's
+            health.close()  # (its own reference to the socket: it would keep it open)
             paced.sendall(upgrade_request("/v1/monitor?batch=1&types=finished"))
             got = read_until(paced, ready)
             ids = [submit(gateway, argv=["true"], name="paced") for _ in range(4)]
