@@ -177,9 +177,8 @@ class Subscription:
         self._wake = trio.Event()
 
     def _offer(self, event: Event) -> bool:
-        """In the hub: queue ``event``; False when the queue was full."""
-        if self.types is not None and event.type not in self.types:
-            return True
+        """In the hub (which offers only the types it asked for): queue ``event``;
+        False when the queue was full."""
         if self.allowed is not None and not self.allowed(event.name):
             return True
         if len(self.queue) >= self.limit:
@@ -220,8 +219,11 @@ class EventHub:
 
     def __init__(self, limit: int = MONITOR_QUEUE) -> None:
         self.limit = limit
-        self._everyone: set[Subscription] = set()
-        self._by_name: dict[str, set[Subscription]] = {}
+        #: Subscribers by (name or None for every name, event type): an event is
+        #: offered only to those that asked for its type (a thousand monitors of
+        #: ``finished`` events cost nothing when a job is queued or starts).
+        self._index: dict[tuple[str | None, str], set[Subscription]] = {}
+        self._all: set[Subscription] = set()
         self._listeners: list[Callable[[Event], object]] = []
         #: Called when a subscriber is dropped for a full queue.
         self.on_overflow: Callable[[], object] = lambda: None
@@ -233,10 +235,9 @@ class EventHub:
         types: frozenset[str] | None = None,
     ) -> Subscription:
         subscription = Subscription(self, name, allowed, self.limit, types)
-        if name is None:
-            self._everyone.add(subscription)
-        else:
-            self._by_name.setdefault(name, set()).add(subscription)
+        for kind in types or EVENT_TYPES:
+            self._index.setdefault((name, kind), set()).add(subscription)
+        self._all.add(subscription)
         return subscription
 
     def add_listener(self, listener: Callable[[Event], object]) -> None:
@@ -244,26 +245,28 @@ class EventHub:
 
     @property
     def subscribers(self) -> int:
-        return len(self._everyone) + sum(len(subs) for subs in self._by_name.values())
+        return len(self._all)
 
     def _drop(self, subscription: Subscription) -> None:
-        if subscription.name is None:
-            self._everyone.discard(subscription)
+        if subscription not in self._all:
             return
-        subs = self._by_name.get(subscription.name)
-        if subs is not None:
-            subs.discard(subscription)
-            if not subs:
-                del self._by_name[subscription.name]
+        self._all.discard(subscription)
+        for kind in subscription.types or EVENT_TYPES:
+            key = (subscription.name, kind)
+            subs = self._index.get(key)
+            if subs is not None:
+                subs.discard(subscription)
+                if not subs:
+                    del self._index[key]
 
     def publish(self, events: Sequence[Event]) -> None:
         for event in events:
             for listener in self._listeners:
                 listener(event)
-            targets: Iterable[Subscription] = self._everyone
-            named = self._by_name.get(event.name)
+            targets: Iterable[Subscription] = self._index.get((None, event.type), ())
+            named = self._index.get((event.name, event.type))
             if named:
-                targets = [*self._everyone, *named]
+                targets = [*targets, *named]
             full = [sub for sub in targets if not sub._offer(event)]
             for subscription in full:
                 self._drop(subscription)
