@@ -11,6 +11,7 @@ the client's parsing of bad or unusual frames.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import ctypes.util
 import http.client
@@ -150,6 +151,7 @@ class Nginx(NginxProcess):
             self.proxy_port = free_port()
             servers.append(f"""
     upstream sockexec_gateway {{ server 127.0.0.1:{gateway_port}; keepalive 4; }}
+    upstream sockexec_gateway_monitor {{ server 127.0.0.1:{gateway_port}; }}
     server {{
         listen 127.0.0.1:{self.proxy_port};
         include {ROOT}/nginx/gateway-proxy.conf;
@@ -532,7 +534,7 @@ def test_lua_client_outside_nginx_with_luasocket(start_broker: StartBroker) -> N
 def proxied_gateway(broker: Broker, tmp_path: Path) -> Iterator[Nginx]:
     """nginx with gateway-proxy.conf in front of a real sockexec-gateway."""
     _require_nginx_lua()
-    gateway = GatewayProcess(broker.path)
+    gateway = GatewayProcess(broker.path, "--data-dir", str(tmp_path / "data"))
     server = Nginx(tmp_path / "nginx", broker, gateway_port=gateway.port)
     yield server
     server.stop()
@@ -549,6 +551,44 @@ def _proxied(
     result = json.loads(response.read())
     conn.close()
     return response.status, result
+
+
+def test_a_monitor_through_nginx_gets_the_jobs_events(proxied_gateway: Nginx) -> None:
+    """gateway-proxy.conf upgrades /v1/monitor on an upstream connection of its own,
+    even when a request left a kept-alive one in nginx's cache, so the gateway's
+    front door serves it; its events come through."""
+    assert _proxied(proxied_gateway, "GET", "/healthz") == (200, {"status": "ok"})
+    sock = socket.create_connection(("127.0.0.1", proxied_gateway.proxy_port), timeout=30)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            "GET /v1/monitor?types=finished HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+            f"Sec-WebSocket-Key: {key}\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        head = data.split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 101")
+        # The front door took it (the ASGI route would have agreed to deflate):
+        # the upgrade came on a fresh upstream connection, not a kept-alive one.
+        assert b"sec-websocket-extensions" not in head, head
+        while b'"ready"' not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        status, accepted = _proxied(proxied_gateway, "POST", "/v1/jobs", {"argv": ["true"]})
+        assert status == 202
+        while accepted["id"].encode() not in data:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    finally:
+        sock.close()
 
 
 def test_gateway_one_shot_through_nginx(proxied_gateway: Nginx) -> None:
