@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import select
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -23,6 +24,11 @@ from typing import Any
 from sockexec_py.testing import GatewayProcess
 
 from .jobs_common import all_ended, quantile, row, stamp, submit_at_rate
+
+#: Linux's SO_TIMESTAMPNS (the socket module does not name it): each read says when
+#: its bytes reached the socket.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(16)
 
 #: Every monitor gets the same messages: each is decoded once, into what a monitor
 #: keeps of it (the client's work is not what the bench measures).
@@ -59,10 +65,15 @@ class Monitor:
     """One monitor connection on a raw non-blocking socket: the handshake, then
     frames parsed with the least work (only ``finished`` events are decoded)."""
 
-    def __init__(self, port: int, query: str = "") -> None:
+    def __init__(self, port: int, query: str = "", stamps: bool = False) -> None:
         self.port = port
         self.query = query
+        self.stamps = stamps
         self.finished: dict[str, float] = {}  # job id -> delay (s)
+        #: job id -> delay (s) until its message was in this socket (the kernel's
+        #: receive timestamp): the gateway's delivery without this process's lag.
+        self.arrived: dict[str, float] = {}
+        self.arrival = 0.0  # when the bytes being parsed came (0: unknown, use now)
         self.last_id = 0
         self.messages = 0
         self.ready = False
@@ -86,6 +97,8 @@ class Monitor:
             buffer += sock.recv(65536)
         del buffer[: buffer.index(b"\r\n\r\n") + 4]
         sock.setblocking(False)
+        if self.stamps:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.buffer = buffer
         self._parse()  # the first messages may have come with the answer
         return sock
@@ -93,11 +106,19 @@ class Monitor:
     def readable(self) -> bool:
         """Read what came; False once the gateway closed (then :meth:`connect` again)."""
         try:
-            data = self.sock.recv(1 << 20)
+            if self.stamps:  # recvmsg costs more than recv: only when asked
+                data, ancillary, _, _ = self.sock.recvmsg(1 << 20, _TIMESTAMP_SPACE)
+            else:
+                data, ancillary = self.sock.recv(1 << 20), []
         except BlockingIOError:
             return True
         if not data:
             return False
+        self.arrival = 0.0
+        for level, kind, value in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS) and len(value) >= 16:
+                seconds, nanoseconds = struct.unpack("qq", value[:16])
+                self.arrival = seconds + nanoseconds / 1e9
         # The common case: one whole text message, parsed without the buffer.
         head = data[1] if not self.buffer and len(data) >= 4 and data[0] == 0x81 else 255
         if head < 126 and len(data) == 2 + head:
@@ -134,22 +155,24 @@ class Monitor:
 
     def _message(self, payload: bytes) -> None:
         now = time.time()
+        arrival = self.arrival or now
         self.messages += 1
         decoded = decode(payload)
         for job, at in decoded.finished:
             self.finished[job] = now - at
+            self.arrived[job] = arrival - at
         if decoded.last_id:
             self.last_id = decoded.last_id
         self.ready = self.ready or decoded.ready
         self.overflows += decoded.overflows
 
 
-def watch(port: int, count: int, query: str, control: Connection) -> None:
+def watch(port: int, count: int, query: str, control: Connection, stamps: bool = False) -> None:
     """The monitors' process: ``count`` monitors read by one epoll loop (so that the
     clients cost little next to the gateway they measure). Says ``ready`` once all
     are live; given the ids of the jobs, reads on until every monitor has their
     ``finished`` events (at most 30 s more) and answers the tally."""
-    monitors = [Monitor(port, query) for _ in range(count)]
+    monitors = [Monitor(port, query, stamps) for _ in range(count)]
     poll = select.epoll()
     by_fd: dict[int, Monitor | None] = {control.fileno(): None}
     for monitor in monitors:
@@ -186,6 +209,7 @@ def watch(port: int, count: int, query: str, control: Connection) -> None:
                 {
                     "complete": complete,
                     "delays": [d for m in monitors for d in m.finished.values()],
+                    "arrivals": [d for m in monitors for d in m.arrived.values()],
                     "messages": sum(m.messages for m in monitors),
                     "overflows": sum(m.overflows for m in monitors),
                 }
@@ -202,7 +226,9 @@ def bench_monitors(args: argparse.Namespace, socket_path: Path, data: Path) -> l
         gateway.log_until("listening")  # its log is drained from here on
         ours, theirs = multiprocessing.Pipe()
         process = multiprocessing.get_context("fork").Process(
-            target=watch, args=(gateway.port, args.monitors, args.query, theirs), daemon=True
+            target=watch,
+            args=(gateway.port, args.monitors, args.query, theirs, args.stamps),
+            daemon=True,
         )
         started = time.monotonic()
         process.start()
@@ -224,13 +250,14 @@ def bench_monitors(args: argparse.Namespace, socket_path: Path, data: Path) -> l
             process.join()
         elapsed = time.monotonic() - started
     complete, delays, messages = tally["complete"], tally["delays"], tally["messages"]
+    arrivals = tally["arrivals"]  # a2 less the receivers' own lag on these 2 cores
     refused = int(args.rate * args.seconds) - len(ids)
     # Submits wait for the gateway's answers: a gateway busy with its monitors
     # answers late, and fewer jobs a second reach them than asked.
     achieved = len(ids) / max(submitting, args.seconds)
     p99 = quantile(delays, 0.99) * 1000
     rss = rss_kib / 1024
-    return [
+    rows = [
         row(
             "a1",
             f"monitors with every finished event ({len(ids)} jobs)",
@@ -278,3 +305,15 @@ def bench_monitors(args: argparse.Namespace, socket_path: Path, data: Path) -> l
         ),
         row("a7", "run time", f"{elapsed:.1f} s", "", None),
     ]
+    if args.stamps:
+        rows.insert(
+            2,
+            row(
+                "a2b",
+                "its bytes in the sockets (kernel stamp) p50 / p99",
+                f"{quantile(arrivals, 0.5) * 1000:.1f} / {quantile(arrivals, 0.99) * 1000:.1f} ms",
+                "",
+                None,
+            ),
+        )
+    return rows

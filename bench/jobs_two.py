@@ -150,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         help="the gateway's --monitor-pace in seconds (default: the gateway's default)",
     )
+    parser.add_argument(
+        "--stamps",
+        action="store_true",
+        help="also the kernel's receive time of each end in the monitors' sockets "
+        "(row a2b: the delivery without the receivers' own lag; recvmsg costs them more)",
+    )
     parser.add_argument("--json", help="write the rows and the settings there")
     args = parser.parse_args(argv)
     if args.seconds is None:
