@@ -36,8 +36,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from bench.jobs_common import Row, quantile, render
-from bench.jobs_history import build_history
+from bench.jobs_common import Row, quantile, report
+from bench.jobs_history import add_history_options, build_history
 from sockexec_py.testing import BrokerProcess, GatewayProcess
 from sockexec_py.testing.browser import chromium
 
@@ -192,13 +192,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--output-bytes", type=int, default=10 << 20, help="what (c)'s job prints")
     parser.add_argument("--requests", type=int, default=200, help="(a)'s GETs per page")
     parser.add_argument("--loads", type=int, default=10, help="(b)'s navigations")
-    parser.add_argument(
-        "--cache",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "sockexec-bench-jobs",
-        help="where the history is kept between runs (shared with bench.jobs)",
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    add_history_options(parser, "where the history is kept between runs (shared with bench.jobs)")
     return parser
 
 
@@ -227,10 +221,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.dashboa
                     driver.quit()
         finally:
             broker.stop()
-    print(render(rows))
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0 if all(row.met is not False for row in rows) else 1
+    return report(rows, figures, args.json)
 
 
 if __name__ == "__main__":

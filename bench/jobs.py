@@ -37,8 +37,8 @@ from typing import Any
 
 from sockexec_py.testing import BrokerProcess, GatewayProcess
 
-from .jobs_common import CLIENTS, JSON, WINDOW, Client, Row, quantile, render, run_threads
-from .jobs_history import bench_history
+from .jobs_common import CLIENTS, JSON, WINDOW, Client, Row, quantile, report, run_threads
+from .jobs_history import add_history_options, bench_history
 
 # -- (a) submit -> completion ---------------------------------------------------------
 
@@ -207,13 +207,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--follow-bytes", type=int, default=1 << 30, help="what (c)'s job prints")
     parser.add_argument("--rounds", type=int, help="(c)'s runs of each kind (3; 2 quick)")
     parser.add_argument("--only", default="submit,history,follow", help="which of the three")
-    parser.add_argument(
-        "--cache",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "sockexec-bench-jobs",
-        help="where (b)'s history is kept between runs",
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    add_history_options(parser, "where (b)'s history is kept between runs")
     return parser
 
 
@@ -242,10 +236,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench.jobs") 
                 rows += more
         finally:
             broker.stop()
-    print(render(rows))
-    if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0 if all(row.met is not False for row in rows) else 1
+    return report(rows, figures, args.json)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 CLIENTS = 4
@@ -76,6 +77,15 @@ def run_threads(count: int, work: Callable[[int], None]) -> None:
         thread.join()
     if errors:
         raise errors[0]
+
+
+def report(rows: list[Row], figures: dict[str, Any], json_path: Path | None) -> int:
+    """Print the table, write the figures to ``json_path`` if given; the exit
+    status: 1 when a target was missed."""
+    print(render(rows))
+    if json_path is not None:
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0 if all(row.met is not False for row in rows) else 1
 
 
 def render(rows: Sequence[Row]) -> str:

@@ -5,10 +5,12 @@ must never be seen). :func:`build_history` is shared with ``bench.dashboard``.""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import random
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,18 @@ from .jobs_common import CLIENTS, Client, Row, quantile, run_threads
 # -- (b) a large history --------------------------------------------------------------
 
 NAMES = [f"script-{n}" for n in range(50)]
+
+
+def add_history_options(parser: argparse.ArgumentParser, history_help: str) -> None:
+    """``--cache`` (where a history is kept between runs, shared by bench.jobs and
+    bench.dashboard) and ``--json``."""
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "sockexec-bench-jobs",
+        help=history_help,
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
 
 
 def build_history(data: Path, count: int) -> list[str]:
