@@ -37,7 +37,7 @@ from .auth import ANONYMOUS, NOBODY, Principal, TokenStore, describe_expiry, req
 from .dashboard import Dashboard
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
-from .models import EncodingQuery, ExecRequest, ExecResult, Health
+from .models import EXEC_WS_PATH, EncodingQuery, ExecRequest, ExecResult, Health
 from .monitor import MONITOR_PATH, MonitorEndpoint
 from .monitor_wire import WireMonitors
 from .request import (
@@ -59,44 +59,6 @@ log = logging.getLogger(__name__)
 _NO_JOBS = JobsSettings(data_dir="")
 
 _EXEC_REQUEST: TypeAdapter[ExecRequest] = TypeAdapter(ExecRequest)
-
-#: The WebSocket route, which OpenAPI cannot describe: written here by hand.
-_WEBSOCKET_PATH = {
-    "get": {
-        "summary": "Duplex session over a WebSocket",
-        "description": "Upgrade to a WebSocket. The first message is an ExecRequest "
-        "(JSON text, without stdin fields); then stdin as text or binary messages, "
-        '{"type": "close_stdin"} to close it, {"type": "terminate"} to have the program '
-        'terminated. Frames come back as JSON text: {"type": "stdout"|"stderr", "data"} '
-        '(data_b64 with ?encoding=base64), then {"type": "exit", "exitcode", "termsig"}; '
-        'an error after the upgrade is {"type": "error", "error", "detail", "status"} and '
-        "a close. A refusal before the upgrade is an HTTP answer with the Error body.",
-        "parameters": [
-            {
-                "name": "encoding",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "string", "enum": ["text", "base64"], "default": "text"},
-            }
-        ],
-        "responses": {
-            "101": {"description": "Switching protocols: the session runs"},
-            **{
-                str(code): {
-                    "description": text,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                    },
-                }
-                for code, text in (
-                    (401, "Missing, wrong or expired bearer token"),
-                    (403, "Refused: sent by a web browser for a page (an Origin header)"),
-                    (421, "Without tokens, the Host must be a loopback name"),
-                )
-            },
-        },
-    }
-}
 
 
 class Gateway:
@@ -164,7 +126,7 @@ class Gateway:
                 "and multi-step tasks (/v1/jobs, with --data-dir), with their events "
                 "(WebSocket /v1/monitor) and signed callbacks.",
             },
-            {"/v1/exec/ws": _WEBSOCKET_PATH, "/v1/monitor": MONITOR_PATH},
+            {"/v1/exec/ws": EXEC_WS_PATH, "/v1/monitor": MONITOR_PATH},
         )
         self.dashboard = Dashboard(settings, self.tokens, self.jobs, self._count)
         monitor = MonitorEndpoint(self.jobs, self._screen, self.metrics)

@@ -299,3 +299,43 @@ class OutputQuery(Query):
     offset: int = Field(0, ge=0, description="Bytes of the stream (or of both) to skip")
     follow: bool = Field(False, description="Keep streaming until the job ends")
     encoding: Literal["text", "base64"] = "text"
+
+
+#: The duplex WebSocket route (``/v1/exec/ws``), which OpenAPI cannot describe:
+#: written here by hand, next to the models it names.
+EXEC_WS_PATH: dict[str, Any] = {
+    "get": {
+        "summary": "Duplex session over a WebSocket",
+        "description": "Upgrade to a WebSocket. The first message is an ExecRequest "
+        "(JSON text, without stdin fields); then stdin as text or binary messages, "
+        '{"type": "close_stdin"} to close it, {"type": "terminate"} to have the program '
+        'terminated. Frames come back as JSON text: {"type": "stdout"|"stderr", "data"} '
+        '(data_b64 with ?encoding=base64), then {"type": "exit", "exitcode", "termsig"}; '
+        'an error after the upgrade is {"type": "error", "error", "detail", "status"} and '
+        "a close. A refusal before the upgrade is an HTTP answer with the Error body.",
+        "parameters": [
+            {
+                "name": "encoding",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": ["text", "base64"], "default": "text"},
+            }
+        ],
+        "responses": {
+            "101": {"description": "Switching protocols: the session runs"},
+            **{
+                str(code): {
+                    "description": text,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                }
+                for code, text in (
+                    (401, "Missing, wrong or expired bearer token"),
+                    (403, "Refused: sent by a web browser for a page (an Origin header)"),
+                    (421, "Without tokens, the Host must be a loopback name"),
+                )
+            },
+        },
+    }
+}
