@@ -224,8 +224,9 @@ class MonitorEndpoint:
         self.metrics = metrics
 
     async def serve(self, websocket: WebSocket) -> None:
-        """The ASGI route: a monitor whose request line the front door could not
-        tell at once (see :mod:`.frontdoor`), or the app under another server."""
+        """The ASGI route: an upgrade that is not its connection's first request
+        (a proxy's kept-alive connection), one whose request line came in pieces too
+        small to tell (see :mod:`.frontdoor`), or the app under another server."""
         status = "200"
         try:
             principal, query = self.admit(websocket.headers, websocket.query_params)
