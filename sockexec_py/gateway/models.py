@@ -301,6 +301,18 @@ class OutputQuery(Query):
     encoding: Literal["text", "base64"] = "text"
 
 
+def websocket_refusals(*answers: tuple[int, str]) -> dict[str, Any]:
+    """The OpenAPI responses of a WebSocket route's refusals before the upgrade:
+    each an HTTP answer with the Error body."""
+    return {
+        str(code): {
+            "description": text,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+        for code, text in answers
+    }
+
+
 #: The duplex WebSocket route (``/v1/exec/ws``), which OpenAPI cannot describe:
 #: written here by hand, next to the models it names.
 EXEC_WS_PATH: dict[str, Any] = {
@@ -323,19 +335,11 @@ EXEC_WS_PATH: dict[str, Any] = {
         ],
         "responses": {
             "101": {"description": "Switching protocols: the session runs"},
-            **{
-                str(code): {
-                    "description": text,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                    },
-                }
-                for code, text in (
-                    (401, "Missing, wrong or expired bearer token"),
-                    (403, "Refused: sent by a web browser for a page (an Origin header)"),
-                    (421, "Without tokens, the Host must be a loopback name"),
-                )
-            },
+            **websocket_refusals(
+                (401, "Missing, wrong or expired bearer token"),
+                (403, "Refused: sent by a web browser for a page (an Origin header)"),
+                (421, "Without tokens, the Host must be a loopback name"),
+            ),
         },
     }
 }

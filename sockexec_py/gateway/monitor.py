@@ -54,6 +54,7 @@ from sockexec_py.jobs.events import EVENT_TYPES, Event, EventHub, Subscription
 from .auth import Principal, require
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
+from .models import websocket_refusals
 from .request import HTTPError, error_response
 
 __all__ = [
@@ -122,21 +123,13 @@ MONITOR_PATH: dict[str, Any] = {
         ],
         "responses": {
             "101": {"description": "Switching protocols: events follow"},
-            **{
-                str(code): {
-                    "description": text,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
-                    },
-                }
-                for code, text in (
-                    (400, "A bad name, since, types or batch"),
-                    (401, "Missing, wrong or expired bearer token"),
-                    (403, "An Origin header, or the token lacks monitor or status"),
-                    (404, "Jobs are off (no --data-dir)"),
-                    (421, "Without tokens, the Host must be a loopback name"),
-                )
-            },
+            **websocket_refusals(
+                (400, "A bad name, since, types or batch"),
+                (401, "Missing, wrong or expired bearer token"),
+                (403, "An Origin header, or the token lacks monitor or status"),
+                (404, "Jobs are off (no --data-dir)"),
+                (421, "Without tokens, the Host must be a loopback name"),
+            ),
         },
     }
 }
