@@ -11,7 +11,6 @@ down. Errors of the jobs layer map one to one onto answers (:func:`job_errors`).
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,10 +18,9 @@ from pathlib import Path
 
 import trio
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from sockexec_py.jobs import (
-    Chunk,
     Job,
     JobNotFound,
     JobState,
@@ -30,7 +28,6 @@ from sockexec_py.jobs import (
     OutputStore,
     Runner,
     RunnerConfig,
-    Step,
     Store,
     SubmitLimits,
     is_job_id,
@@ -42,10 +39,9 @@ from .api import Api
 from .auth import Principal, audit, audit_name, require
 from .callback_policy import AllowRule, CallbackPolicy, CallbackRefused
 from .callbacks import Deliverer, DeliverySettings, secret_file
+from .jobs_output import output_response
 from .jobs_routes import register
 from .jobs_views import (
-    TextStream,
-    exit_frame,
     job_errors,
     job_url,
     job_view,
@@ -64,7 +60,7 @@ from .models import (
 )
 from .request import HTTPError
 from .settings import JobsSettings
-from .streaming import NDJSON, SSE, Emit, Stream, unless_client_leaves
+from .streaming import unless_client_leaves
 
 log = logging.getLogger("sockexec_py.gateway")
 
@@ -353,49 +349,6 @@ class JobsService:
 
     async def output(self, request: Request, body: None, query: OutputQuery) -> Response:
         runner, job_id, job = await self._allowed_job(request, "status")
-        step = query.step
-        if step is not None and not job.is_task:
+        if query.step is not None and not job.is_task:
             raise HTTPError(404, "not_found", f"job {job_id} has no steps")
-        accept = request.headers.get("accept", "")
-        framed = query.follow or NDJSON in accept or SSE in accept
-        if not framed:
-            with job_errors():
-                reader = await runner.read_output(job_id, query.stream, query.offset, step=step)
-
-            async def raw() -> AsyncIterator[bytes]:
-                async for item in reader:
-                    if isinstance(item, Chunk):
-                        yield item.data
-
-            return StreamingResponse(
-                raw(),
-                media_type="application/octet-stream",
-                headers={"x-job-state": job.state.value},
-            )
-        b64 = query.encoding == "base64"
-        key = "data_b64" if b64 else "data"
-
-        async def produce(emit: Emit) -> None:
-            text = {name: TextStream() for name in ("stdout", "stderr")}
-            with job_errors():
-                reader = await runner.read_output(
-                    job_id, query.stream, query.offset, follow=query.follow, step=step
-                )
-                async for item in reader:
-                    if not isinstance(item, Chunk):
-                        await emit({"type": "truncated"})
-                    elif b64:
-                        data = base64.b64encode(item.data).decode()
-                        await emit({"type": item.stream, key: data, "offset": item.offset})
-                    elif decoded := text[item.stream].decode(item.offset, item.data):
-                        await emit({"type": item.stream, key: decoded[1], "offset": decoded[0]})
-                for name, stream in text.items():
-                    if rest := stream.flush():
-                        await emit({"type": name, key: rest[1], "offset": rest[0]})
-                final: Job | Step = await runner.get(job_id)
-                if step is not None:
-                    final = next(s for s in await runner.steps(job_id) if s.name == step)
-            if final.finished:
-                await emit(exit_frame(final))
-
-        return Stream(produce, SSE if SSE in accept and NDJSON not in accept else NDJSON)
+        return await output_response(runner, job, query, request.headers.get("accept", ""))

@@ -1,10 +1,9 @@
 """How jobs look on the wire: the answer models built from the jobs layer's records,
-times as RFC 3339, the exit frame of a finished job, output as text, the list filters of the query,
-and the jobs layer's errors mapped onto HTTP answers."""
+times as RFC 3339, the exit frame of a finished job, the list filters of the query, and
+the jobs layer's errors mapped onto HTTP answers."""
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -95,33 +94,3 @@ def label_filter(pairs: list[str]) -> dict[str, str] | None:
             raise InvalidField("label", f"expected KEY=VALUE, got {pair[:70]!r}")
         labels[key] = value
     return labels or None
-
-
-class TextStream:
-    """One stream's output as text: an incremental UTF-8 decoder, so a character cut
-    between two chunks comes whole with the later one (invalid bytes become U+FFFD),
-    and the offset in the view where the text it gives begins (the held bytes' own,
-    in the view of both streams too, where the other stream's chunks come between)."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._held_at = 0
-
-    def _held(self) -> int:
-        return len(self._decoder.getstate()[0])
-
-    def decode(self, offset: int, data: bytes) -> tuple[int, str] | None:
-        """(offset, text) of a chunk read at ``offset``; None while it only holds."""
-        start = self._held_at if self._held() else offset
-        text = self._decoder.decode(data)
-        if text:  # what is held now is the tail of this chunk
-            self._held_at = offset + len(data) - self._held()
-        elif start == offset:
-            self._held_at = offset
-        return (start, text) if text else None
-
-    def flush(self) -> tuple[int, str] | None:
-        """At the end: the bytes still held (a cut character), as U+FFFD."""
-        start = self._held_at
-        text = self._decoder.decode(b"", final=True)
-        return (start, text) if text else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockexec_py.gateway.jobs_views import TextStream
+from sockexec_py.gateway.jobs_output import TextStream
 
 
 @given(
