@@ -74,7 +74,15 @@ async def test_program_not_found_is_127_and_nothing_is_left() -> None:
     assert caught.value.exitcode == 127 and not supervisor.running
 
 
-async def test_settings_posix_spawn_cannot_apply(tmp_path: Path) -> None:
+@pytest.mark.parametrize("helper", [False, True], ids=["fork-exec", "exec-helper"])
+async def test_settings_posix_spawn_cannot_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper: bool
+) -> None:
+    """cwd and umask through the C-level fork-exec, and through the exec helper:
+    kept for limits above the broker's hard limit (root with CAP_SYS_RESOURCE) and
+    systems without prlimit; forced here, where neither can be arranged."""
+    if helper:
+        monkeypatch.setattr("sockexec_py.broker.supervisor.needs_helper", lambda spec: True)
     argv = (b"sh", b"-c", b"pwd; umask")
     settings = ExecSpec(b"/bin/sh", argv, server_environ(), cwd=str(tmp_path), umask=0o027)
     async with trio.open_nursery() as nursery:
@@ -117,21 +125,3 @@ async def test_a_directory_that_cannot_be_entered_starts_nothing(tmp_path: Path)
             await supervisor.spawn(missing, started.append)
     assert caught.value.exitcode == 125 and started == [] and not supervisor.running
     assert os.getcwd() == str(Path.cwd())
-
-
-async def test_the_exec_helper_still_starts_programs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Kept for limits above the broker's hard limit (root with CAP_SYS_RESOURCE) and
-    systems without prlimit; forced here, where neither can be arranged."""
-    monkeypatch.setattr("sockexec_py.broker.supervisor.needs_helper", lambda spec: True)
-    argv = (b"sh", b"-c", b"pwd; umask")
-    settings = ExecSpec(b"/bin/sh", argv, server_environ(), cwd=str(tmp_path), umask=0o027)
-    async with trio.open_nursery() as nursery:
-        supervisor = Supervisor(nursery, kill_timeout=1)
-        program = await supervisor.spawn(settings, lambda _: None)
-        output = await read_line(program.stdout_fd)
-        output += await read_line(program.stdout_fd)
-        await program.exited.wait()
-        program.close_fds()
-    assert output.split() == [str(tmp_path).encode(), b"0027"]

@@ -9,7 +9,7 @@ runner; a broker that cannot be reached sends the job back to its queue.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -191,30 +191,25 @@ class Execution:
         """Persist sizes and progress while the job runs: a progress event when the
         progress changed (at most one per ``progress_event_interval``), the sizes at
         most once per ``progress_interval``."""
-
-        async def save(job: Job, event: bool) -> None:
-            await self.store.save_progress(job, event=event)
-
-        await progress_loop(
-            run,
-            run.snapshot,
-            save,
-            self.config.progress_interval,
-            self.config.progress_event_interval,
+        await self._progress_loop(
+            run, lambda job, event: self.store.save_progress(job, event=event)
         )
 
     async def _save_step_progress(self, task: RunningTask, run: RunningJob, index: int) -> None:
         """:meth:`_save_progress` for a task's step."""
-
-        async def save(_: Job, event: bool) -> None:
-            await self.store.save_step_progress(task.job, task.current_step(index), event=event)
-
-        await progress_loop(
+        await self._progress_loop(
             run,
-            run.snapshot,
-            save,
-            self.config.progress_interval,
-            self.config.progress_event_interval,
+            lambda _, event: self.store.save_step_progress(
+                task.job, task.current_step(index), event=event
+            ),
+        )
+
+    async def _progress_loop(
+        self, run: RunningJob, save: Callable[[Job, bool], Awaitable[None]]
+    ) -> None:
+        config = self.config
+        await progress_loop(
+            run, run.snapshot, save, config.progress_interval, config.progress_event_interval
         )
 
     async def _finish(

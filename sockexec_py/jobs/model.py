@@ -163,6 +163,14 @@ def is_job_id(text: str) -> bool:
     return len(text) == JOB_ID_LENGTH and text[0] in "01234567" and _CROCKFORD_SET.issuperset(text)
 
 
+def elapsed(started_at: float | None, ended_at: float | None) -> float | None:
+    """A job's or a step's duration: seconds from start to end (``None`` if it did
+    not run to an end; never negative, should the wall clock step back)."""
+    if started_at is None or ended_at is None:
+        return None
+    return max(0.0, ended_at - started_at)
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """One job as recorded. Times are Unix seconds (float), ``None`` until they happen.
@@ -207,7 +215,4 @@ class Job:
 
     @property
     def duration(self) -> float | None:
-        """Seconds from start to end (or ``None`` if it did not run to an end)."""
-        if self.started_at is None or self.ended_at is None:
-            return None
-        return max(0.0, self.ended_at - self.started_at)
+        return elapsed(self.started_at, self.ended_at)

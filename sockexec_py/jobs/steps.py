@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import InvalidField
-from .model import JobState
+from .model import JobState, elapsed
 from .progress import Progress
 
 __all__ = [
@@ -108,9 +108,7 @@ class Step:
 
     @property
     def duration(self) -> float | None:
-        if self.started_at is None or self.ended_at is None:
-            return None
-        return max(0.0, self.ended_at - self.started_at)
+        return elapsed(self.started_at, self.ended_at)
 
 
 def build_graph(
