@@ -56,6 +56,10 @@ def final_ring() -> Ring | None:
     return _RING if isinstance(_RING, Ring) else None
 
 
+def _nothing() -> None:
+    pass
+
+
 def _sched_yield() -> None:
     if hasattr(os, "sched_yield"):
         os.sched_yield()
@@ -92,8 +96,8 @@ class PairWriter:
         self,
         sock: socket.socket,
         *,
-        before_close: Callable[[], None] = lambda: None,
-        on_broken: Callable[[], None] = lambda: None,
+        before_close: Callable[[], None] = _nothing,
+        on_broken: Callable[[], None] = _nothing,
         spool: Spool | None = None,
     ) -> None:
         self.sock = sock
@@ -202,11 +206,17 @@ class PairWriter:
             os.close(fd)
 
     def close(self) -> None:
-        """Close the socket (idempotent); tasks blocked on it get ClosedResourceError."""
+        """Close the socket (idempotent); tasks blocked on it get ClosedResourceError.
+
+        The owner's callbacks are let go of: they refer back to the owner (the
+        connection holds this writer), and a cycle left behind by every session made
+        the collector run every ~15 sessions (about 0.2 ms each, in the round trip).
+        """
         if not self.closed:
             self._prepare_close()
             self.closed = True
             self.sock.close()
+        self._before_close = self._on_broken = _nothing
 
     def _prepare_close(self) -> None:
         """All that closing does besides ``close(2)`` (once)."""
