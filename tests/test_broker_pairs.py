@@ -185,7 +185,7 @@ class _Owner:
 async def test_a_closed_writer_lets_go_of_its_owners_callbacks() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
-    with collector_off():
+    with ours, theirs, collector_off():
         owner = _Owner()
         owner.writer = PairWriter(ours, before_close=owner.on_close, on_broken=owner.on_close)
         alive = weakref.ref(owner)
@@ -193,7 +193,6 @@ async def test_a_closed_writer_lets_go_of_its_owners_callbacks() -> None:
         assert owner.writer.closed
         del owner
         assert alive() is None  # freed at once: no cycle through the callbacks
-    theirs.close()
 
 
 async def test_sessions_leave_no_reference_cycles_behind(tmp_path: Path) -> None:
@@ -209,19 +208,20 @@ async def test_sessions_leave_no_reference_cycles_behind(tmp_path: Path) -> None
     flags = gc.get_debug()
     gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage
     try:
-        with collector_off():
+        with collector_off(), trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
-                for _ in range(20):
-                    client = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    await client.connect(path)
-                    await client.send(encode_request(["true"]) + b"0:,")
-                    reply = b""
-                    while data := await client.recv(65536):
-                        reply += data
-                    client.close()
-                    assert reply.endswith(b"8:exitcode,1:0,")
-                server.request_shutdown()
+                try:
+                    for _ in range(20):
+                        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                            await client.connect(path)
+                            await client.send(encode_request(["true"]) + b"0:,")
+                            reply = b""
+                            while data := await client.recv(65536):
+                                reply += data
+                        assert reply.endswith(b"8:exitcode,1:0,")
+                finally:
+                    server.request_shutdown()
             gc.collect()
             left = [thing for thing in gc.garbage if isinstance(thing, Connection | PairWriter)]
     finally:

@@ -74,13 +74,14 @@ async def test_program_not_found_is_127_and_nothing_is_left() -> None:
     assert caught.value.exitcode == 127 and not supervisor.running
 
 
-@pytest.mark.parametrize("helper", [False, True], ids=["fork-exec", "exec-helper"])
+@pytest.mark.parametrize("helper", [False, True], ids=["posix-spawn", "exec-helper"])
 async def test_settings_posix_spawn_cannot_apply(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, helper: bool
 ) -> None:
-    """cwd and umask through the C-level fork-exec, and through the exec helper:
+    """cwd and umask, which posix_spawn cannot set: through posix_spawn with the
+    broker taking them on for the spawn (``spawn_as``), and through the exec helper,
     kept for limits above the broker's hard limit (root with CAP_SYS_RESOURCE) and
-    systems without prlimit; forced here, where neither can be arranged."""
+    systems without prlimit (forced here, where neither can be arranged)."""
     if helper:
         monkeypatch.setattr("sockexec_py.broker.supervisor.needs_helper", lambda spec: True)
     argv = (b"sh", b"-c", b"pwd; umask")

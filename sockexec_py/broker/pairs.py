@@ -78,12 +78,14 @@ class PairWriter:
         sock: the connected, non-blocking client socket; the writer closes it.
         before_close: called right before the socket is closed (to drop it from an
             epoll set while its fd number is still ours).
+        on_broken: called once when the client turns out to be gone (see below).
         spool: where output goes while the client leaves the socket full (see
             :mod:`.spool`); it is used once :meth:`attach` gave the writer a nursery
             for the task that sends it on.
 
     Error handling: once a send fails because the client is gone (EPIPE, ECONNRESET)
     :attr:`broken` is set, ``on_broken`` runs once, and further output is dropped.
+    Resource handling: :meth:`close` closes the socket and lets go of both callbacks.
     """
 
     __slots__ = (  # many live at once: no __dict__ each

@@ -26,7 +26,8 @@ async def output_response(runner: Runner, job: Job, query: OutputQuery, accept: 
     without NDJSON). The job's name was checked against the token's scopes already.
 
     Error handling: the jobs layer's errors become their HTTP answers
-    (:func:`.jobs_views.job_errors`), before the answer starts or as its last frame.
+    (:func:`.jobs_views.job_errors`): before the answer starts, or as the last frame
+    of a framed answer (a raw answer that started just ends).
     """
     job_id, step = job.id, query.step
     if not (query.follow or NDJSON in accept or SSE in accept):

@@ -40,6 +40,7 @@ __all__ = [
     "Job",
     "JobState",
     "check_transition",
+    "elapsed",
     "final_state",
     "is_job_id",
     "new_job_id",
@@ -215,4 +216,5 @@ class Job:
 
     @property
     def duration(self) -> float | None:
+        """Seconds from start to end (``None`` if it did not run to an end)."""
         return elapsed(self.started_at, self.ended_at)
