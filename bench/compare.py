@@ -75,21 +75,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"medians of {args.rounds} alternating runs, order swapped each round "
         f"({' '.join(extra)}); base={args.base}"
     )
-    print("| # | figure | base | new | new/base | broker CPU % base -> new |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| # | figure | base | new | new/base | broker CPU % base -> new "
+        "| broker CPU ms/session base -> new | p50/p99 ms base -> new |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for key in sorted(samples["new"]):
         field, unit = FIGURES[key]
         medians = {}
         cpus = {}
+        per_session = {}  # broker CPU per run: only meaningful for rows 1-2
+        latency = {}
         for label in ("base", "new"):
             runs = samples[label].get(key, [])
             medians[label] = statistics.median(r[field] for r in runs)
             cpu = [r[CPU_FIELD] for r in runs if CPU_FIELD in r]
             cpus[label] = f"{statistics.median(cpu) * 100:.0f}" if cpu else "-"
+            per = [r[CPU_FIELD] / r[field] * 1000 for r in runs if CPU_FIELD in r and r[field]]
+            per_session[label] = f"{statistics.median(per):.3f}" if per else "-"
+            p50 = [r["p50_ms"] for r in runs if "p50_ms" in r]
+            p99 = [r["p99_ms"] for r in runs if "p99_ms" in r]
+            latency[label] = (
+                f"{statistics.median(p50):.2f}/{statistics.median(p99):.2f}" if p50 and p99 else "-"
+            )
         ratio = medians["new"] / medians["base"] if medians["base"] else float("nan")
         print(
             f"| {key} | {unit} | {medians['base']:.1f} | {medians['new']:.1f} | "
-            f"{ratio:.2f}x | {cpus['base']} -> {cpus['new']} |"
+            f"{ratio:.2f}x | {cpus['base']} -> {cpus['new']} | "
+            f"{per_session['base']} -> {per_session['new']} | "
+            f"{latency['base']} -> {latency['new']} |"
         )
     return 0
 

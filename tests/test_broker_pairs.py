@@ -22,6 +22,7 @@ import trio.testing
 from sockexec_py.broker import pairs
 from sockexec_py.broker.config import ServerConfig
 from sockexec_py.broker.connection import Connection
+from sockexec_py.broker.oneshot import OneShot
 from sockexec_py.broker.pairs import PairWriter, footprint
 from sockexec_py.broker.server import SEND_BUFFER, Server
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair, encode_request
@@ -223,7 +224,7 @@ async def test_sessions_leave_no_reference_cycles_behind(tmp_path: Path) -> None
                 finally:
                     server.request_shutdown()
             gc.collect()
-            left = [thing for thing in gc.garbage if isinstance(thing, Connection | PairWriter)]
+            left = [t for t in gc.garbage if isinstance(t, Connection | PairWriter | OneShot)]
     finally:
         gc.set_debug(flags)
         gc.garbage.clear()

@@ -69,33 +69,33 @@ async def read_pooled(
     data found at once costs no scheduling round (cancellation is still checked).
     """
     await trio.lowlevel.checkpoint_if_cancelled()
-    while True:
-        buffer = pool.take()
-        try:
-            if isinstance(source, int):
-                count = os.readv(source, (buffer,))
-            else:  # a closed socket object fails (EBADF), where a bare fd could be reused
-                count = source.recv_into(buffer)
-        except BlockingIOError:
-            count = -1  # (waiting here, in the except block, would keep it and its frame)
-        except BaseException:
-            pool.give(buffer)
-            raise
-        if count < 0:
-            pool.give(buffer)
-            await trio.lowlevel.wait_readable(source)
-            continue
-        data: bytes | memoryview
-        if count < COPY_BELOW:
-            with memoryview(buffer) as view:
-                data = view[:count].tobytes()
-            pool.give(buffer)
-            held: bytearray | None = None
-        else:
-            data, held = memoryview(buffer)[:count], buffer
-        if count and reschedule:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return data, held
+    while (read := read_nowait(source, pool)) is None:
+        await trio.lowlevel.wait_readable(source)
+    if read[0] and reschedule:
+        await trio.lowlevel.cancel_shielded_checkpoint()
+    return read
+
+
+def read_nowait(
+    source: int | socket.socket, pool: BufferPool
+) -> tuple[bytes | memoryview, bytearray | None] | None:
+    """:func:`read_pooled` without waiting: None when nothing is there to read yet."""
+    buffer = pool.take()
+    try:
+        # (a closed socket object fails with EBADF, where a bare fd could be reused)
+        count = os.readv(source, (buffer,)) if isinstance(source, int) else source.recv_into(buffer)
+    except BlockingIOError:
+        pool.give(buffer)
+        return None
+    except BaseException:
+        pool.give(buffer)
+        raise
+    if count < COPY_BELOW:
+        with memoryview(buffer) as view:
+            data = view[:count].tobytes()
+        pool.give(buffer)
+        return data, None
+    return memoryview(buffer)[:count], buffer
 
 
 async def write_fd_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:

@@ -125,6 +125,22 @@ class Admission:
         ticket.slot = True
         return verdict
 
+    def admit_nowait(
+        self, ticket: Ticket, argv: tuple[bytes, ...], peer_uid: int, peer_gid: int
+    ) -> Allowed | None:
+        """:meth:`admit` when it needs no wait and allows: the common request (no
+        rule limit, a free slot). None, with nothing taken, for anything else: the
+        caller goes the usual way (and :meth:`admit` decides again)."""
+        verdict = self.policy.decide(argv, peer_uid, peer_gid)
+        if not isinstance(verdict, Allowed) or verdict.rule.max_running is not None:
+            return None
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        ticket.slot = True
+        return verdict
+
     async def _pass_gate(
         self, ticket: Ticket, argv: tuple[bytes, ...], peer_uid: int, peer_gid: int
     ) -> Allowed | Denied:

@@ -16,13 +16,10 @@ the client left (hang-up, a failed send) or the server shuts down.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -33,40 +30,14 @@ from sockexec_py.protocol import NEED_DATA, ServerSession
 from sockexec_py.replies import encode_error_reply, encode_exit, exit_event
 
 from . import _io
-from .admission import Admission
-from .config import ServerConfig
-from .hangup import HangupMonitor
 from .pairs import PairWriter
 from .pumps import OutputPump, StdinPump
 from .report import audit_line
+from .services import SENDING_GRACE, Cancellable, Phase, Services
 from .spawn import Program, SpawnError
-from .spool import Spool, SpoolBudget
-from .supervisor import Supervisor
+from .spool import Spool
 
 log = logging.getLogger("sockexec_py")
-#: How long a client still sending stdin after its program ended may pause between
-#: two reads before the exit pair goes out anyway.
-SENDING_GRACE = 0.05
-
-
-class Phase(enum.Enum):
-    REQUEST = "request"
-    QUEUED = "queued"
-    RUNNING = "running"
-    DRAINING = "draining"
-    CLOSING = "closing"
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What a connection uses of its server."""
-
-    config: ServerConfig
-    admission: Admission
-    supervisor: Supervisor
-    hangups: HangupMonitor
-    spool_budget: SpoolBudget
-    shutting_down: Callable[[], bool]
 
 
 class Connection:
@@ -78,10 +49,10 @@ class Connection:
     """
 
     __slots__ = (  # many live at once: no __dict__ each
-        "_exited", "_services", "abandoned", "accepted", "argv", "bytes_in", "client_gone",
+        "_exited", "abandoned", "accepted", "argv", "bytes_in", "client_gone",
         "deadline", "fd", "hard_scope", "last_input", "number", "outcome", "peer_gid",
-        "peer_pid", "peer_uid", "phase", "phase_scope", "program", "rule", "sock", "ticket",
-        "writer"
+        "peer_pid", "peer_uid", "phase", "phase_scope", "program", "rule", "services", "sock",
+        "ticket", "writer"
     )  # fmt: skip
 
     def __init__(
@@ -93,7 +64,7 @@ class Connection:
         self.deadline = deadline
         self.accepted = time.monotonic()
         self.peer_pid, self.peer_uid, self.peer_gid = _io.peer_credentials(sock)
-        self._services = services
+        self.services = services
         budget = services.spool_budget
         self.writer = PairWriter(
             sock,
@@ -110,7 +81,7 @@ class Connection:
         self.abandoned: str | None = None
         self.client_gone = False
         #: Cancelled when the connection is abandoned in the request or queued phase.
-        self.phase_scope: trio.CancelScope | None = None
+        self.phase_scope: Cancellable | None = None
         #: The connection's last-resort bound (moved when a rule sets its own timeout).
         self.hard_scope: trio.CancelScope | None = None
         self.ticket = services.admission.ticket()
@@ -145,36 +116,44 @@ class Connection:
         program = self.program
         if program is not None and program.status is None and not program.terminating:
             log.debug("terminate conn=%d pid=%d reason=%s", self.number, program.pid, reason)
-            self._services.supervisor.terminate(program)
+            self.services.supervisor.terminate(program)
 
     # -- the phases ----------------------------------------------------------------
 
-    async def serve(self) -> None:
-        """Request → queue → spawn → run; every answer, refusals included, is sent."""
-        services = self._services
-        session = ServerSession(services.config.limits())
+    async def serve(
+        self, session: ServerSession | None = None, argv: tuple[bytes, ...] | None = None
+    ) -> None:
+        """Request → queue → spawn → run; every answer, refusals included, is sent.
+
+        ``session`` and ``argv``: where :mod:`.oneshot` got to before handing over.
+        """
+        services = self.services
+        if session is None:
+            session = ServerSession(services.config.limits())
         verdict: Allowed | Denied | None = None
         # One scope for both waits (the request, then a place to run): the deadline
         # and a hang-up cut either, and the phase says which one was cut.
-        with trio.move_on_at(self.deadline) as self.phase_scope:
-            try:
-                argv = await self._read_argv(session)
-            except RemoteProtocolError as exc:
-                await self._refuse(str(exc))
-                return
+        with trio.move_on_at(self.deadline) as phase_scope:
+            self.phase_scope = phase_scope
             if argv is None:
-                return  # the client left without asking anything
+                try:
+                    argv = await self._read_argv(session)
+                except RemoteProtocolError as exc:
+                    await self._refuse(str(exc))
+                    return
+                if argv is None:
+                    return  # the client left without asking anything
             self.phase = Phase.QUEUED
             self.argv = argv
             verdict = await services.admission.admit(
                 self.ticket, argv, self.peer_uid, self.peer_gid
             )
-        if self.phase_scope.cancelled_caught:
+        if phase_scope.cancelled_caught:
             if self.phase is Phase.REQUEST:
-                await self._refuse_cut("timed out waiting for the request")
+                await self.refuse_cut("timed out waiting for the request")
             else:
                 waiting = services.admission.waiting_for(self.ticket)
-                await self._refuse_cut(f"timed out waiting {waiting}")
+                await self.refuse_cut(f"timed out waiting {waiting}")
             return
         assert verdict is not None and argv is not None
         self.phase_scope = None
@@ -183,21 +162,25 @@ class Connection:
             return
         self.rule = verdict.rule
         if self.abandoned is not None or services.shutting_down():
-            await self._refuse_cut("")
+            await self.refuse_cut("")
             return
         try:
             program = await self._spawn(verdict)
         except SpawnError as exc:
             await self._refuse(str(exc), exitcode=exc.exitcode)
             return
+        self.log_spawn(program)
+        await self._run(session, program)
+
+    def log_spawn(self, program: Program) -> None:
         if log.isEnabledFor(logging.DEBUG):  # the argv list costs: build it only for -d
+            assert self.argv is not None
             log.debug(
                 "spawn conn=%d pid=%d argv=%s",
                 self.number,
                 program.pid,
-                [a.decode("utf-8", "backslashreplace") for a in argv],
+                [a.decode("utf-8", "backslashreplace") for a in self.argv],
             )
-        await self._run(session, program)
 
     async def _read_argv(self, session: ServerSession) -> tuple[bytes, ...] | None:
         """Read until the argv is complete; None if the client left before asking."""
@@ -244,16 +227,9 @@ class Connection:
     async def _spawn(self, verdict: Allowed) -> Program:
         """Start what was allowed; from the moment the process exists, it holds the
         admission ticket and an abandon terminates it."""
-        services = self._services
-
-        def started(program: Program) -> None:
-            self.program = program
-            program.on_exit(self.ticket.release)  # freed at reap, however the client left
-            if self.abandoned is not None:
-                self.terminate(self.abandoned)
-
+        services = self.services
         try:
-            program = await services.supervisor.spawn(verdict.spec, started, self.deadline)
+            program = await services.supervisor.spawn(verdict.spec, self._started, self.deadline)
         except SpawnError:
             self.program = None  # the exec helper is reaped: nothing of it is left to run
             raise
@@ -269,16 +245,34 @@ class Connection:
             )
         return program
 
+    def spawn_nowait(self, verdict: Allowed) -> Program:
+        """:meth:`_spawn` for a rule that needs no exec helper and sets no timeout."""
+        assert verdict.rule.timeout is None
+        try:
+            program = self.services.supervisor.spawn_nowait(verdict.spec, self._started)
+        except SpawnError:
+            self.program = None
+            raise
+        if not verdict.rule.stdin:
+            program.close_stdin()  # the program reads EOF; the client's stdin is dropped
+        return program
+
+    def _started(self, program: Program) -> None:
+        self.program = program
+        program.on_exit(self.ticket.release)  # freed at reap, however the client left
+        if self.abandoned is not None:
+            self.terminate(self.abandoned)
+
     async def _run(self, session: ServerSession, program: Program) -> None:
         self.phase = Phase.RUNNING
-        hangups = self._services.hangups
+        hangups = self.services.hangups
         writer = self.writer
         pumps = [OutputPump(writer, program, "stdout"), OutputPump(writer, program, "stderr")]
         stdin = StdinPump(
             session,
             program,
             lambda: self.receive(session),
-            self._stdin_protocol_error,
+            self.stdin_protocol_error,
             lambda: self.terminate("the client asked"),
         )
         async with trio.open_nursery() as nursery:
@@ -305,14 +299,14 @@ class Connection:
                 # Output still in the pipes belongs before the exit pair; a background
                 # descendant holding them open gets --drain-timeout seconds, no more.
                 if not all(pump.done.is_set() for pump in pumps):
-                    with trio.move_on_after(self._services.config.drain_timeout):
+                    with trio.move_on_after(self.services.config.drain_timeout):
                         for pump in pumps:
                             await pump.done.wait()
                     for pump in pumps:
                         pump.stop()
                     for pump in pumps:
                         await pump.done.wait()
-                await self._let_the_client_finish_stdin(stdin)
+                await self.let_the_client_finish_stdin(stdin)
                 self.phase = Phase.CLOSING
                 await self._send_exit(program)
                 nursery.cancel_scope.cancel()
@@ -322,7 +316,7 @@ class Connection:
                 if not self.writer.closed:
                     hangups.unwatch_input(self.fd)
 
-    async def _let_the_client_finish_stdin(self, stdin: StdinPump) -> None:
+    async def let_the_client_finish_stdin(self, stdin: StdinPump) -> None:
         """A client still sending stdin when the program has ended gets to finish it
         (up to its ``0:,``; the pump drops what nobody reads) before the exit pair.
 
@@ -335,7 +329,7 @@ class Connection:
         """
         if stdin.client_done or trio.current_time() - self.last_input >= SENDING_GRACE:
             return  # the common case: no scope to enter
-        with trio.move_on_after(self._services.config.drain_timeout):
+        with trio.move_on_after(self.services.config.drain_timeout):
             while not stdin.client_done:
                 quiet = trio.current_time() - self.last_input
                 if quiet >= SENDING_GRACE:
@@ -343,7 +337,7 @@ class Connection:
                 with trio.move_on_after(SENDING_GRACE - quiet):
                     await stdin.wait_client_done()
 
-    def _stdin_protocol_error(self, exc: RemoteProtocolError) -> None:
+    def stdin_protocol_error(self, exc: RemoteProtocolError) -> None:
         log.debug("protocol error conn=%d: %s", self.number, exc)
         if self.program is not None:
             self.program.close_stdin()
@@ -354,30 +348,38 @@ class Connection:
         ``-d`` log line and the audit line are rendered from."""
         program = self.program
         if self._exited is None and program is not None and program.status is not None:
-            self._exited = exit_event(program.status, self._services.config.termsig_format)
+            self._exited = exit_event(program.status, self.services.config.termsig_format)
             self.outcome = self._exited.describe()
         return self._exited
 
     async def _send_exit(self, program: Program) -> None:
-        exited = self.exited()
-        assert exited is not None
-        log.debug("exit conn=%d pid=%d %s", self.number, program.pid, self.outcome)
-        await self.writer.send_final(encode_exit(exited))
+        await self.writer.send_final(self.exit_pair())
 
     async def _refuse(
         self, message: str, exitcode: int = EXIT_REFUSED, *, denied: bool = False
     ) -> None:
         """Answer in-band: a ``stderr`` line with ``message``, then ``exitcode``."""
+        await self.writer.send_final(self.refusal(message, exitcode, denied=denied))
+
+    def refusal(self, message: str, exitcode: int = EXIT_REFUSED, *, denied: bool = False) -> bytes:
+        """The bytes of :meth:`_refuse`'s answer (logged and recorded as the outcome)."""
         log.debug("refuse conn=%d exitcode=%d reason=%s", self.number, exitcode, message)
         self.outcome = message if denied else f"exitcode={exitcode} ({message})"
-        await self.writer.send_final(encode_error_reply(message, exitcode))
+        return encode_error_reply(message, exitcode)
 
-    async def _refuse_cut(self, timeout_reason: str) -> None:
+    def exit_pair(self) -> bytes:
+        """The exit pair of the reaped program (and the ``-d`` line saying how it ended)."""
+        exited = self.exited()
+        assert exited is not None and self.program is not None
+        log.debug("exit conn=%d pid=%d %s", self.number, self.program.pid, self.outcome)
+        return encode_exit(exited)
+
+    async def refuse_cut(self, timeout_reason: str) -> None:
         """A connection cut before its program started: tell the client why, unless it
         is gone (shutdown, or the ``-t`` deadline)."""
         if self.client_gone:
             return
-        shutting = self._services.shutting_down() or self.abandoned is not None
+        shutting = self.services.shutting_down() or self.abandoned is not None
         await self._refuse("the server is shutting down" if shutting else timeout_reason)
 
     # -- the end ---------------------------------------------------------------------
@@ -391,7 +393,7 @@ class Connection:
             program.close_fds()
             if program.status is None:
                 self.terminate("connection ended")
-        if self.argv is not None and self._services.admission.policy.audited:
+        if self.argv is not None and self.services.admission.policy.audited:
             self.exited()  # the outcome is the program's exit, once it is known
             log.info("audit %s", audit_line(self))
         log.debug("close conn=%d in=%d out=%d", self.number, self.bytes_in, self.writer.bytes_out)

@@ -1,39 +1,30 @@
 """Writing pairs to a client: each pair whole in one ``sendmsg``, the last one closing.
 
 lua-resty-exec reads the netstring after a type with a 1 ms timeout and fails the
-nginx request when a pair arrives in two pieces (SPEC §3). A Unix stream send takes
-a new kernel buffer (at most ~36 KiB of data) only while the queue's kernel footprint
-is below SO_SNDBUF: a pair sent past that point is cut. So before each batch of
-pairs the queue is measured (SIOCOUTQ, which counts whole buffers: a short pair
-weighs far more than its bytes), and where it cannot be, one pair goes per POLLOUT.
+nginx request when a pair arrives in two pieces (SPEC §3). So before each batch of
+pairs the send queue is measured (:mod:`.sendqueue`), and where it cannot be, one
+pair goes per POLLOUT.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import select
 import socket
-import sys
-import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from sockexec_py.events import OutputKind
-from sockexec_py.replies import MAX_OUTPUT_CHUNK, encode_output_pair, pair_at
+from sockexec_py.replies import MAX_OUTPUT_CHUNK, encode_output_pair
 
 from . import _io
 from ._uring import Ring, open_ring
+from .sendqueue import MEASURABLE, PAIR_OVERHEAD, footprint, queued_bytes, send_rest, whole_pairs
 from .spool import Spool
 
-# Bytes of an output pair besides its data ("6:stdout," "65536:" ","), rounded up.
-_PAIR_OVERHEAD = 32
-# The ioctl giving a socket's send queue in kernel memory (Linux: SIOCOUTQ).
-_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
-_INT_ZERO = bytes(4)
 # At most this many reads of already-queued input before close (1 MiB); a client
 # still sending past that gets its connection reset, as with any closed socket.
 _DISCARD_RECVS = 4
@@ -63,12 +54,6 @@ def _nothing() -> None:
 def _sched_yield() -> None:
     if hasattr(os, "sched_yield"):
         os.sched_yield()
-
-
-def footprint(data_length: int) -> int:
-    """An upper bound of the kernel memory one output pair takes in a send queue:
-    its bytes plus a quarter, plus the buffers' own overhead (a short pair costs ~1 KiB)."""
-    return (data_length + _PAIR_OVERHEAD) * 5 // 4 + 2560
 
 
 class PairWriter:
@@ -115,7 +100,7 @@ class PairWriter:
         self._room_poll.register(self.fd, select.POLLOUT)
         #: SO_SNDBUF once read (see chunk_limit); whether SIOCOUTQ works here.
         self._send_buffer = 0
-        self.measurable = _SIOCOUTQ is not None
+        self.measurable = MEASURABLE
         self._closing = False
         self.spool = spool
         self._start_soon: Callable[[Callable[[], Awaitable[Any]]], None] | None = None
@@ -172,22 +157,64 @@ class PairWriter:
             try:
                 if not self._fits(len(data)):  # POLLOUT: a short pair fits then
                     await trio.lowlevel.wait_writable(self.sock)
-                self._prepare_close()
-                _sched_yield()
-                ring = final_ring()
-                if ring is not None:
-                    self._send_and_close(ring, data)
-                else:
-                    pending = _io.sendmsg_nowait(self.sock, [data])
-                    if pending:  # not expected: the room was made sure of
-                        await _io.sendmsg_all(self.sock, pending)
-            except _io.BROKEN_ERRORS:
-                self._broke()
-            else:
-                self.bytes_out += len(data)
+                self._send_final_now(data)
             finally:
                 self._lock.release()
         self.close()
+
+    def send_final_nowait(self, data: bytes) -> bool:
+        """:meth:`send_final` if it can be done without waiting (nothing spooled or
+        being sent, room for ``data``); False, with nothing done, if not."""
+        if self.usable:
+            drained = self._drained
+            if (drained is not None and not drained.is_set()) or self._lock.locked():
+                return False
+            if not self._fits(len(data)):
+                return False
+            self._send_final_now(data)
+        self.close()
+        return True
+
+    def _send_final_now(self, data: bytes) -> None:
+        try:
+            self._prepare_close()
+            _sched_yield()
+            ring = final_ring()
+            if ring is not None:
+                self._send_and_close(ring, data)
+            else:
+                send_rest(self.sock.fileno(), _io.sendmsg_nowait(self.sock, [data]))
+        except _io.BROKEN_ERRORS:
+            self._broke()
+        else:
+            self.bytes_out += len(data)
+
+    def send_output_nowait(self, kind: OutputKind, data: bytes | memoryview) -> bool:
+        """:meth:`send_output` if the socket has room for all of ``data`` now and
+        nothing else is being sent or spooled; False, with nothing sent, if not."""
+        if not self.usable:
+            return True  # dropped, as send_output would
+        if self._lock.locked() or (self.spool is not None and self.spool.pending):
+            return False
+        room = self.room()
+        if room is None:
+            return False
+        view = memoryview(data)
+        chunk = self.chunk_limit()
+        batch: list[bytes | memoryview] = []
+        for offset in range(0, len(view), chunk):
+            piece = view[offset : offset + chunk]
+            room -= footprint(len(piece))
+            if room < 0:
+                return False
+            batch += encode_output_pair(kind, piece)
+        try:
+            send_rest(self.fd, _io.sendmsg_nowait(self.sock, batch))
+        except _io.BROKEN_ERRORS:
+            self._broke()
+        else:
+            self.bytes_out += len(view)
+        return True
 
     def _send_and_close(self, ring: Ring, data: bytes) -> None:
         """The io_uring way (see :meth:`send_final`); raises what ``sendmsg`` would."""
@@ -200,10 +227,7 @@ class PairWriter:
         try:
             if sent < 0:
                 raise OSError(-sent, os.strerror(-sent))
-            view = memoryview(data)[sent:]
-            while view:  # a pair cut short is already out: finish it as fast as we can
-                select.select([], [fd], [], 1.0)
-                view = view[os.write(fd, view) :]
+            send_rest(fd, [memoryview(data)[sent:]])
         finally:
             os.close(fd)
 
@@ -350,11 +374,10 @@ class PairWriter:
 
     def room(self) -> int | None:
         """Kernel memory the send queue may still grow by, or None where unknown."""
-        request = _SIOCOUTQ
-        if request is None or not self.measurable:
+        if not self.measurable:
             return None
         try:
-            queued = int.from_bytes(fcntl.ioctl(self.fd, request, _INT_ZERO), sys.byteorder)
+            queued = queued_bytes(self.fd)
         except OSError:
             self.measurable = False  # no SIOCOUTQ here: one pair per POLLOUT
             return None
@@ -364,7 +387,7 @@ class PairWriter:
         """The most data per pair: 64 KiB, less where SO_SNDBUF is so small (under
         ~128 KiB, a tiny net.core.wmem_max) that a 64 KiB pair could be cut even from
         a queue at the POLLOUT mark. A pair within half of SO_SNDBUF never can."""
-        return max(min(MAX_OUTPUT_CHUNK, self._buffer_size() // 2 - 64 - _PAIR_OVERHEAD), 512)
+        return max(min(MAX_OUTPUT_CHUNK, self._buffer_size() // 2 - 64 - PAIR_OVERHEAD), 512)
 
     def _buffer_size(self) -> int:
         """SO_SNDBUF, read once."""
@@ -383,22 +406,3 @@ class PairWriter:
             for _ in range(_DISCARD_RECVS):
                 if not self.sock.recv(_DISCARD_CHUNK, socket.MSG_DONTWAIT):
                     return
-
-
-def whole_pairs(data: memoryview, room: int | None) -> int:
-    """How many bytes at the front of ``data`` (encoded pairs, as the writer spools
-    them) to send once the socket said POLLOUT: the first whole pair (POLLOUT alone
-    guarantees it fits), then more whole pairs while their kernel footprint fits the
-    measured ``room`` (None: unmeasured, one pair only). 0 when no pair is whole."""
-    offset = 0
-    while offset < len(data):
-        pair = pair_at(data, offset)
-        if pair is None:
-            break
-        end, data_length = pair
-        if offset and (room is None or footprint(data_length) > room):
-            break
-        if room is not None:
-            room -= footprint(data_length)
-        offset = end
-    return offset

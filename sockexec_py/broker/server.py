@@ -24,13 +24,17 @@ from typing import TextIO
 import trio
 
 from sockexec_py.policy import ALLOW_ALL, AllowAll, Policy, PolicyError, load_policy
+from sockexec_py.protocol import ServerSession
 
+from ._reactor import Reactor
 from .admission import Admission
 from .config import ServerConfig
-from .connection import Connection, Services
+from .connection import Connection
 from .hangup import HangupMonitor
+from .oneshot import OneShot, OneShotServices
 from .pairs import final_ring
 from .report import dump_line
+from .services import Services
 from .spool import SpoolBudget
 from .supervisor import OrphanReaper, Supervisor
 
@@ -81,6 +85,12 @@ class Server:
         self._unlink_identity = _identity(unlink_path) if unlink_path else None
         self._dump_stream = dump_stream
         self.hangups = HangupMonitor()
+        self.reactor = Reactor()
+        #: One-shot sessions driven by callbacks (:mod:`.oneshot`); off with
+        #: SOCKEXEC_PY_ONESHOT=0 (every session by tasks: for comparing the two).
+        self._oneshot = os.environ.get("SOCKEXEC_PY_ONESHOT", "1") != "0"
+        self._oneshot_services: OneShotServices | None = None
+        self._oneshots: dict[int, OneShot] = {}
         self.connections: dict[int, Connection] = {}
         self._numbers = itertools.count(1)
         # Connections accepted at once: -m running plus --max-queued waiting.
@@ -114,7 +124,13 @@ class Server:
         return once all are reaped (within ``-k`` + 1 s).
         """
         async with trio.open_nursery() as supervisor_nursery:
-            self._supervisor = Supervisor(supervisor_nursery, self.config.kill_timeout)
+            # The reactor reaps programs too: shielded, like the supervisor's reaping
+            # tasks, it runs until every program is reaped.
+            reactor_scope = trio.CancelScope(shield=True)
+            supervisor_nursery.start_soon(self._run_reactor, reactor_scope)
+            self._supervisor = Supervisor(
+                supervisor_nursery, self.config.kill_timeout, self.reactor
+            )
             try:
                 async with trio.open_nursery() as nursery:
                     final_ring()  # opened now: no first-session cost, a stable fd count
@@ -136,10 +152,18 @@ class Server:
                     nursery.cancel_scope.cancel()
             finally:
                 self._close_listener()
+                for oneshot in list(self._oneshots.values()):
+                    oneshot.close()
                 self.hangups.close()
                 for program in list(self.supervisor.running):
                     self.supervisor.terminate(program)
+                self.supervisor.stop_when_reaped(reactor_scope.cancel)
+        self.reactor.close()
         log.debug("stopped")
+
+    async def _run_reactor(self, scope: trio.CancelScope) -> None:
+        with scope:
+            await self.reactor.run()
 
     def request_shutdown(self) -> None:
         """Ask :meth:`serve` to stop (safe to call more than once)."""
@@ -239,7 +263,7 @@ class Server:
             self._accepting.acquire_nowait()
             accepted.append(fd)
         for fd in accepted:
-            self._nursery.start_soon(self._handle, fd)
+            self._start(fd)
         if accepted:
             self._update_backlog()
 
@@ -282,8 +306,27 @@ class Server:
 
     # -- one connection -------------------------------------------------------------------
 
+    def _start(self, fd: int) -> None:
+        """Serve a connection just accepted: by callbacks (:mod:`.oneshot`), which hand
+        it over to a task when it needs one, or by a task from the start."""
+        if not self._oneshot:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._handle, fd)
+            return
+        conn = self._open(fd)
+        oneshot = OneShot(conn, self._oneshot_env(), self._hard_deadline(conn))
+        self._oneshots[conn.number] = oneshot
+        try:
+            oneshot.start()
+        except Exception:
+            log.exception("internal error on conn=%d", conn.number)
+            oneshot.close()
+
     async def _handle(self, fd: int) -> None:
         self._drain_backlog()  # between two handler starts, the backlog comes first
+        await self._serve(self._open(fd))
+
+    def _open(self, fd: int) -> Connection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
         sock.setblocking(False)
         with contextlib.suppress(OSError):  # a tuning only (capped by net.core.wmem_max)
@@ -303,20 +346,43 @@ class Server:
             conn.peer_uid,
             conn.peer_gid,
         )
-        # A hard bound: past it the connection is cut even if the client never reads.
-        hard_deadline = deadline + config.kill_timeout + config.drain_timeout + 1
+        return conn
+
+    def _hard_deadline(self, conn: Connection) -> float:
+        """Past it the connection is cut even if the client never reads."""
+        config = self.config
+        return conn.deadline + config.kill_timeout + config.drain_timeout + 1
+
+    async def _serve(
+        self,
+        conn: Connection,
+        session: ServerSession | None = None,
+        argv: tuple[bytes, ...] | None = None,
+    ) -> None:
         try:
-            with trio.move_on_at(hard_deadline) as conn.hard_scope:
-                await conn.serve()
+            with trio.move_on_at(self._hard_deadline(conn)) as conn.hard_scope:
+                await conn.serve(session, argv)
         except Exception:
             log.exception("internal error on conn=%d", conn.number)
         finally:
-            conn.finish()
-            del self.connections[conn.number]
-            self._accepting.release()
-            self._update_backlog()
-            if not self.connections:
-                self._idle.set()
+            self._close(conn)
+
+    def _close(self, conn: Connection) -> None:
+        conn.finish()
+        del self.connections[conn.number]
+        self._oneshots.pop(conn.number, None)
+        self._accepting.release()
+        self._update_backlog()
+        if not self.connections:
+            self._idle.set()
+
+    def _oneshot_env(self) -> OneShotServices:
+        if self._oneshot_services is None:
+            assert self._nursery is not None
+            self._oneshot_services = OneShotServices.of(
+                self.reactor, self.config, self._nursery, self._serve, self._close
+            )
+        return self._oneshot_services
 
     def _services(self) -> Services:
         if self._services_value is None:

@@ -19,6 +19,7 @@ import trio
 from sockexec_py.errors import EXIT_REFUSED
 from sockexec_py.policy import ExecSpec
 
+from ._reactor import Reactor
 from .runas import finish_helper, needs_helper, runs_as, spawn_as, spawn_helper
 from .spawn import Program, SpawnError, spawn
 
@@ -39,10 +40,16 @@ class Supervisor:
     no program outlives the server unreaped.
     """
 
-    def __init__(self, nursery: trio.Nursery, kill_timeout: float) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, kill_timeout: float, reactor: Reactor | None = None
+    ) -> None:
         self._nursery = nursery
         self.kill_timeout = kill_timeout
         self.running: set[Program] = set()
+        #: Where programs are reaped by a callback on their pidfd instead of a task
+        #: each; it must run until :meth:`stop_when_reaped` says all are reaped.
+        self._reactor = reactor
+        self._on_all_reaped: Callable[[], None] | None = None
 
     async def spawn(
         self, spec: ExecSpec, started: Callable[[Program], None], deadline: float = math.inf
@@ -58,13 +65,7 @@ class Supervisor:
         when an exec helper has not started the program by ``deadline``.
         """
         if not needs_helper(spec):
-            if runs_as(spec):
-                program = spawn_as(spec)
-            else:
-                program = spawn(spec.argv, spec.env, path=spec.path)
-            self._track(program)
-            started(program)
-            return program
+            return self.spawn_nowait(spec, started)
         program, status = spawn_helper(spec)
         self._track(program)
         started(program)
@@ -86,9 +87,52 @@ class Supervisor:
             raise SpawnError("timed out starting the program", EXIT_REFUSED)
         return program
 
+    def spawn_nowait(self, spec: ExecSpec, started: Callable[[Program], None]) -> Program:
+        """:meth:`spawn` for a ``spec`` that needs no exec helper (not awaited)."""
+        assert not needs_helper(spec)
+        program = spawn_as(spec) if runs_as(spec) else spawn(spec.argv, spec.env, path=spec.path)
+        self._track(program)
+        started(program)
+        return program
+
     def _track(self, program: Program) -> None:
         self.running.add(program)
+        if self._reactor is not None and _HAS_PIDFD:
+            try:
+                pidfd = os.pidfd_open(program.pid)
+            except OSError:
+                pass
+            else:
+                self._reactor.add_reader(pidfd, lambda: self._reap_now(program, pidfd))
+                return
         self._nursery.start_soon(self._reap, program)
+
+    def _reap_now(self, program: Program, pidfd: int) -> None:
+        """The reactor's reaping: ``pidfd`` is readable once the program exited."""
+        try:
+            reaped, status = os.waitpid(program.pid, os.WNOHANG)
+        except ChildProcessError:  # not expected: ours to reap (a bug elsewhere)
+            reaped, status = program.pid, None
+        if not reaped:
+            return
+        assert self._reactor is not None
+        self._reactor.remove_reader(pidfd)
+        os.close(pidfd)
+        self._forget(program, status)
+
+    def stop_when_reaped(self, stop: Callable[[], None]) -> None:
+        """Call ``stop`` once no program is left to reap (now if none is)."""
+        self._on_all_reaped = stop
+        if not self.running:
+            stop()
+
+    def _forget(self, program: Program, status: int | None) -> None:
+        self.running.discard(program)
+        try:
+            program.reaped(status)
+        finally:
+            if not self.running and self._on_all_reaped is not None:
+                self._on_all_reaped()
 
     def terminate(self, program: Program) -> None:
         """Terminate the program's group: TERM now, KILL after ``kill_timeout``.
@@ -118,8 +162,7 @@ class Supervisor:
             try:
                 status = await _wait_for_exit(program.pid)
             finally:
-                self.running.discard(program)
-                program.reaped(status)
+                self._forget(program, status)
 
 
 async def _wait_for_exit(pid: int) -> int:
