@@ -37,7 +37,7 @@ from . import _io
 from ._reactor import Reactor, TimerQueue
 from .config import ServerConfig
 from .connection import Connection
-from .pumps import StdinPump
+from .pumps import OutputPump, StdinPump
 from .runas import needs_helper
 from .services import SENDING_GRACE, Phase
 from .spawn import Program, SpawnError
@@ -45,6 +45,8 @@ from .spawn import Program, SpawnError
 log = logging.getLogger("sockexec_py")
 
 StartSoon = Callable[..., None]
+#: Output past which a session is a stream, not a one-shot: its pipes go on by tasks.
+STREAM_AFTER = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +94,20 @@ class OneShot:
     """
 
     __slots__ = (  # many live at once: no __dict__ each
-        "_closed", "_draining", "_finishing", "_hard_deadline", "_open_pipes", "_reading",
-        "_sending", "_services", "_stdin_started", "conn", "program", "session", "stdin"
+        "_closed",
+        "_draining",
+        "_finishing",
+        "_hard_deadline",
+        "_open_pipes",
+        "_pumps",
+        "_reading",
+        "_sending",
+        "_services",
+        "_stdin_started",
+        "conn",
+        "program",
+        "session",
+        "stdin"
     )  # fmt: skip
 
     def __init__(self, conn: Connection, services: OneShotServices, hard_deadline: float) -> None:
@@ -105,7 +119,8 @@ class OneShot:
         self.stdin: StdinPump | None = None
         self._reading = False  # the socket is in the reactor (request phase)
         self._open_pipes: dict[OutputKind, int] = {}
-        self._sending = 0  # output pairs waiting for room in a task
+        self._sending = 0  # output streams gone on by a task (:meth:`_pump_in_task`)
+        self._pumps: dict[OutputKind, OutputPump] = {}
         self._draining = False
         self._stdin_started = False
         self._finishing = False  # a task sends the last bytes
@@ -250,34 +265,43 @@ class OneShot:
         if not data:
             self._pipe_done(kind)
             return
-        if self.conn.writer.send_output_nowait(kind, data):
+        writer = self.conn.writer
+        if writer.bytes_out < STREAM_AFTER and writer.send_output_nowait(kind, data):
             if buffer is not None:
                 _io.BUFFERS.give(buffer)
             return
-        # No room: the pipe waits (the program blocks) while a task waits for room.
+        # No room, or a stream: the pipe goes on by a task (it leaves the reactor),
+        # which waits for room and then pumps the pipe to its end (:class:`OutputPump`).
+        # A client slower than its program would otherwise cost a task and two epoll
+        # changes per chunk, and a stream a second epoll's round per chunk.
         self._services.reactor.remove_reader(fd)
         self._sending += 1
-        self._services.start_soon(self._send_later, kind, fd, data, buffer)
+        self._services.start_soon(self._pump_in_task, kind, data, buffer)
 
-    async def _send_later(
-        self, kind: OutputKind, fd: int, data: bytes | memoryview, buffer: bytearray | None
+    async def _pump_in_task(
+        self, kind: OutputKind, data: bytes | memoryview, buffer: bytearray | None
     ) -> None:
+        assert self.program is not None
+        pump = self._pumps[kind] = OutputPump(self.conn.writer, self.program, kind)
         cut = True
         try:
             with trio.move_on_at(self._hard_deadline):
-                await self.conn.writer.send_output(kind, data)
+                try:
+                    await self.conn.writer.send_output(kind, data)
+                finally:
+                    if buffer is not None:
+                        _io.BUFFERS.give(buffer)
+                await pump.run()  # at once if the drain timeout or a close stopped it
                 cut = False
         except Exception:
             log.exception("internal error on conn=%d", self.conn.number)
         finally:
             self._sending -= 1
-            if buffer is not None:
-                _io.BUFFERS.give(buffer)
+            del self._pumps[kind]
         if cut:
             self.close()  # the last-resort bound: the client never made room
-        elif not self._closed and self._open_pipes.get(kind) == fd:
-            self._services.reactor.add_reader(fd, self._readable_callback(kind))
-        self._maybe_finish()
+        else:
+            self._pipe_done(kind)
 
     def _pipe_done(self, kind: OutputKind) -> None:
         fd = self._open_pipes.pop(kind, None)
@@ -287,8 +311,11 @@ class OneShot:
 
     def _drain_expired(self) -> None:
         """--drain-timeout after the exit: a background descendant holds a pipe open."""
+        for pump in self._pumps.values():
+            pump.stop()  # its task ends the pipe (a pair being sent is finished first)
         for kind in list(self._open_pipes):
-            self._pipe_done(kind)
+            if kind not in self._pumps:
+                self._pipe_done(kind)
 
     def _deadline_passed(self) -> None:
         if self.conn.phase is Phase.REQUEST:
@@ -363,6 +390,8 @@ class OneShot:
             return
         self._closed = True
         self._stop_reading()
+        for pump in self._pumps.values():
+            pump.stop()
         reactor = self._services.reactor
         for fd in self._open_pipes.values():
             reactor.remove_reader(fd)
