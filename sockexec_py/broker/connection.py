@@ -31,9 +31,9 @@ from sockexec_py.replies import encode_error_reply, encode_exit, exit_event
 
 from . import _io
 from .pairs import PairWriter
-from .pumps import OutputPump, StdinPump
+from .pumps import OutputPump, StdinPump, let_the_client_finish
 from .report import audit_line
-from .services import SENDING_GRACE, Cancellable, Phase, Services
+from .services import Cancellable, Phase, Services
 from .spawn import Program, SpawnError
 from .spool import Spool
 
@@ -215,6 +215,13 @@ class Connection:
             if self.writer.closed:
                 raise trio.ClosedResourceError from None
             raise
+        self.took(session, data, buffer)
+
+    def took(
+        self, session: ServerSession, data: bytes | memoryview, buffer: bytearray | None
+    ) -> None:
+        """``data`` read from the client (in ``buffer`` of the pool, if not None) goes
+        to ``session`` and is counted; the buffer goes back to the pool."""
         try:
             session.receive_data(data)
         finally:
@@ -306,7 +313,9 @@ class Connection:
                         pump.stop()
                     for pump in pumps:
                         await pump.done.wait()
-                await self.let_the_client_finish_stdin(stdin)
+                await let_the_client_finish(
+                    stdin, lambda: self.last_input, self.services.config.drain_timeout
+                )
                 self.phase = Phase.CLOSING
                 await self._send_exit(program)
                 nursery.cancel_scope.cancel()
@@ -315,27 +324,6 @@ class Connection:
                 # task in a closed nursery (once closed, the socket has no watch left).
                 if not self.writer.closed:
                     hangups.unwatch_input(self.fd)
-
-    async def let_the_client_finish_stdin(self, stdin: StdinPump) -> None:
-        """A client still sending stdin when the program has ended gets to finish it
-        (up to its ``0:,``; the pump drops what nobody reads) before the exit pair.
-
-        Closing over a client in the middle of a send resets the connection, and
-        nginx then drops the reply lua-resty-exec already has (a ``head -c 5`` fed
-        4 MiB). Only a client that is sending — whose last bytes came less than
-        ``SENDING_GRACE`` ago — is waited for, as long as more keeps coming, within
-        ``--drain-timeout``: one that merely keeps stdin open (a duplex session
-        waiting for the exit) gets its exit pair at once.
-        """
-        if stdin.client_done or trio.current_time() - self.last_input >= SENDING_GRACE:
-            return  # the common case: no scope to enter
-        with trio.move_on_after(self.services.config.drain_timeout):
-            while not stdin.client_done:
-                quiet = trio.current_time() - self.last_input
-                if quiet >= SENDING_GRACE:
-                    return
-                with trio.move_on_after(SENDING_GRACE - quiet):
-                    await stdin.wait_client_done()
 
     def stdin_protocol_error(self, exc: RemoteProtocolError) -> None:
         log.debug("protocol error conn=%d: %s", self.number, exc)

@@ -37,9 +37,9 @@ from . import _io
 from ._reactor import Reactor, TimerQueue
 from .config import ServerConfig
 from .connection import Connection
-from .pumps import OutputPump, StdinPump
+from .pumps import OutputPump, StdinPump, let_the_client_finish, still_sending
 from .runas import needs_helper
-from .services import SENDING_GRACE, Phase
+from .services import Phase
 from .spawn import Program, SpawnError
 
 log = logging.getLogger("sockexec_py")
@@ -148,15 +148,7 @@ class OneShot:
         if read is None:
             self._watch_request()
             return
-        data, buffer = read
-        try:
-            session.receive_data(data)
-        finally:
-            if buffer is not None:
-                _io.BUFFERS.give(buffer)
-        if data:
-            conn.bytes_in += len(data)
-            conn.last_input = trio.current_time()
+        conn.took(session, *read)
         try:
             event = session.next_event()
         except RemoteProtocolError:
@@ -351,7 +343,7 @@ class OneShot:
         self._forget_timers()
         stdin = self.stdin
         assert stdin is not None
-        if not stdin.client_done and trio.current_time() - conn.last_input < SENDING_GRACE:
+        if still_sending(stdin, conn.last_input):
             self._finish_in_task(self._finish_after_stdin)
             return
         conn.phase = Phase.CLOSING
@@ -359,7 +351,10 @@ class OneShot:
 
     async def _finish_after_stdin(self) -> None:
         assert self.stdin is not None
-        await self.conn.let_the_client_finish_stdin(self.stdin)
+        conn = self.conn
+        await let_the_client_finish(
+            self.stdin, lambda: conn.last_input, conn.services.config.drain_timeout
+        )
         self.conn.phase = Phase.CLOSING
         await self.conn.writer.send_final(self.conn.exit_pair())
 

@@ -168,3 +168,37 @@ class StdinPump:
             self._protocol_error(exc)
         finally:
             self._done()
+
+
+#: How long a client still sending stdin after its program ended may pause between
+#: two reads before the exit pair goes out anyway.
+SENDING_GRACE = 0.05
+
+
+def still_sending(stdin: StdinPump, last_input: float) -> bool:
+    """Whether the client is in the middle of sending stdin: not done, and its last
+    bytes (read at ``last_input``, trio's clock) came less than SENDING_GRACE ago."""
+    return not stdin.client_done and trio.current_time() - last_input < SENDING_GRACE
+
+
+async def let_the_client_finish(
+    stdin: StdinPump, last_input: Callable[[], float], drain_timeout: float
+) -> None:
+    """A client still sending stdin when the program has ended gets to finish it
+    (up to its ``0:,``; the pump drops what nobody reads) before the exit pair.
+
+    Closing over a client in the middle of a send resets the connection, and
+    nginx then drops the reply lua-resty-exec already has (a ``head -c 5`` fed
+    4 MiB). Only a client that is sending (:func:`still_sending`) is waited for, as
+    long as more keeps coming, within ``drain_timeout``: one that merely keeps stdin
+    open (a duplex session waiting for the exit) gets its exit pair at once.
+    """
+    if not still_sending(stdin, last_input()):
+        return  # the common case: no scope to enter
+    with trio.move_on_after(drain_timeout):
+        while not stdin.client_done:
+            quiet = trio.current_time() - last_input()
+            if quiet >= SENDING_GRACE:
+                return
+            with trio.move_on_after(SENDING_GRACE - quiet):
+                await stdin.wait_client_done()

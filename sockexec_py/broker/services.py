@@ -14,11 +14,7 @@ from .hangup import HangupMonitor
 from .spool import SpoolBudget
 from .supervisor import Supervisor
 
-__all__ = ["SENDING_GRACE", "Cancellable", "Phase", "Services"]
-
-#: How long a client still sending stdin after its program ended may pause between
-#: two reads before the exit pair goes out anyway.
-SENDING_GRACE = 0.05
+__all__ = ["Cancellable", "Phase", "Services"]
 
 
 class Cancellable(Protocol):
