@@ -23,7 +23,8 @@ from sockexec_py.broker import pairs
 from sockexec_py.broker.config import ServerConfig
 from sockexec_py.broker.connection import Connection
 from sockexec_py.broker.oneshot import OneShot
-from sockexec_py.broker.pairs import PairWriter, footprint
+from sockexec_py.broker.pairs import PairWriter
+from sockexec_py.broker.sendqueue import footprint
 from sockexec_py.broker.server import SEND_BUFFER, Server
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair, encode_request
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockexec_py.broker.pairs import footprint, whole_pairs
+from sockexec_py.broker.sendqueue import footprint, whole_pairs
 from sockexec_py.broker.spool import Spool, SpoolBudget
 from sockexec_py.protocol import encode_output_pair
 

@@ -22,6 +22,7 @@ an exit pair that does not fit (:meth:`PairWriter.send_final`).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -94,20 +95,8 @@ class OneShot:
     """
 
     __slots__ = (  # many live at once: no __dict__ each
-        "_closed",
-        "_draining",
-        "_finishing",
-        "_hard_deadline",
-        "_open_pipes",
-        "_pumps",
-        "_reading",
-        "_sending",
-        "_services",
-        "_stdin_started",
-        "conn",
-        "program",
-        "session",
-        "stdin"
+        "_closed", "_draining", "_finishing", "_hard_deadline", "_open_pipes", "_pumps",
+        "_reading", "_sending", "_services", "conn", "program", "session", "stdin"
     )  # fmt: skip
 
     def __init__(self, conn: Connection, services: OneShotServices, hard_deadline: float) -> None:
@@ -122,7 +111,6 @@ class OneShot:
         self._sending = 0  # output streams gone on by a task (:meth:`_pump_in_task`)
         self._pumps: dict[OutputKind, OutputPump] = {}
         self._draining = False
-        self._stdin_started = False
         self._finishing = False  # a task sends the last bytes
         self._closed = False
 
@@ -231,18 +219,14 @@ class OneShot:
         for kind, fd in (("stdout", program.stdout_fd), ("stderr", program.stderr_fd)):
             assert fd is not None
             self._open_pipes[kind] = fd  # type: ignore[index]
-            services.reactor.add_reader(fd, self._readable_callback(kind))  # type: ignore[arg-type]
+            services.reactor.add_reader(fd, functools.partial(self._output_readable, kind))  # type: ignore[arg-type]
         program.on_exit(self._maybe_finish)
-
-    def _readable_callback(self, kind: OutputKind) -> Callable[[], None]:
-        return lambda: self._output_readable(kind)
 
     def _on_input(self) -> None:
         if not self.conn.writer.closed:
             self._start_stdin(NEED_DATA)
 
     def _start_stdin(self, event: object) -> None:
-        self._stdin_started = True
         assert self.stdin is not None
         self._services.start_soon(self._guarded, self.stdin.run, event)
 

@@ -20,9 +20,8 @@ import trio
 from sockexec_py.events import OutputKind
 from sockexec_py.replies import MAX_OUTPUT_CHUNK, encode_output_pair
 
-from . import _io
+from . import _io, sendqueue
 from ._uring import Ring, open_ring
-from .sendqueue import MEASURABLE, PAIR_OVERHEAD, footprint, queued_bytes, send_rest, whole_pairs
 from .spool import Spool
 
 # At most this many reads of already-queued input before close (1 MiB); a client
@@ -51,9 +50,7 @@ def _nothing() -> None:
     pass
 
 
-def _sched_yield() -> None:
-    if hasattr(os, "sched_yield"):
-        os.sched_yield()
+_sched_yield = getattr(os, "sched_yield", _nothing)
 
 
 class PairWriter:
@@ -100,7 +97,7 @@ class PairWriter:
         self._room_poll.register(self.fd, select.POLLOUT)
         #: SO_SNDBUF once read (see chunk_limit); whether SIOCOUTQ works here.
         self._send_buffer = 0
-        self.measurable = MEASURABLE
+        self.measurable = sendqueue.MEASURABLE
         self._closing = False
         self.spool = spool
         self._start_soon: Callable[[Callable[[], Awaitable[Any]]], None] | None = None
@@ -167,9 +164,8 @@ class PairWriter:
         being sent, room for ``data``); False, with nothing done, if not."""
         if self.usable:
             drained = self._drained
-            if (drained is not None and not drained.is_set()) or self._lock.locked():
-                return False
-            if not self._fits(len(data)):
+            busy = (drained is not None and not drained.is_set()) or self._lock.locked()
+            if busy or not self._fits(len(data)):
                 return False
             self._send_final_now(data)
         self.close()
@@ -183,7 +179,7 @@ class PairWriter:
             if ring is not None:
                 self._send_and_close(ring, data)
             else:
-                send_rest(self.sock.fileno(), _io.sendmsg_nowait(self.sock, [data]))
+                sendqueue.send_rest(self.sock.fileno(), _io.sendmsg_nowait(self.sock, [data]))
         except _io.BROKEN_ERRORS:
             self._broke()
         else:
@@ -197,23 +193,17 @@ class PairWriter:
         if self._lock.locked() or (self.spool is not None and self.spool.pending):
             return False
         room = self.room()
-        if room is None:
+        batch = (
+            None if room is None else sendqueue.pairs_within(kind, data, self.chunk_limit(), room)
+        )
+        if batch is None:
             return False
-        view = memoryview(data)
-        chunk = self.chunk_limit()
-        batch: list[bytes | memoryview] = []
-        for offset in range(0, len(view), chunk):
-            piece = view[offset : offset + chunk]
-            room -= footprint(len(piece))
-            if room < 0:
-                return False
-            batch += encode_output_pair(kind, piece)
         try:
-            send_rest(self.fd, _io.sendmsg_nowait(self.sock, batch))
+            sendqueue.send_rest(self.fd, _io.sendmsg_nowait(self.sock, batch))
         except _io.BROKEN_ERRORS:
             self._broke()
         else:
-            self.bytes_out += len(view)
+            self.bytes_out += len(data)
         return True
 
     def _send_and_close(self, ring: Ring, data: bytes) -> None:
@@ -227,7 +217,7 @@ class PairWriter:
         try:
             if sent < 0:
                 raise OSError(-sent, os.strerror(-sent))
-            send_rest(fd, [memoryview(data)[sent:]])
+            sendqueue.send_rest(fd, [memoryview(data)[sent:]])
         finally:
             os.close(fd)
 
@@ -259,7 +249,7 @@ class PairWriter:
         """Whether ``size`` bytes (one short pair) go into the send queue now."""
         room = self.room()
         if room is not None:
-            return footprint(size) <= room
+            return sendqueue.footprint(size) <= room
         return bool(self._room_poll.poll(0))
 
     async def _acquire(self) -> None:
@@ -291,7 +281,7 @@ class PairWriter:
             start = offset
             while offset < total:
                 end = min(offset + chunk, total)
-                cost = footprint(end - offset)
+                cost = sendqueue.footprint(end - offset)
                 if room is None:
                     # The queue cannot be measured here: one pair per POLLOUT, which
                     # guarantees it fits (at most 1/4 of the buffer is in use then).
@@ -315,7 +305,7 @@ class PairWriter:
                 await trio.lowlevel.wait_writable(self.sock)
                 end = min(offset + chunk, total)
                 room = self.room()
-                if room is not None and footprint(end - offset) <= room:
+                if room is not None and sendqueue.footprint(end - offset) <= room:
                     continue
                 # Unmeasured, or a buffer smaller than our pessimistic estimate wants:
                 # one pair, which POLLOUT alone guarantees to fit.
@@ -359,7 +349,7 @@ class PairWriter:
             while spool.pending and self.usable:
                 await trio.lowlevel.wait_writable(self.sock)
                 data = spool.read_into(buffer)
-                size = whole_pairs(data, self.room())
+                size = sendqueue.whole_pairs(data, self.room())
                 assert size, "the spool is read from a pair boundary, in whole pairs"
                 pending = _io.sendmsg_nowait(self.sock, [data[:size]])
                 if pending:  # not expected: the room was measured
@@ -377,7 +367,7 @@ class PairWriter:
         if not self.measurable:
             return None
         try:
-            queued = queued_bytes(self.fd)
+            queued = sendqueue.queued_bytes(self.fd)
         except OSError:
             self.measurable = False  # no SIOCOUTQ here: one pair per POLLOUT
             return None
@@ -387,7 +377,9 @@ class PairWriter:
         """The most data per pair: 64 KiB, less where SO_SNDBUF is so small (under
         ~128 KiB, a tiny net.core.wmem_max) that a 64 KiB pair could be cut even from
         a queue at the POLLOUT mark. A pair within half of SO_SNDBUF never can."""
-        return max(min(MAX_OUTPUT_CHUNK, self._buffer_size() // 2 - 64 - PAIR_OVERHEAD), 512)
+        return max(
+            min(MAX_OUTPUT_CHUNK, self._buffer_size() // 2 - 64 - sendqueue.PAIR_OVERHEAD), 512
+        )
 
     def _buffer_size(self) -> int:
         """SO_SNDBUF, read once."""

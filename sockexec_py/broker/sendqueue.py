@@ -16,9 +16,18 @@ import select
 import sys
 import termios
 
-from sockexec_py.replies import pair_at
+from sockexec_py.events import OutputKind
+from sockexec_py.replies import encode_output_pair, pair_at
 
-__all__ = ["MEASURABLE", "PAIR_OVERHEAD", "footprint", "queued_bytes", "send_rest", "whole_pairs"]
+__all__ = [
+    "MEASURABLE",
+    "PAIR_OVERHEAD",
+    "footprint",
+    "pairs_within",
+    "queued_bytes",
+    "send_rest",
+    "whole_pairs",
+]
 
 #: Bytes of an output pair besides its data ("6:stdout," "65536:" ","), rounded up.
 PAIR_OVERHEAD = 32
@@ -68,3 +77,19 @@ def send_rest(fd: int, pending: list[memoryview]) -> None:
         while view:
             select.select([], [fd], [], 1.0)
             view = view[os.write(fd, view) :]
+
+
+def pairs_within(
+    kind: OutputKind, data: bytes | memoryview, chunk: int, room: int
+) -> list[bytes | memoryview] | None:
+    """``data`` as output pairs of at most ``chunk`` bytes each, if their kernel
+    footprint fits ``room`` all together; None if it does not."""
+    view = memoryview(data)
+    batch: list[bytes | memoryview] = []
+    for offset in range(0, len(view), chunk):
+        piece = view[offset : offset + chunk]
+        room -= footprint(len(piece))
+        if room < 0:
+            return None
+        batch += encode_output_pair(kind, piece)
+    return batch

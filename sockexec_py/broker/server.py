@@ -86,8 +86,7 @@ class Server:
         self._dump_stream = dump_stream
         self.hangups = HangupMonitor()
         self.reactor = Reactor()
-        #: One-shot sessions driven by callbacks (:mod:`.oneshot`); off with
-        #: SOCKEXEC_PY_ONESHOT=0 (every session by tasks: for comparing the two).
+        #: Callback-driven one-shots (:mod:`.oneshot`); SOCKEXEC_PY_ONESHOT=0: tasks only.
         self._oneshot = os.environ.get("SOCKEXEC_PY_ONESHOT", "1") != "0"
         self._oneshot_services: OneShotServices | None = None
         self._oneshots: dict[int, OneShot] = {}
@@ -234,6 +233,9 @@ class Server:
         kernel backlog.
         """
         self._nursery = nursery
+        self._oneshot_services = OneShotServices.of(
+            self.reactor, self.config, nursery, self._serve, self._close
+        )
         with scope:
             while True:
                 self._drain_backlog()
@@ -314,7 +316,8 @@ class Server:
             self._nursery.start_soon(self._handle, fd)
             return
         conn = self._open(fd)
-        oneshot = OneShot(conn, self._oneshot_env(), self._hard_deadline(conn))
+        assert self._oneshot_services is not None
+        oneshot = OneShot(conn, self._oneshot_services, self._hard_deadline(conn))
         self._oneshots[conn.number] = oneshot
         try:
             oneshot.start()
@@ -375,14 +378,6 @@ class Server:
         self._update_backlog()
         if not self.connections:
             self._idle.set()
-
-    def _oneshot_env(self) -> OneShotServices:
-        if self._oneshot_services is None:
-            assert self._nursery is not None
-            self._oneshot_services = OneShotServices.of(
-                self.reactor, self.config, self._nursery, self._serve, self._close
-            )
-        return self._oneshot_services
 
     def _services(self) -> Services:
         if self._services_value is None:
