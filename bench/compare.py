@@ -35,6 +35,8 @@ FIGURES = {
     "8": ("extra_p50_ms", "ms extra per run-as run (p50)"),
 }
 CPU_FIELD = "cpu_broker"
+#: The units of a rate of sessions: the broker's CPU per session is its CPU over it.
+RATES = ("runs/s", "requests/s")
 
 
 def run_once(pythonpath: Path, only: str, extra: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -84,14 +86,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         field, unit = FIGURES[key]
         medians = {}
         cpus = {}
-        per_session = {}  # broker CPU per run: only meaningful for rows 1-2
+        per_session = {}  # broker CPU per run or request (rows of a rate of those)
         latency = {}
         for label in ("base", "new"):
             runs = samples[label].get(key, [])
             medians[label] = statistics.median(r[field] for r in runs)
             cpu = [r[CPU_FIELD] for r in runs if CPU_FIELD in r]
             cpus[label] = f"{statistics.median(cpu) * 100:.0f}" if cpu else "-"
-            per = [r[CPU_FIELD] / r[field] * 1000 for r in runs if CPU_FIELD in r and r[field]]
+            per = [
+                r[CPU_FIELD] / r[field] * 1000
+                for r in runs
+                if unit in RATES and CPU_FIELD in r and r[field]
+            ]
             per_session[label] = f"{statistics.median(per):.3f}" if per else "-"
             p50 = [r["p50_ms"] for r in runs if "p50_ms" in r]
             p99 = [r["p99_ms"] for r in runs if "p99_ms" in r]
