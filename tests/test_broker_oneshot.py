@@ -340,3 +340,48 @@ def test_many_sessions_end_well_and_leak_no_fd(
         assert reply == b"6:stdout,%d:%b,8:exitcode,1:0," % (len(line), line)
     broker.wait_idle()
     assert broker.open_fds() == fds
+
+
+async def test_a_bug_in_a_callback_ends_its_session_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception in a one-shot callback (a bug) is logged and ends that session,
+    its program terminated; the broker goes on serving the next one."""
+    import trio
+
+    from sockexec_py.broker.config import ServerConfig
+    from sockexec_py.broker.oneshot import OneShot
+    from sockexec_py.broker.server import Server
+
+    path = str(tmp_path / "bug.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(10)
+    listener.setblocking(False)
+    server = Server(ServerConfig(socket_path=path), listener)
+    real = OneShot._output_readable
+
+    def broken(self: OneShot, kind: str) -> None:
+        raise RuntimeError("a bug")
+
+    async def session(argv: list[str]) -> bytes:
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            await client.connect(path)
+            await client.send(encode_request(argv) + b"0:,")
+            reply = b""
+            while data := await client.recv(65536):
+                reply += data
+            return reply
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            try:
+                monkeypatch.setattr(OneShot, "_output_readable", broken)
+                assert await session(["sh", "-c", "echo out; exec sleep 60"]) == b""
+                monkeypatch.setattr(OneShot, "_output_readable", real)
+                assert (await session(["echo", "next"])).endswith(b"8:exitcode,1:0,")
+                while server.supervisor.running:  # the sleep is terminated and reaped
+                    await trio.sleep(0.01)
+            finally:
+                server.request_shutdown()

@@ -135,6 +135,8 @@ class Connection:
         # and a hang-up cut either, and the phase says which one was cut.
         with trio.move_on_at(self.deadline) as phase_scope:
             self.phase_scope = phase_scope
+            if self.abandoned is not None:  # abandoned while handed over (:mod:`.oneshot`)
+                phase_scope.cancel()
             if argv is None:
                 try:
                     argv = await self._read_argv(session)

@@ -22,10 +22,8 @@ an exit pair that does not fit (:meth:`PairWriter.send_final`).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -35,9 +33,8 @@ from sockexec_py.events import ArgvReady, InputEnded, OutputKind
 from sockexec_py.protocol import NEED_DATA, ServerSession
 
 from . import _io
-from ._reactor import Reactor, TimerQueue
-from .config import ServerConfig
 from .connection import Connection
+from .oneshot_services import OneShotServices
 from .pumps import OutputPump, StdinPump, let_the_client_finish, still_sending
 from .runas import needs_helper
 from .services import Phase
@@ -45,45 +42,8 @@ from .spawn import Program, SpawnError
 
 log = logging.getLogger("sockexec_py")
 
-StartSoon = Callable[..., None]
 #: Output past which a session is a stream, not a one-shot: its pipes go on by tasks.
 STREAM_AFTER = 256 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class OneShotServices:
-    """What a one-shot session uses of its server.
-
-    ``serve`` hands a connection over to the task-driven path (a task running
-    :meth:`Connection.serve` from the given session and argv, closing the connection
-    at its end); ``closed`` is the server's side of closing a connection.
-    """
-
-    reactor: Reactor
-    deadlines: TimerQueue | None  # the -t deadline; None with -t 0
-    drains: TimerQueue  # --drain-timeout after the program's exit
-    start_soon: StartSoon
-    serve: Callable[[Connection, ServerSession, tuple[bytes, ...] | None], None]
-    closed: Callable[[Connection], None]
-
-    @classmethod
-    def of(
-        cls,
-        reactor: Reactor,
-        config: ServerConfig,
-        nursery: trio.Nursery,
-        serve: Callable[[Connection, ServerSession, tuple[bytes, ...] | None], Awaitable[None]],
-        closed: Callable[[Connection], None],
-    ) -> OneShotServices:
-        """The server's: ``serve`` (the task-driven path) runs as a task of ``nursery``."""
-        return cls(
-            reactor=reactor,
-            deadlines=reactor.timer_queue(config.timeout) if config.timeout > 0 else None,
-            drains=reactor.timer_queue(config.drain_timeout),
-            start_soon=nursery.start_soon,
-            serve=lambda conn, session, argv: nursery.start_soon(serve, conn, session, argv),
-            closed=closed,
-        )
 
 
 class OneShot:
@@ -121,7 +81,7 @@ class OneShot:
         conn = self.conn
         conn.phase_scope = self  # a hang-up or shutdown in the request phase: cancel()
         if self._services.deadlines is not None:
-            self._services.deadlines.add(conn, self._deadline_passed)
+            self._services.deadlines.add(conn, self._guard(self._deadline_passed))
         self._request_readable()
 
     def _request_readable(self) -> None:
@@ -154,7 +114,7 @@ class OneShot:
     def _watch_request(self) -> None:
         if not self._reading:
             self._reading = True
-            self._services.reactor.add_reader(self.conn.fd, self._request_readable)
+            self._services.reactor.add_reader(self.conn.fd, self._guard(self._request_readable))
 
     def _stop_reading(self) -> None:
         if self._reading:
@@ -165,9 +125,9 @@ class OneShot:
         """Go on as a task-driven connection (which owns the deadlines from now on)."""
         self._stop_reading()
         self._forget_timers()
-        self._closed = True  # closing is the task's now
         self.conn.phase_scope = None
         self._services.serve(self.conn, self.session, argv)
+        self._closed = True  # closing is the task's now
 
     def _admit(self, argv: tuple[bytes, ...]) -> None:
         conn = self.conn
@@ -212,15 +172,21 @@ class OneShot:
             lambda: conn.terminate("the client asked"),
         )
         event = stdin.first_event()
-        if event is NEED_DATA and conn.services.hangups.watch_input(conn.fd, self._on_input):
+        if event is NEED_DATA and conn.services.hangups.watch_input(
+            conn.fd, self._guard(self._on_input)
+        ):
             pass  # the stdin task starts only if the client sends more than its request
         elif event is not None:
             self._start_stdin(event)
-        for kind, fd in (("stdout", program.stdout_fd), ("stderr", program.stderr_fd)):
+        pipes: tuple[tuple[OutputKind, int | None], ...] = (
+            ("stdout", program.stdout_fd),
+            ("stderr", program.stderr_fd),
+        )
+        for kind, fd in pipes:
             assert fd is not None
-            self._open_pipes[kind] = fd  # type: ignore[index]
-            services.reactor.add_reader(fd, functools.partial(self._output_readable, kind))  # type: ignore[arg-type]
-        program.on_exit(self._maybe_finish)
+            self._open_pipes[kind] = fd
+            services.reactor.add_reader(fd, self._guard(self._output_readable, kind))
+        program.on_exit(self._guard(self._maybe_finish))
 
     def _on_input(self) -> None:
         if not self.conn.writer.closed:
@@ -252,13 +218,15 @@ class OneShot:
         # changes per chunk, and a stream a second epoll's round per chunk.
         self._services.reactor.remove_reader(fd)
         self._sending += 1
-        self._services.start_soon(self._pump_in_task, kind, data, buffer)
+        assert self.program is not None
+        # Made now, so that a drain timeout or a close before the task runs stops it.
+        pump = self._pumps[kind] = OutputPump(writer, self.program, kind)
+        self._services.start_soon(self._pump_in_task, pump, data, buffer)
 
     async def _pump_in_task(
-        self, kind: OutputKind, data: bytes | memoryview, buffer: bytearray | None
+        self, pump: OutputPump, data: bytes | memoryview, buffer: bytearray | None
     ) -> None:
-        assert self.program is not None
-        pump = self._pumps[kind] = OutputPump(self.conn.writer, self.program, kind)
+        kind = pump.kind
         cut = True
         try:
             with trio.move_on_at(self._hard_deadline):
@@ -269,6 +237,9 @@ class OneShot:
                         _io.BUFFERS.give(buffer)
                 await pump.run()  # at once if the drain timeout or a close stopped it
                 cut = False
+        except trio.ClosedResourceError:
+            if not self._closed:  # (closed under it: the end of the session, not an error)
+                log.exception("internal error on conn=%d", self.conn.number)
         except Exception:
             log.exception("internal error on conn=%d", self.conn.number)
         finally:
@@ -277,7 +248,7 @@ class OneShot:
         if cut:
             self.close()  # the last-resort bound: the client never made room
         else:
-            self._pipe_done(kind)
+            self._guard(self._pipe_done)(kind)
 
     def _pipe_done(self, kind: OutputKind) -> None:
         fd = self._open_pipes.pop(kind, None)
@@ -301,7 +272,7 @@ class OneShot:
 
     def cancel(self) -> None:
         """The request phase cut short: the ``-t`` deadline, a hang-up, a shutdown."""
-        if self._closed or self.conn.phase is not Phase.REQUEST:
+        if self._closed or self._finishing or self.conn.phase is not Phase.REQUEST:
             return
         self._stop_reading()
         self._forget_timers()
@@ -320,7 +291,7 @@ class OneShot:
             if not self._draining:
                 self._draining = True
                 conn.phase = Phase.DRAINING
-                self._services.drains.add(conn, self._drain_expired)
+                self._services.drains.add(conn, self._guard(self._drain_expired))
             return
         if self._sending:
             return  # the task sending output comes back here
@@ -383,6 +354,21 @@ class OneShot:
         if services.deadlines is not None:
             services.deadlines.remove(self.conn)
         services.drains.remove(self.conn)
+
+    def _guard(self, callback: Callable[..., None], *bound: object) -> Callable[..., None]:
+        """``callback`` (with ``bound`` first) as a callback of the reactor, a timer,
+        the hang-up monitor or the program's exit: an exception (a bug) is logged and
+        ends this session (its program terminated), rather than leave it open or reach
+        the caller."""
+
+        def guarded(*args: object) -> None:
+            try:
+                callback(*bound, *args)
+            except Exception:
+                log.exception("internal error on conn=%d", self.conn.number)
+                self.close()
+
+        return guarded
 
     async def _guarded(self, run: Callable[..., Awaitable[Any]], *args: object) -> None:
         try:

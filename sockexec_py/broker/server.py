@@ -31,7 +31,8 @@ from .admission import Admission
 from .config import ServerConfig
 from .connection import Connection
 from .hangup import HangupMonitor
-from .oneshot import OneShot, OneShotServices
+from .oneshot import OneShot
+from .oneshot_services import OneShotServices
 from .pairs import final_ring
 from .report import dump_line
 from .services import Services
@@ -123,8 +124,7 @@ class Server:
         return once all are reaped (within ``-k`` + 1 s).
         """
         async with trio.open_nursery() as supervisor_nursery:
-            # The reactor reaps programs too: shielded, like the supervisor's reaping
-            # tasks, it runs until every program is reaped.
+            # The reactor reaps programs too: shielded, it runs until all are reaped.
             reactor_scope = trio.CancelScope(shield=True)
             supervisor_nursery.start_soon(self._run_reactor, reactor_scope)
             self._supervisor = Supervisor(
@@ -150,13 +150,14 @@ class Server:
                         await self._idle.wait()
                     nursery.cancel_scope.cancel()
             finally:
+                # First: whatever fails below, the reactor stops once all are reaped.
+                self.supervisor.stop_when_reaped(reactor_scope.cancel)
                 self._close_listener()
                 for oneshot in list(self._oneshots.values()):
                     oneshot.close()
                 self.hangups.close()
                 for program in list(self.supervisor.running):
                     self.supervisor.terminate(program)
-                self.supervisor.stop_when_reaped(reactor_scope.cancel)
         self.reactor.close()
         log.debug("stopped")
 
@@ -309,8 +310,7 @@ class Server:
     # -- one connection -------------------------------------------------------------------
 
     def _start(self, fd: int) -> None:
-        """Serve a connection just accepted: by callbacks (:mod:`.oneshot`), which hand
-        it over to a task when it needs one, or by a task from the start."""
+        """Serve a connection just accepted: by callbacks (:mod:`.oneshot`) or a task."""
         if not self._oneshot:
             assert self._nursery is not None
             self._nursery.start_soon(self._handle, fd)
