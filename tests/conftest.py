@@ -21,6 +21,8 @@ from typing import Protocol
 
 import pytest
 
+from sockexec_py.broker.config import ServerConfig
+from sockexec_py.broker.server import Server
 from sockexec_py.events import Exited, Output
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 from sockexec_py.testing import BrokerProcess as Broker
@@ -139,6 +141,16 @@ def run(
     """One-shot session: argv, stdin, ``0:,``; returns the parsed reply."""
     request = encode_request(argv, [stdin] if stdin else []) + b"0:,"
     return parse_reply(run_raw(path, request, timeout=timeout))
+
+
+def in_process_server(path: str) -> Server:
+    """A broker :class:`Server` on a new listening socket at ``path``, to run in the
+    test's own trio loop (``nursery.start(server.serve)``), defaults otherwise."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(10)
+    listener.setblocking(False)
+    return Server(ServerConfig(socket_path=path), listener)
 
 
 def pid_alive(pid: int) -> bool:

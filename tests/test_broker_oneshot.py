@@ -28,6 +28,7 @@ from conftest import (
     Broker,
     StartBroker,
     connect,
+    in_process_server,
     parse_reply,
     pid_alive,
     read_all,
@@ -349,16 +350,10 @@ async def test_a_bug_in_a_callback_ends_its_session_only(
     its program terminated; the broker goes on serving the next one."""
     import trio
 
-    from sockexec_py.broker.config import ServerConfig
     from sockexec_py.broker.oneshot import OneShot
-    from sockexec_py.broker.server import Server
 
     path = str(tmp_path / "bug.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(10)
-    listener.setblocking(False)
-    server = Server(ServerConfig(socket_path=path), listener)
+    server = in_process_server(path)
     real = OneShot._output_readable
 
     def broken(self: OneShot, kind: str) -> None:

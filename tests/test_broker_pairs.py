@@ -20,13 +20,14 @@ import trio
 import trio.testing
 
 from sockexec_py.broker import pairs
-from sockexec_py.broker.config import ServerConfig
 from sockexec_py.broker.connection import Connection
 from sockexec_py.broker.oneshot import OneShot
 from sockexec_py.broker.pairs import PairWriter
 from sockexec_py.broker.sendqueue import footprint
-from sockexec_py.broker.server import SEND_BUFFER, Server
+from sockexec_py.broker.server import SEND_BUFFER
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair, encode_request
+
+from conftest import in_process_server
 
 
 @pytest.mark.parametrize("measured", [True, False], ids=["siocoutq", "pollout-only"])
@@ -201,11 +202,7 @@ async def test_sessions_leave_no_reference_cycles_behind(tmp_path: Path) -> None
     """A served session's objects are freed as it ends, without the collector: a
     cycle per session made it run every ~15 sessions, inside the round trip."""
     path = str(tmp_path / "gc.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(10)
-    listener.setblocking(False)
-    server = Server(ServerConfig(socket_path=path), listener)
+    server = in_process_server(path)
     gc.collect()
     flags = gc.get_debug()
     gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage

@@ -16,11 +16,9 @@ import trio
 import trio.testing
 
 from sockexec_py.broker import pairs as pair_writer
-from sockexec_py.broker.config import ServerConfig
-from sockexec_py.broker.server import Server
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_request
 
-from conftest import MISC, Broker
+from conftest import MISC, Broker, in_process_server
 
 
 @pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "sendmsg"])
@@ -32,10 +30,6 @@ async def test_each_pair_is_handed_to_the_socket_in_a_single_send(
     if not uring:
         monkeypatch.setattr(pair_writer, "_RING", None)
     path = str(tmp_path / "rec.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(10)
-    listener.setblocking(False)
     sent_by_fd: dict[int, list[bytes]] = {}
 
     # A spy around the real sendmsg: what each call carried, per socket.
@@ -46,7 +40,7 @@ async def test_each_pair_is_handed_to_the_socket_in_a_single_send(
         sent_by_fd.setdefault(self.fileno(), []).append(b"".join(bytes(b) for b in buffers)[:sent])
         return sent
 
-    server = Server(ServerConfig(socket_path=path), listener)
+    server = in_process_server(path)
     socket.socket.sendmsg = recording_sendmsg  # type: ignore[method-assign]
     try:
         async with trio.open_nursery() as nursery:
