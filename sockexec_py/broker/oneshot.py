@@ -310,8 +310,8 @@ class OneShot:
         await let_the_client_finish(
             self.stdin, lambda: conn.last_input, conn.services.config.drain_timeout
         )
-        self.conn.phase = Phase.CLOSING
-        await self.conn.writer.send_final(self.conn.exit_pair())
+        conn.phase = Phase.CLOSING
+        await conn.writer.send_final(conn.exit_pair())
 
     def _final(self, data: bytes) -> None:
         """The last bytes, and the socket closed in the same step."""
@@ -371,7 +371,9 @@ class OneShot:
         return guarded
 
     async def _guarded(self, run: Callable[..., Awaitable[Any]], *args: object) -> None:
+        """:meth:`_guard` for a task of the session (its stdin pump)."""
         try:
             await run(*args)
         except Exception:
             log.exception("internal error on conn=%d", self.conn.number)
+            self.close()
