@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -143,14 +143,15 @@ def run(
     return parse_reply(run_raw(path, request, timeout=timeout))
 
 
-def in_process_server(path: str) -> Server:
+def in_process_server(path: str, **config: Any) -> Server:
     """A broker :class:`Server` on a new listening socket at ``path``, to run in the
-    test's own trio loop (``nursery.start(server.serve)``), defaults otherwise."""
+    test's own trio loop (``nursery.start(server.serve)``); ``config``: the
+    :class:`ServerConfig` fields that differ from the defaults."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(10)
     listener.setblocking(False)
-    return Server(ServerConfig(socket_path=path), listener)
+    return Server(ServerConfig(socket_path=path, **config), listener)
 
 
 def pid_alive(pid: int) -> bool:

@@ -380,3 +380,48 @@ async def test_a_bug_in_a_callback_ends_its_session_only(
                     await trio.sleep(0.01)
             finally:
                 server.request_shutdown()
+
+
+@pytest.mark.parametrize("oneshot", ["1", "0"], ids=["callbacks", "tasks"])
+async def test_a_program_that_cannot_be_killed_is_cut_at_the_hard_bound(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    oneshot: str,
+) -> None:
+    """A program in uninterruptible sleep outlives even SIGKILL. A kernel state a test
+    cannot make portably, so the broker's signals are swallowed here instead: past
+    -t + -k + --drain-timeout + 1 the connection is cut all the same (no exit pair),
+    with a warning naming the program, which keeps its slot until it is reaped."""
+    import trio
+
+    from sockexec_py.broker.spawn import Program
+
+    monkeypatch.setenv("SOCKEXEC_PY_ONESHOT", oneshot)
+    path = str(tmp_path / "cut.sock")
+    server = in_process_server(path, timeout=0.5, kill_timeout=0.2, drain_timeout=0.2)
+    monkeypatch.setattr(Program, "signal_group", lambda self, signum: True)
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            try:
+                with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                    await client.connect(path)
+                    started = trio.current_time()
+                    await client.send(encode_request(["sh", "-c", "echo up; exec sleep 60"]))
+                    await client.send(b"0:,")
+                    reply = b""
+                    while data := await client.recv(65536):
+                        reply += data
+                    elapsed = trio.current_time() - started
+                assert reply == b"6:stdout,3:up\n,"
+                assert 1.9 <= elapsed < 6, elapsed
+                (program,) = server.supervisor.running  # not reaped: it holds its slot
+                assert pid_alive(program.pid)
+                assert f"pid={program.pid} not ended after SIGKILL" in caplog.text
+                os.kill(program.pid, signal.SIGKILL)
+                while server.supervisor.running:
+                    await trio.sleep(0.01)
+            finally:
+                server.request_shutdown()

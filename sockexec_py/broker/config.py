@@ -44,3 +44,11 @@ class ServerConfig:
         return ServerLimits(
             max_frame=self.max_frame, max_args=self.max_args, max_argv_bytes=self.max_argv_bytes
         )
+
+    @property
+    def grace(self) -> float:
+        """From a deadline (-t, or a rule's timeout) to the last-resort cut of the
+        connection: the TERM-to-KILL wait, the drain, and a second. Past it a client
+        that never reads, or a program that cannot be killed (uninterruptible sleep),
+        no longer holds the connection."""
+        return self.kill_timeout + self.drain_timeout + 1

@@ -246,12 +246,9 @@ class Connection:
         if not rule.stdin:
             program.close_stdin()  # the program reads EOF; the client's stdin is dropped
         if rule.timeout is not None:
-            config = services.config
             self.deadline = trio.current_time() + rule.timeout
             assert self.hard_scope is not None
-            self.hard_scope.deadline = (
-                self.deadline + config.kill_timeout + config.drain_timeout + 1
-            )
+            self.hard_scope.deadline = self.deadline + services.config.grace
         return program
 
     def spawn_nowait(self, verdict: Allowed) -> Program:
@@ -373,6 +370,16 @@ class Connection:
         await self._refuse("the server is shutting down" if shutting else timeout_reason)
 
     # -- the end ---------------------------------------------------------------------
+
+    def log_cut(self) -> None:
+        """The last-resort bound passed: a warning if an unkillable program is why."""
+        program = self.program
+        if program is not None and program.status is None:
+            log.warning(
+                "conn=%d cut at the last-resort bound: pid=%d not ended after SIGKILL",
+                self.number,
+                program.pid,
+            )
 
     def finish(self) -> None:
         """Close everything the connection holds (always called, once)."""

@@ -80,8 +80,11 @@ class OneShot:
         """Read the request if it is there, else wait for it (in the reactor)."""
         conn = self.conn
         conn.phase_scope = self  # a hang-up or shutdown in the request phase: cancel()
-        if self._services.deadlines is not None:
-            self._services.deadlines.add(conn, self._guard(self._deadline_passed))
+        services = self._services
+        if services.deadlines is not None:
+            services.deadlines.add(conn, self._guard(self._deadline_passed))
+        if services.hard is not None:
+            services.hard.add(conn, self._guard(self._cut))
         self._request_readable()
 
     def _request_readable(self) -> None:
@@ -270,6 +273,14 @@ class OneShot:
         else:
             self.conn.terminate("timeout")
 
+    def _cut(self) -> None:
+        """The last-resort bound, with the program still not reaped (in uninterruptible
+        sleep, where even SIGKILL waits): the connection is closed without its exit
+        pair, as the task-driven path's ``hard_scope`` does; the program holds its
+        slot until it is reaped."""
+        self.conn.log_cut()
+        self.close()
+
     def cancel(self) -> None:
         """The request phase cut short: the ``-t`` deadline, a hang-up, a shutdown."""
         if self._closed or self._finishing or self.conn.phase is not Phase.REQUEST:
@@ -351,9 +362,9 @@ class OneShot:
 
     def _forget_timers(self) -> None:
         services = self._services
-        if services.deadlines is not None:
-            services.deadlines.remove(self.conn)
-        services.drains.remove(self.conn)
+        for queue in (services.deadlines, services.hard, services.drains):
+            if queue is not None:
+                queue.remove(self.conn)
 
     def _guard(self, callback: Callable[..., None], *bound: object) -> Callable[..., None]:
         """``callback`` (with ``bound`` first) as a callback of the reactor, a timer,

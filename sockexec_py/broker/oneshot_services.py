@@ -30,6 +30,7 @@ class OneShotServices:
 
     reactor: Reactor
     deadlines: TimerQueue | None  # the -t deadline; None with -t 0
+    hard: TimerQueue | None  # the last-resort cut, -t + ServerConfig.grace; None with -t 0
     drains: TimerQueue  # --drain-timeout after the program's exit
     start_soon: StartSoon
     serve: Callable[[Connection, ServerSession, tuple[bytes, ...] | None], None]
@@ -48,6 +49,7 @@ class OneShotServices:
         return cls(
             reactor=reactor,
             deadlines=reactor.timer_queue(config.timeout) if config.timeout > 0 else None,
+            hard=reactor.timer_queue(config.timeout + config.grace) if config.timeout > 0 else None,
             drains=reactor.timer_queue(config.drain_timeout),
             start_soon=nursery.start_soon,
             serve=lambda conn, session, argv: nursery.start_soon(serve, conn, session, argv),

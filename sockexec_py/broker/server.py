@@ -317,7 +317,7 @@ class Server:
             return
         conn = self._open(fd)
         assert self._oneshot_services is not None
-        oneshot = OneShot(conn, self._oneshot_services, self._hard_deadline(conn))
+        oneshot = OneShot(conn, self._oneshot_services, conn.deadline + self.config.grace)
         self._oneshots[conn.number] = oneshot
         try:
             oneshot.start()
@@ -351,11 +351,6 @@ class Server:
         )
         return conn
 
-    def _hard_deadline(self, conn: Connection) -> float:
-        """Past it the connection is cut even if the client never reads."""
-        config = self.config
-        return conn.deadline + config.kill_timeout + config.drain_timeout + 1
-
     async def _serve(
         self,
         conn: Connection,
@@ -363,8 +358,10 @@ class Server:
         argv: tuple[bytes, ...] | None = None,
     ) -> None:
         try:
-            with trio.move_on_at(self._hard_deadline(conn)) as conn.hard_scope:
+            with trio.move_on_at(conn.deadline + self.config.grace) as conn.hard_scope:
                 await conn.serve(session, argv)
+            if conn.hard_scope.cancelled_caught:
+                conn.log_cut()
         except Exception:
             log.exception("internal error on conn=%d", conn.number)
         finally:
