@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import os
 import socket
 import sys
 import termios
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,12 +21,13 @@ import pytest
 import trio
 import trio.testing
 
-from sockexec_py.broker import pairs
+from sockexec_py.broker import pairs, sendqueue
 from sockexec_py.broker.connection import Connection
 from sockexec_py.broker.oneshot import OneShot
 from sockexec_py.broker.pairs import PairWriter
 from sockexec_py.broker.sendqueue import footprint
 from sockexec_py.broker.server import SEND_BUFFER
+from sockexec_py.events import Exited, Output
 from sockexec_py.protocol import NEED_DATA, ClientSession, encode_output_pair, encode_request
 
 from conftest import in_process_server
@@ -49,7 +52,7 @@ async def test_pairs_stay_whole_when_short_lines_have_filled_the_send_queue(
         else:  # one pair per POLLOUT could not fill the queue this far: send directly
             sock.sendmsg([short_pair])
     if not measured:
-        writer.measurable = False  # as on a system without SIOCOUTQ
+        writer.room_meter.measurable = False  # as on a system without SIOCOUTQ
     short = len(sends)
     received = bytearray()
     chunks = [b"x" * 100] * short + [b"B" * 65536] * 4 + [b"B" * (300_000 - 4 * 65536)]
@@ -282,3 +285,83 @@ async def test_the_final_send_and_close_run_back_to_back(
         os.fstat(fd)  # closed, whichever way
     assert writer.closed and writer.bytes_out == len(b"8:exitcode,1:0,")
     theirs.close()
+
+
+async def test_a_nowait_batch_cut_short_is_finished_by_a_task_in_turn() -> None:
+    """The room estimate wrong (forced here: the meter reports room the socket does not
+    have): the part of the batch that did not fit goes on from a task, without blocking
+    the caller; the output and exit pair sent meanwhile wait their turn, so the client
+    reads every pair whole and in order."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    writer = PairWriter(ours)
+
+    class WrongMeter(sendqueue.RoomMeter):
+        def room(self) -> int:
+            return 1 << 30
+
+    writer.room_meter = WrongMeter(ours)
+    first, second = b"a" * 200_000, b"b" * 1000
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            writer.attach(nursery.start_soon)
+            assert writer.send_output_nowait("stdout", first)  # returns at once, cut
+            assert not writer.send_output_nowait("stderr", second)  # not its turn
+            assert not writer.send_final_nowait(b"8:exitcode,1:0,")
+
+            async def rest() -> None:
+                await writer.send_output("stderr", second)
+                await writer.send_final(b"8:exitcode,1:0,")
+
+            nursery.start_soon(rest)
+            received = bytearray()
+            theirs.setblocking(False)
+            while True:
+                await trio.lowlevel.wait_readable(theirs)
+                data = theirs.recv(65536)
+                if not data:
+                    break
+                received += data
+    theirs.close()
+    client = ClientSession()
+    client.receive_data(bytes(received))
+    client.receive_data(b"")
+    events = []
+    while not isinstance(event := client.next_event(), Exited):
+        assert isinstance(event, Output), event
+        events.append((event.kind, bytes(event.data)))
+    assert b"".join(data for kind, data in events if kind == "stdout") == first
+    assert events[-1] == ("stderr", second)
+
+
+def test_the_last_pair_cut_short_is_given_up_on_a_stalled_client() -> None:
+    """sendqueue.send_rest finishes a final pair cut short without a scheduling point,
+    and is bounded: a client that reads takes it all; one that stopped does not hold
+    the broker for more than ``within``."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        cut_short_final(ours, theirs)
+
+
+def cut_short_final(ours: socket.socket, theirs: socket.socket) -> None:
+    ours.setblocking(False)
+    filled = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            filled += ours.send(b"x" * 4096)
+    rest = memoryview(b"y" * 50_000)
+    with pytest.raises(TimeoutError):
+        sendqueue.send_rest(ours.fileno(), [rest], within=0.05)
+    received = bytearray()
+
+    def reader() -> None:
+        while data := theirs.recv(65536):
+            received.extend(data)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    sendqueue.send_rest(ours.fileno(), [rest], within=10)
+    ours.shutdown(socket.SHUT_WR)
+    thread.join(10)
+    assert len(received) == filled + len(rest) and received.endswith(bytes(rest))

@@ -9,8 +9,8 @@ pair goes per POLLOUT.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import select
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from sockexec_py.events import OutputKind
-from sockexec_py.replies import MAX_OUTPUT_CHUNK, encode_output_pair
+from sockexec_py.replies import encode_output_pair
 
 from . import _io, sendqueue
 from ._uring import Ring, open_ring
@@ -71,9 +71,8 @@ class PairWriter:
     """
 
     __slots__ = (  # many live at once: no __dict__ each
-        "_before_close", "_closing", "_drained", "_lock", "_on_broken", "_room_poll",
-        "_send_buffer", "_start_soon", "broken", "bytes_out", "closed", "fd", "measurable",
-        "sock", "spool"
+        "_before_close", "_closing", "_drained", "_on_broken", "_start_soon", "_turn",
+        "broken", "bytes_out", "closed", "fd", "room_meter", "sock", "spool"
     )  # fmt: skip
 
     def __init__(
@@ -91,13 +90,10 @@ class PairWriter:
         self.closed = False
         self._before_close = before_close
         self._on_broken = on_broken
-        self._lock = trio.Lock()
-        #: Polls the socket for room (POLLOUT) without a scheduling round.
-        self._room_poll = select.poll()
-        self._room_poll.register(self.fd, select.POLLOUT)
-        #: SO_SNDBUF once read (see chunk_limit); whether SIOCOUTQ works here.
-        self._send_buffer = 0
-        self.measurable = sendqueue.MEASURABLE
+        #: One sender at a time. A semaphore, not a lock: a task may give back the turn
+        #: a callback took (see :meth:`send_output_nowait`).
+        self._turn = trio.Semaphore(1)
+        self.room_meter = sendqueue.RoomMeter(sock)
         self._closing = False
         self.spool = spool
         self._start_soon: Callable[[Callable[[], Awaitable[Any]]], None] | None = None
@@ -116,7 +112,7 @@ class PairWriter:
         """Send ``data`` as output pairs of at most 64 KiB; dropped once unusable.
 
         Every pair leaves whole in one ``sendmsg``, several pairs in the same call when
-        the socket is known to have room for all of them; the lock keeps two callers'
+        the socket is known to have room for all of them; the turn keeps two callers'
         pairs from interleaving. A ``data`` that fits the socket now costs no
         scheduling round.
         """
@@ -128,7 +124,7 @@ class PairWriter:
         except _io.BROKEN_ERRORS:
             self._broke()
         finally:
-            self._lock.release()
+            self._turn.release()
 
     async def send_final(self, data: bytes) -> None:
         """Send the last bytes of the session and close the socket in the same step.
@@ -152,11 +148,11 @@ class PairWriter:
                 await drained.wait()  # what was spooled goes out before the end
             await self._acquire()
             try:
-                if not self._fits(len(data)):  # POLLOUT: a short pair fits then
+                if not self.room_meter.fits(len(data)):  # POLLOUT: a short pair fits then
                     await trio.lowlevel.wait_writable(self.sock)
                 self._send_final_now(data)
             finally:
-                self._lock.release()
+                self._turn.release()
         self.close()
 
     def send_final_nowait(self, data: bytes) -> bool:
@@ -164,8 +160,8 @@ class PairWriter:
         being sent, room for ``data``); False, with nothing done, if not."""
         if self.usable:
             drained = self._drained
-            busy = (drained is not None and not drained.is_set()) or self._lock.locked()
-            if busy or not self._fits(len(data)):
+            busy = (drained is not None and not drained.is_set()) or self._turn.value == 0
+            if busy or not self.room_meter.fits(len(data)):
                 return False
             self._send_final_now(data)
         self.close()
@@ -179,8 +175,8 @@ class PairWriter:
             if ring is not None:
                 self._send_and_close(ring, data)
             else:
-                sendqueue.send_rest(self.sock.fileno(), _io.sendmsg_nowait(self.sock, [data]))
-        except _io.BROKEN_ERRORS:
+                sendqueue.send_rest(self.fd, _io.sendmsg_nowait(self.sock, [data]))
+        except (*_io.BROKEN_ERRORS, TimeoutError):  # (TimeoutError: stalled, as if gone)
             self._broke()
         else:
             self.bytes_out += len(data)
@@ -190,21 +186,43 @@ class PairWriter:
         nothing else is being sent or spooled; False, with nothing sent, if not."""
         if not self.usable:
             return True  # dropped, as send_output would
-        if self._lock.locked() or (self.spool is not None and self.spool.pending):
+        start_soon = self._start_soon
+        if (
+            start_soon is None
+            or self._turn.value == 0
+            or (self.spool is not None and self.spool.pending)
+        ):
             return False
-        room = self.room()
+        room = self.room_meter.room()
         batch = (
-            None if room is None else sendqueue.pairs_within(kind, data, self.chunk_limit(), room)
+            None
+            if room is None
+            else sendqueue.pairs_within(kind, data, self.room_meter.chunk_limit(), room)
         )
         if batch is None:
             return False
         try:
-            sendqueue.send_rest(self.fd, _io.sendmsg_nowait(self.sock, batch))
+            pending = _io.sendmsg_nowait(self.sock, batch)
         except _io.BROKEN_ERRORS:
             self._broke()
-        else:
-            self.bytes_out += len(data)
+            return True
+        self.bytes_out += len(data)
+        if pending:  # not expected (the room was measured): a task sends the rest in turn
+            self._turn.acquire_nowait()
+            start_soon(functools.partial(self._send_rest, pending))
         return True
+
+    async def _send_rest(self, pending: list[memoryview]) -> None:
+        """Send what :meth:`send_output_nowait` could not, then give back its turn."""
+        try:
+            if self.usable:
+                await _io.sendmsg_all(self.sock, pending)
+        except _io.BROKEN_ERRORS:
+            self._broke()
+        except trio.ClosedResourceError:
+            pass  # the session ended meanwhile
+        finally:
+            self._turn.release()
 
     def _send_and_close(self, ring: Ring, data: bytes) -> None:
         """The io_uring way (see :meth:`send_final`); raises what ``sendmsg`` would."""
@@ -245,18 +263,11 @@ class PairWriter:
         self._discard_unread()
         trio.lowlevel.notify_closing(self.sock)
 
-    def _fits(self, size: int) -> bool:
-        """Whether ``size`` bytes (one short pair) go into the send queue now."""
-        room = self.room()
-        if room is not None:
-            return sendqueue.footprint(size) <= room
-        return bool(self._room_poll.poll(0))
-
     async def _acquire(self) -> None:
         try:
-            self._lock.acquire_nowait()  # `async with` would cost a scheduling round
+            self._turn.acquire_nowait()  # `async with` would cost a scheduling round
         except trio.WouldBlock:  # the other pump is finishing its pairs
-            await self._lock.acquire()
+            await self._turn.acquire()
 
     def _broke(self) -> None:
         if not self.broken:
@@ -267,7 +278,7 @@ class PairWriter:
         view = memoryview(data)
         total = len(view)
         offset = 0
-        chunk = self.chunk_limit()
+        chunk = self.room_meter.chunk_limit()
         while offset < total and self.usable:
             spool = self.spool if self._start_soon is not None else None
             if spool is not None and spool.pending:
@@ -276,7 +287,7 @@ class PairWriter:
                     return
                 await self._wait_drained()  # past the caps: as without a spool
                 continue
-            room = self.room()
+            room = self.room_meter.room()
             batch: list[bytes | memoryview] = []
             start = offset
             while offset < total:
@@ -285,7 +296,7 @@ class PairWriter:
                 if room is None:
                     # The queue cannot be measured here: one pair per POLLOUT, which
                     # guarantees it fits (at most 1/4 of the buffer is in use then).
-                    if batch or not self._room_poll.poll(0):
+                    if batch or not self.room_meter.writable():
                         break
                 elif cost > room:
                     break
@@ -304,7 +315,7 @@ class PairWriter:
                 # The reader has to make room first: POLLOUT once 3/4 of it is free.
                 await trio.lowlevel.wait_writable(self.sock)
                 end = min(offset + chunk, total)
-                room = self.room()
+                room = self.room_meter.room()
                 if room is not None and sendqueue.footprint(end - offset) <= room:
                     continue
                 # Unmeasured, or a buffer smaller than our pessimistic estimate wants:
@@ -333,7 +344,7 @@ class PairWriter:
     async def _wait_drained(self) -> None:
         """Wait, without the lock, for the spool to be sent on (the drain task needs
         no lock: nothing else sends while the spool holds data)."""
-        self._lock.release()
+        self._turn.release()
         try:
             if self._drained is not None:
                 await self._drained.wait()
@@ -349,7 +360,7 @@ class PairWriter:
             while spool.pending and self.usable:
                 await trio.lowlevel.wait_writable(self.sock)
                 data = spool.read_into(buffer)
-                size = sendqueue.whole_pairs(data, self.room())
+                size = sendqueue.whole_pairs(data, self.room_meter.room())
                 assert size, "the spool is read from a pair boundary, in whole pairs"
                 pending = _io.sendmsg_nowait(self.sock, [data[:size]])
                 if pending:  # not expected: the room was measured
@@ -361,34 +372,6 @@ class PairWriter:
             _io.BUFFERS.give(buffer)
             assert self._drained is not None
             self._drained.set()
-
-    def room(self) -> int | None:
-        """Kernel memory the send queue may still grow by, or None where unknown."""
-        if not self.measurable:
-            return None
-        try:
-            queued = sendqueue.queued_bytes(self.fd)
-        except OSError:
-            self.measurable = False  # no SIOCOUTQ here: one pair per POLLOUT
-            return None
-        return self._buffer_size() - queued - 1
-
-    def chunk_limit(self) -> int:
-        """The most data per pair: 64 KiB, less where SO_SNDBUF is so small (under
-        ~128 KiB, a tiny net.core.wmem_max) that a 64 KiB pair could be cut even from
-        a queue at the POLLOUT mark. A pair within half of SO_SNDBUF never can."""
-        return max(
-            min(MAX_OUTPUT_CHUNK, self._buffer_size() // 2 - 64 - sendqueue.PAIR_OVERHEAD), 512
-        )
-
-    def _buffer_size(self) -> int:
-        """SO_SNDBUF, read once."""
-        if not self._send_buffer:
-            try:
-                self._send_buffer = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            except OSError:
-                self._send_buffer = 4 * MAX_OUTPUT_CHUNK  # unknown: assume a usual one
-        return self._send_buffer
 
     def _discard_unread(self) -> None:
         """Read away input already queued (stdin a program never took, bytes after a
