@@ -11,12 +11,25 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from sockexec_py.jobs.output import OutputStore
 from sockexec_py.jobs.runner import Runner, RunnerConfig
 from sockexec_py.jobs.store import Store, open_store
 
 from .support import trio_clock
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """pytest-trio's autojump clock, with a 1 ms threshold instead of 0.
+
+    At 0, a run loop whose tasks all wait on a thread (every store call) polls for
+    I/O with a zero timeout, over and over: a busy loop holding the GIL, which the
+    store's threads then get only at each switch interval (5 ms). A store test took
+    4 to 18 s that way, depending on the machine's load; the clock still jumps as
+    soon as the loop has been idle for 1 ms."""
+    return trio.testing.MockClock(autojump_threshold=0.001)
 
 
 @pytest.fixture
