@@ -220,11 +220,16 @@ def test_a_monitor_that_never_reads_is_dropped(broker: Broker, tmp_path: Path) -
             assert metric(gateway, b"sockexec_gateway_monitors 0.0")
             stuck.settimeout(10)
             received = bytearray()
-            with contextlib.suppress(OSError):
-                while chunk := stuck.recv(65536):
-                    received += chunk
+            while b"\r\n\r\n" not in received or all(
+                opcode != 0x8 for opcode, _ in frames(bytes(received))
+            ):
+                chunk = stuck.recv(65536)  # (a timeout: no close frame came)
+                assert chunk, "closed without a close frame"
+                received += chunk
         finally:
             stuck.close()
+        closing = [payload for opcode, payload in frames(bytes(received)) if opcode == 0x8]
+        assert closing[0][:2] == (1013).to_bytes(2, "big"), closing
         messages = [json.loads(text) for text in text_frames(bytes(received))]
         assert messages[0]["type"] == "ready" and messages[-1]["type"] == "overflow"
         events = messages[1:-1]
