@@ -223,7 +223,7 @@ def test_many_runs_leak_no_fd_and_leave_no_zombie(broker: Broker) -> None:
     broker.wait_idle()
     fds_before, _ = _fd_and_zombie_count(broker)
     request = encode_request(["true"]) + b"0:,"
-    for _ in range(10_000):
+    for _ in range(2_000):  # a leak of one fd in a hundred sessions shows
         assert run_raw(broker.path, request) == b"8:exitcode,1:0,"
     errors: list[str] = []
 

@@ -374,10 +374,10 @@ async def test_cancel_escalates_to_kill_through_the_broker(
 async def test_cancel_without_an_answer_closes_the_session_and_says_so(
     store: Store, start_broker: Any, make_runner: Any
 ) -> None:
-    """The broker takes longer than the grace to report the end (its -k is 3 s, the
+    """The broker takes longer than the grace to report the end (its -k is 1.5 s, the
     program ignores TERM): the session is closed, termsig unknown, and the reason
     says why."""
-    broker = start_broker("-k", "3")
+    broker = start_broker("-k", "1.5")
     async with make_runner(store, broker.path, kill_grace=0.3) as runner:
         submitted = await runner.submit(job(str(MISC / "ignore-term")))
         with trio.fail_after(20):
