@@ -16,7 +16,9 @@ SSRF, and why each rule:
 - The connection goes to the address that was checked: the check runs inside the
   HTTP client's network backend (httpcore's, under httpx), which connects to the
   checked address itself, so a name that resolves differently a moment later (DNS
-  rebinding) cannot slip past it; TLS still verifies the certificate for the name.
+  rebinding) cannot slip past it; TLS still verifies the certificate for the name
+  (that backend is :mod:`.callbacks`', which alone imports the HTTP client: a
+  gateway without ``--callback-allow`` never loads it).
 - Redirects are not followed (a 3xx fails the delivery), proxies from the
   environment are not used, and each attempt is bounded by ``--callback-timeout``.
 
@@ -29,25 +31,16 @@ maintained client's.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
-import socket
-import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import SplitResult, urlsplit
-
-import httpcore
-import httpx
-import trio
 
 __all__ = [
     "ADDRESS_CLASSES",
     "AllowRule",
     "CallbackPolicy",
     "CallbackRefused",
-    "checked_transport",
     "classify",
 ]
 
@@ -161,65 +154,3 @@ class CallbackPolicy:
         if not found:
             raise CallbackRefused("the URL matches no --callback-allow prefix")
         return max(found, key=lambda rule: len(rule.path))
-
-
-class _CheckedBackend(httpcore.AsyncNetworkBackend):
-    """Connects only to checked addresses: resolve, check every address against
-    the rule's classes, then connect to one of those very addresses."""
-
-    def __init__(self, classes: frozenset[str]) -> None:
-        self._classes = classes
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if scope.cancelled_caught:
-            raise httpcore.ConnectTimeout(f"resolving {host} timed out")
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        for address in addresses:
-            kind = classify(address)
-            if kind != "public" and kind not in self._classes:
-                raise CallbackRefused(
-                    f"{host} resolves to {address} ({kind}), which the --callback-allow "
-                    "prefix does not allow"
-                )
-        error: Exception = httpcore.ConnectError(f"{host} has no address")
-        for address in addresses:
-            try:
-                return await self._inner.connect_tcp(
-                    address, port, timeout, local_address, socket_options
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-        raise error
-
-    async def sleep(self, seconds: float) -> None:
-        await trio.sleep(seconds)
-
-
-class _CheckedTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over :class:`_CheckedBackend` (httpx builds its pool
-    without a backend argument; ours replaces it, same settings)."""
-
-    def __init__(self, classes: frozenset[str], context: ssl.SSLContext) -> None:
-        super().__init__(verify=context, trust_env=False)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=context,
-            max_connections=64,
-            max_keepalive_connections=16,
-            keepalive_expiry=5.0,
-            network_backend=_CheckedBackend(classes),
-        )
-
-
-def checked_transport(classes: frozenset[str], context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
-    """An httpx transport that connects only to addresses of ``classes`` (or public)."""
-    return _CheckedTransport(classes, context)

@@ -1,6 +1,7 @@
 """Callbacks over HTTP: the signature, the secret, and the delivery loop with its
-retries. Which URLs may be called and the checks against server-side request
-forgery are :mod:`.callback_policy`'s; the records (pending, attempts, delivered)
+retries, and the HTTP client's network backend that connects only to addresses
+the URL's rule allows. Which URLs may be called and why each SSRF check is made
+are :mod:`.callback_policy`'s; the records (pending, attempts, delivered)
 are the jobs layer's (:mod:`sockexec_py.jobs.callbacks`).
 """
 
@@ -10,11 +11,14 @@ import hashlib
 import hmac
 import logging
 import math
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import httpcore
 import httpx
 import trio
 
@@ -22,7 +26,7 @@ from sockexec_py.jobs.document import CallbackAttempt
 from sockexec_py.jobs.events import Event, EventHub
 from sockexec_py.jobs.store import Store
 
-from .callback_policy import CallbackPolicy, CallbackRefused, checked_transport
+from .callback_policy import CallbackPolicy, CallbackRefused, classify
 from .watched import WatchedFile
 
 __all__ = ["Deliverer", "DeliverySettings", "secret_file", "sign"]
@@ -200,3 +204,65 @@ def secret_file(path: str) -> WatchedFile[bytes]:
 
     Error handling: ``ValueError`` (one line) when unreadable or empty at first."""
     return WatchedFile(path, parse_secret, "the callback secret file")
+
+
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    """Connects only to checked addresses: resolve, check every address against
+    the rule's classes, then connect to one of those very addresses."""
+
+    def __init__(self, classes: frozenset[str]) -> None:
+        self._classes = classes
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if scope.cancelled_caught:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out")
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for address in addresses:
+            kind = classify(address)
+            if kind != "public" and kind not in self._classes:
+                raise CallbackRefused(
+                    f"{host} resolves to {address} ({kind}), which the --callback-allow "
+                    "prefix does not allow"
+                )
+        error: Exception = httpcore.ConnectError(f"{host} has no address")
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout, local_address, socket_options
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+class _CheckedTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over :class:`_CheckedBackend` (httpx builds its pool
+    without a backend argument; ours replaces it, same settings)."""
+
+    def __init__(self, classes: frozenset[str], context: ssl.SSLContext) -> None:
+        super().__init__(verify=context, trust_env=False)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=context,
+            max_connections=64,
+            max_keepalive_connections=16,
+            keepalive_expiry=5.0,
+            network_backend=_CheckedBackend(classes),
+        )
+
+
+def checked_transport(classes: frozenset[str], context: ssl.SSLContext) -> httpx.AsyncHTTPTransport:
+    """An httpx transport that connects only to addresses of ``classes`` (or public)."""
+    return _CheckedTransport(classes, context)

@@ -38,7 +38,6 @@ from sockexec_py.jobs import (
 from .api import Api
 from .auth import Principal, audit, audit_name, require
 from .callback_policy import AllowRule, CallbackPolicy, CallbackRefused
-from .callbacks import Deliverer, DeliverySettings, secret_file
 from .jobs_output import output_response
 from .jobs_routes import register
 from .jobs_views import (
@@ -152,6 +151,9 @@ class JobsService:
             runner.hub.on_overflow = self.metrics.monitor_overflows.inc
             runner.add_listener(self._observe)
             if self.callbacks.rules:
+                # Only here: the HTTP client is loaded by gateways that call back.
+                from .callbacks import Deliverer, DeliverySettings, secret_file
+
                 if settings.callback_secret_file is None:
                     raise ValueError("--callback-allow needs --callback-secret-file")
                 deliverer = Deliverer(
