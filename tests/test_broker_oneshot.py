@@ -407,8 +407,8 @@ async def test_a_program_that_cannot_be_killed_is_cut_at_the_hard_bound(
             await nursery.start(server.serve)
             try:
                 with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                    started = trio.current_time()  # (the deadline runs from the accept)
                     await client.connect(path)
-                    started = trio.current_time()
                     await client.send(encode_request(["sh", "-c", "echo up; exec sleep 60"]))
                     await client.send(b"0:,")
                     reply = b""

@@ -287,6 +287,13 @@ async def test_the_final_send_and_close_run_back_to_back(
     theirs.close()
 
 
+class WrongMeter(sendqueue.RoomMeter):
+    """A room estimate that is wrong: room the socket does not have."""
+
+    def room(self) -> int:
+        return 1 << 30
+
+
 async def test_a_nowait_batch_cut_short_is_finished_by_a_task_in_turn() -> None:
     """The room estimate wrong (forced here: the meter reports room the socket does not
     have): the part of the batch that did not fit goes on from a task, without blocking
@@ -296,11 +303,6 @@ async def test_a_nowait_batch_cut_short_is_finished_by_a_task_in_turn() -> None:
     ours.setblocking(False)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
     writer = PairWriter(ours)
-
-    class WrongMeter(sendqueue.RoomMeter):
-        def room(self) -> int:
-            return 1 << 30
-
     writer.room_meter = WrongMeter(ours)
     first, second = b"a" * 200_000, b"b" * 1000
     with trio.fail_after(10):
@@ -365,3 +367,30 @@ def cut_short_final(ours: socket.socket, theirs: socket.socket) -> None:
     ours.shutdown(socket.SHUT_WR)
     thread.join(10)
     assert len(received) == filled + len(rest) and received.endswith(bytes(rest))
+
+
+async def test_a_cut_batch_whose_writer_closes_under_it_ends_quietly() -> None:
+    """The task finishing a cut batch is woken (room came), and the session's end
+    closes the writer before it runs, or after: either way it ends without an error
+    (it is a task of the server's nursery: an error would end every session). Each
+    round is a coin toss between the two orders; 30 rounds take both."""
+    for _ in range(30):
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        theirs.setblocking(False)
+        writer = PairWriter(ours)
+        writer.room_meter = WrongMeter(ours)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                writer.attach(nursery.start_soon)
+                assert writer.send_output_nowait("stdout", b"a" * 200_000)
+                assert writer.bytes_out == 200_000 and not writer.send_final_nowait(b"")
+                await trio.testing.wait_all_tasks_blocked()  # the task waits for room
+                with contextlib.suppress(BlockingIOError):
+                    while theirs.recv(1 << 20):
+                        pass
+                await trio.sleep(0)  # the task is woken: it runs before or after...
+                writer.close()  # ... this close
+        theirs.close()
+        assert not writer.broken

@@ -248,8 +248,9 @@ class OneShot:
         finally:
             self._sending -= 1
             del self._pumps[kind]
-        if cut:
-            self.close()  # the last-resort bound: the client never made room
+        if cut:  # the last-resort bound: the client never made room, or the program
+            self.conn.log_cut()  # cannot be killed (that one says so)
+            self.close()
         else:
             self._guard(self._pipe_done)(kind)
 
@@ -338,8 +339,10 @@ class OneShot:
 
     async def _finish_task(self, send: Callable[[], Awaitable[None]]) -> None:
         try:
-            with trio.move_on_at(self._hard_deadline):
+            with trio.move_on_at(self._hard_deadline) as bound:
                 await send()
+            if bound.cancelled_caught:
+                self.conn.log_cut()
         except Exception:
             log.exception("internal error on conn=%d", self.conn.number)
         finally:

@@ -92,7 +92,7 @@ class PairWriter:
         self._on_broken = on_broken
         #: One sender at a time. A semaphore, not a lock: a task may give back the turn
         #: a callback took (see :meth:`send_output_nowait`).
-        self._turn = trio.Semaphore(1)
+        self._turn = trio.Semaphore(1, max_value=1)  # a double release raises
         self.room_meter = sendqueue.RoomMeter(sock)
         self._closing = False
         self.spool = spool
@@ -148,9 +148,12 @@ class PairWriter:
                 await drained.wait()  # what was spooled goes out before the end
             await self._acquire()
             try:
-                if not self.room_meter.fits(len(data)):  # POLLOUT: a short pair fits then
-                    await trio.lowlevel.wait_writable(self.sock)
-                self._send_final_now(data)
+                if self.usable:  # (closed meanwhile: a cut; nothing more goes out)
+                    if not self.room_meter.fits(len(data)):  # POLLOUT: a short pair fits
+                        await trio.lowlevel.wait_writable(self.sock)
+                    self._send_final_now(data)
+            except trio.ClosedResourceError:
+                pass  # closed while it waited for room: the same
             finally:
                 self._turn.release()
         self.close()
@@ -217,10 +220,9 @@ class PairWriter:
         try:
             if self.usable:
                 await _io.sendmsg_all(self.sock, pending)
-        except _io.BROKEN_ERRORS:
-            self._broke()
-        except trio.ClosedResourceError:
-            pass  # the session ended meanwhile
+        except (trio.ClosedResourceError, OSError):  # (a task of the server: never raises)
+            if not self.closed:  # closed meanwhile: the session ended; else gone
+                self._broke()
         finally:
             self._turn.release()
 
@@ -342,14 +344,17 @@ class PairWriter:
         return True
 
     async def _wait_drained(self) -> None:
-        """Wait, without the lock, for the spool to be sent on (the drain task needs
-        no lock: nothing else sends while the spool holds data)."""
+        """Wait, without the turn, for the spool to be sent on (the drain task needs
+        no turn: nothing else sends while the spool holds data). The turn is taken
+        back even when cancelled, for the caller gives it back: while the spool holds
+        data, whoever has it only spills or waits here, so it comes back at once."""
         self._turn.release()
         try:
             if self._drained is not None:
                 await self._drained.wait()
         finally:
-            await self._acquire()
+            with trio.CancelScope(shield=True):
+                await self._acquire()
 
     async def _drain(self) -> None:
         """Send the spool on, whole pairs at a time, as the client makes room."""

@@ -79,10 +79,12 @@ def send_rest(fd: int, pending: list[memoryview], within: float = 0.1) -> None:
     sure of), without a scheduling point, as the socket closes right after; raises
     TimeoutError if the client takes no more of it within ``within`` seconds."""
     end = time.monotonic() + within
+    poll = select.poll()  # (not select.select: fd numbers past 1023 are common here)
+    poll.register(fd, select.POLLOUT)
     for view in pending:
         while view:
             left = end - time.monotonic()
-            if left <= 0 or not select.select([], [fd], [], left)[1]:
+            if left <= 0 or not poll.poll(left * 1000):
                 raise TimeoutError("the client stopped reading in the last pair")
             with contextlib.suppress(BlockingIOError):
                 view = view[os.write(fd, view) :]
