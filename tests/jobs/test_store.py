@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from jobs_support import immutable
 
 from sockexec_py.jobs.errors import (
     DataDirLocked,
@@ -399,13 +399,6 @@ async def test_kill_9_right_after_a_commit_keeps_the_job(tmp_path: Path) -> None
     async with open_store(data) as store:
         job = await store.get(job_id)
         assert job.state is S.QUEUED and await store.stdin(job_id) == b"x"
-
-
-def immutable(path: Path, on: bool) -> None:
-    """Make a path unwritable even for root (chattr), or skip."""
-    chattr = shutil.which("chattr")
-    if chattr is None or subprocess.run([chattr, "+i" if on else "-i", str(path)]).returncode:
-        pytest.skip("chattr +i is not available here")
 
 
 async def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
