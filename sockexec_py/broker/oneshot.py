@@ -249,8 +249,7 @@ class OneShot:
             self._sending -= 1
             del self._pumps[kind]
         if cut:  # the last-resort bound: the client never made room, or the program
-            self.conn.log_cut()  # cannot be killed (that one says so)
-            self.close()
+            self._cut()  # cannot be killed
         else:
             self._guard(self._pipe_done)(kind)
 
