@@ -35,6 +35,7 @@ from sockexec_py.jobs import JobError
 from .api import Api, validation_error
 from .auth import ANONYMOUS, NOBODY, Principal, TokenStore, describe_expiry, require
 from .dashboard import Dashboard
+from .exec_lane import ExecLane
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .models import EXEC_WS_PATH, EncodingQuery, ExecRequest, ExecResult, Health
@@ -143,6 +144,8 @@ class Gateway:
             exception_handlers={404: self._not_found, 405: self._not_allowed},
             lifespan=self._lifespan,
         )
+        #: ``POST /v1/exec`` without Hypercorn's per-request path (see :mod:`.exec_lane`).
+        self.exec_lane = ExecLane(self.app, settings.max_body, self.metrics.lane_requests.inc)
 
     # -- plumbing ------------------------------------------------------------------
 

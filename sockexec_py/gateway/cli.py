@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the dashboard's origin as browsers see it (https://jobs.example behind a TLS "
         "proxy); default: the request's scheme and Host",
     )
+    add(
+        "--no-exec-lane",
+        action="store_true",
+        help="serve POST /v1/exec through Hypercorn too, not the front door's faster "
+        "lane (for comparison; the answers are the same)",
+    )
     jobs = parser.add_argument_group("jobs (on with --data-dir)")
     add = jobs.add_argument
     add("--data-dir", help="where jobs are kept (SQLite and output files); jobs are off without")
@@ -299,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     gateway.app,
                     config,
                     gateway.monitors,
+                    lane=None if args.no_exec_lane else gateway.exec_lane,
                     shutdown_trigger=stop.wait,
                     task_status=task_status,
                 )

@@ -1,10 +1,17 @@
-"""The gateway's listener: Hypercorn's trio worker loop with one door of our own.
+"""The gateway's listener: Hypercorn's trio worker loop with two doors of our own.
 
-Every connection goes to Hypercorn (HTTP/1.1, the ASGI app) except one whose first
-bytes are a ``GET /v1/monitor`` request line: that one goes to the wire monitors
-(:mod:`.monitor_wire`), which write monitor messages without the ASGI server's
-per-message path. A request line that arrives in pieces too small to tell goes to
-Hypercorn, whose ``/v1/monitor`` route serves the same messages, only slower.
+Every connection goes to Hypercorn (HTTP/1.1, the ASGI app) except those whose
+first bytes are
+
+- a ``GET /v1/monitor`` request line: they go to the wire monitors
+  (:mod:`.monitor_wire`), which write monitor messages without the ASGI server's
+  per-message path;
+- a ``POST /v1/exec`` request line: they go to the exec lane (:mod:`.exec_lane`),
+  which calls the same app without Hypercorn's per-request path, and hands the
+  connection to Hypercorn at the first request it does not take.
+
+A request line that arrives in pieces too small to tell goes to Hypercorn, whose
+routes serve the same answers, only slower.
 
 This is :func:`hypercorn.trio.serve` (``worker_serve``) cut down to what the
 gateway uses (plain TCP, no TLS, no QUIC, one worker) with the accept handler
@@ -28,7 +35,12 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
+from .exec_lane import EXEC_REQUEST, ExecLane, Replayed
+
 __all__ = ["MONITOR_REQUEST", "MonitorDoor", "serve"]
+
+#: Which door a connection's first bytes pick.
+MONITOR, EXEC, HYPERCORN = "monitor", "exec", "hypercorn"
 
 log = logging.getLogger("sockexec_py.gateway")
 
@@ -49,13 +61,18 @@ class MonitorDoor(Protocol):
         """The gateway stops: end every monitor (1001, going away) and :meth:`run`."""
 
 
-async def _is_monitor(stream: trio.SocketStream, wait: float) -> bool | None:
-    """Whether the connection's first bytes ask for the monitor (peeked, not read);
-    None when nothing came within ``wait`` seconds."""
+async def _door(stream: trio.SocketStream, wait: float) -> str | None:
+    """Which door the connection's first bytes pick (peeked, not read); None when
+    nothing came within ``wait`` seconds."""
     want = len(MONITOR_REQUEST) + 1
     with trio.move_on_after(wait):
         first = await stream.socket.recv(want, socket.MSG_PEEK)
-        return len(first) == want and first[:-1] == MONITOR_REQUEST and first[-1:] in b"? "
+        if len(first) == want and first[:-1] == MONITOR_REQUEST and first[-1:] in b"? ":
+            return MONITOR
+        cut = len(EXEC_REQUEST)
+        if first[:cut] == EXEC_REQUEST and first[cut : cut + 1] in (b"?", b" "):
+            return EXEC
+        return HYPERCORN
     return None
 
 
@@ -64,11 +81,13 @@ async def serve(
     config: Config,
     door: MonitorDoor,
     *,
+    lane: ExecLane | None = None,
     shutdown_trigger: Callable[[], Awaitable[object]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``config.bind`` until ``shutdown_trigger`` returns, the
-    monitor connections through ``door``; ``task_status`` gets the bound
+    monitor connections through ``door`` and those that start with a one-shot
+    exec through ``lane`` (without one: Hypercorn); ``task_status`` gets the bound
     addresses once listening."""
     wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
@@ -76,6 +95,12 @@ async def serve(
     context = WorkerContext(None)
 
     waiting: set[trio.CancelScope] = set()  # connections that have not spoken yet
+    if lane is not None:
+        lane.attach(config, waiting, context.terminated.is_set)
+
+    async def hypercorn(stream: trio.SocketStream | Replayed) -> None:
+        state = ConnectionState(lifespan_state.copy())
+        await TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
 
     async def handle(stream: trio.SocketStream) -> None:
         """One connection: never raises (an error would end serve_listeners)."""
@@ -83,18 +108,19 @@ async def serve(
             with trio.CancelScope() as scope:
                 waiting.add(scope)
                 try:
-                    monitor = await _is_monitor(stream, config.keep_alive_timeout)
+                    picked = await _door(stream, config.keep_alive_timeout)
                 except OSError:  # reset before it sent anything
-                    monitor = None
+                    picked = None
                 finally:
                     waiting.discard(scope)
-            if monitor is None or scope.cancelled_caught:  # silent, or the gateway stops
+            if picked is None or scope.cancelled_caught:  # silent, or the gateway stops
                 await stream.aclose()
-            elif monitor:
+            elif picked == MONITOR:
                 await door.serve(stream)
+            elif picked == EXEC and lane is not None:
+                await lane.serve(stream, lifespan_state, hypercorn)
             else:
-                state = ConnectionState(lifespan_state.copy())
-                await TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
+                await hypercorn(stream)
         except Exception:  # a bug: this connection ends, the gateway goes on
             log.exception("connection failed")
             await stream.aclose()

@@ -17,6 +17,12 @@ class GatewayMetrics:
             ["mode", "status"],
             registry=self.registry,
         )
+        self.lane_requests = Counter(
+            "sockexec_gateway_exec_lane_requests",
+            "POST /v1/exec requests answered by the front door's exec lane (the rest of "
+            "the requests are answered through Hypercorn).",
+            registry=self.registry,
+        )
         self.running = Gauge(
             "sockexec_gateway_running_sessions",
             "Broker sessions currently open.",

@@ -1,0 +1,356 @@
+"""The front door's lane for one-shot runs: plain ``POST /v1/exec`` requests read and
+answered by a small HTTP/1.1 loop that calls the same ASGI app as Hypercorn does.
+
+Why: a one-shot ``true`` through Hypercorn cost the gateway ~1.3 ms of CPU, ~40% of
+it in Hypercorn and h11 (a task and several queue hand-offs per request), and the
+gateway served a third of the broker's own rate (issue 14, bench row 7). The app,
+and so every check, model, error and metric of the endpoint, is the same on both
+paths; only the HTTP/1.1 framing around it is ours here.
+
+The lane takes only requests whose every byte it understands, and hands the
+connection to Hypercorn for good, with every byte read so far, at the first one it
+does not: a request line other than ``POST /v1/exec[?query] HTTP/1.1``, a head over
+:data:`MAX_HEAD`, a header line that is not plain ``name: value``,
+``Transfer-Encoding``, ``Expect``, ``Upgrade``, a ``Connection`` other than
+keep-alive, a missing, repeated, malformed or too large ``Content-Length``, or an
+``Accept`` that asks for a stream (NDJSON, SSE). So whatever is unusual, wrong or
+hostile gets Hypercorn's answer, as before; what the lane answers it answers with
+Hypercorn's status line and its ``date`` and ``server`` headers.
+
+Timing is Hypercorn's too: a head must be complete within the keep-alive timeout
+of the previous answer (or of the connection's start), a body may take its time,
+and an idle connection is closed when the gateway stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, MutableSet
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import trio
+from hypercorn.config import Config
+from hypercorn.utils import parse_socket_addr
+
+__all__ = ["EXEC_REQUEST", "MAX_HEAD", "ExecLane", "Replayed"]
+
+log = logging.getLogger("sockexec_py.gateway")
+
+#: The request line's start that picks the lane (then ``?`` or a space).
+EXEC_REQUEST = b"POST /v1/exec"
+#: The longest request head the lane reads (h11's default limit, Hypercorn's).
+MAX_HEAD = 16384
+#: Bytes read ahead (a pipelined next request) while a request runs.
+_READ_AHEAD = MAX_HEAD
+
+_REQUEST_LINE = re.compile(rb"POST /v1/exec(?:\?([A-Za-z0-9._~%=&+\-]*))? HTTP/1\.1")
+_HEADER = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z\-]+):[ \t]*([!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?[ \t]*"
+)
+#: Headers whose presence sends the connection to Hypercorn.
+_NOT_OURS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
+_STREAMS = (b"application/x-ndjson", b"text/event-stream")
+_READ = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    length: int  # of the body
+    start: int  # where the body starts in the buffer
+
+
+def _plain(name: bytes, value: bytes) -> bool:
+    """False for a keep-alive other than the default or an Accept of a stream."""
+    if name == b"connection":
+        return value == b"keep-alive"
+    return name != b"accept" or not any(stream in value for stream in _STREAMS)
+
+
+def parse_head(buffer: bytes | bytearray, max_body: int) -> _Request | None:
+    """The request at the start of ``buffer`` if the lane serves it, None if not
+    (its head must be complete: the caller checks for the blank line)."""
+    end = buffer.find(b"\r\n\r\n")
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    matched = _REQUEST_LINE.fullmatch(lines[0])
+    if matched is None:
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    length: bytes | None = None
+    hosts = 0
+    for line in lines[1:]:
+        header = _HEADER.fullmatch(line)
+        if header is None:
+            return None
+        name, value = header[1].lower(), header[2] or b""
+        if name in _NOT_OURS:
+            return None
+        if name == b"content-length":
+            if length is not None or not value.isdigit() or len(value) > 12:
+                return None
+            length = value
+        elif name == b"host":
+            hosts += 1
+        elif not _plain(name, value.lower()):
+            return None
+        headers.append((name, value))
+    if length is None or int(length) > max_body or hosts != 1:
+        return None  # h11 refuses HTTP/1.1 without one Host; the app answers 413
+    return _Request(matched[1] or b"", headers, int(length), end + 4)
+
+
+class Replayed:
+    """A socket stream whose first reads return ``unread`` (what the lane read and
+    did not serve): what Hypercorn's ``TCPServer`` is handed."""
+
+    def __init__(self, stream: trio.SocketStream, unread: bytes) -> None:
+        self.socket = stream.socket
+        self._stream = stream
+        self._unread = unread
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._unread:
+            data, self._unread = self._unread, b""
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+#: Hands a connection to Hypercorn (a :class:`Replayed` stream) until it ends.
+HandOver = Callable[[Replayed], Awaitable[None]]
+
+
+class ExecLane:
+    """Serves the connections whose first request is ``POST /v1/exec`` (see the
+    module's docstring); the front door calls :meth:`attach` before the first.
+
+    Args:
+        app: the ASGI app (the same one Hypercorn serves).
+        max_body: the largest body the lane reads (the app's limit; larger ones get
+            Hypercorn's path and its 413).
+        served: counts each request the lane answers.
+    """
+
+    def __init__(self, app: Any, max_body: int, served: Callable[[], None]) -> None:
+        self.app = app
+        self.max_body = max_body
+        self._served = served
+        self.config = Config()
+        self.idle: MutableSet[trio.CancelScope] = set()
+        self.stopping: Callable[[], bool] = lambda: False
+
+    def attach(
+        self,
+        config: Config,
+        idle: MutableSet[trio.CancelScope],
+        stopping: Callable[[], bool],
+    ) -> None:
+        """The front door's side: Hypercorn's ``config`` (timeouts, answer headers),
+        the cancel scopes of connections waiting between requests (cancelled when
+        the gateway stops) and whether it stops (no request is read then)."""
+        self.config, self.idle, self.stopping = config, idle, stopping
+
+    async def serve(
+        self, stream: trio.SocketStream, state: dict[str, Any], hand_over: HandOver
+    ) -> None:
+        """The connection until it closes or goes to ``hand_over``; never raises."""
+        sock = stream.socket
+        try:
+            client = parse_socket_addr(sock.family, sock.getpeername())
+            server = parse_socket_addr(sock.family, sock.getsockname())
+        except OSError:
+            await stream.aclose()
+            return
+        buffer = bytearray()
+        deadline = trio.current_time() + self.config.keep_alive_timeout
+        try:
+            while True:
+                request = await self._read_head(stream, buffer, deadline)
+                if request is None:
+                    return
+                if request is False:
+                    await hand_over(Replayed(stream, bytes(buffer)))
+                    return
+                exchange = _Exchange(stream, buffer, request)
+                keep = await self._answer(exchange, state, client, server)
+                self._served()
+                if not keep or not await exchange.skip_body():
+                    return
+                deadline = trio.current_time() + self.config.keep_alive_timeout
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:  # a bug: this connection ends, the gateway goes on
+            log.exception("connection failed")
+        finally:
+            await stream.aclose()
+
+    async def _read_head(
+        self, stream: trio.SocketStream, buffer: bytearray, deadline: float
+    ) -> _Request | Literal[False] | None:
+        """The next request (False: not ours, None: the connection ends)."""
+        while True:
+            end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
+            head = buffer[:MAX_HEAD] if end < 0 else buffer[:end]
+            if head.count(b"\n") != head.count(b"\r\n"):
+                return False  # bare line feeds, which h11 takes and the lane does not
+            if end >= 0:
+                break
+            if len(buffer) >= MAX_HEAD:
+                return False
+            if self.stopping():  # as Hypercorn's: a connection without a whole request is idle
+                return None
+            with trio.CancelScope(deadline=deadline) as waiting:
+                self.idle.add(waiting)
+                try:
+                    data = await stream.receive_some(_READ)
+                finally:
+                    self.idle.discard(waiting)
+            if waiting.cancelled_caught:  # idle past the keep-alive, or the gateway stops
+                return None
+            if not data:
+                return None
+            buffer += data
+        return parse_head(buffer, self.max_body) or False
+
+    async def _answer(
+        self,
+        exchange: _Exchange,
+        state: dict[str, Any],
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+    ) -> bool:
+        """Run the app for the request and write its answer; whether the
+        connection may serve another."""
+        request = exchange.request
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "asgi": {"spec_version": "2.1", "version": "3.0"},
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/exec",
+            "raw_path": b"/v1/exec",
+            "query_string": request.query,
+            "root_path": self.config.root_path,
+            "headers": request.headers,
+            "client": client,
+            "server": server,
+            "state": state.copy(),
+            "extensions": {},
+        }
+        crashed = False
+        try:
+            await self.app(scope, exchange.receive, exchange.send)
+        except Exception:  # Starlette may have sent its 500 first
+            log.exception("Error in ASGI Framework")  # Hypercorn's words
+            crashed = True
+        if exchange.gone:  # nobody reads it (the app counted a 499)
+            return False
+        if not exchange.done:
+            if not exchange.started:  # Hypercorn's answer to an app that answered nothing
+                await exchange.stream.send_all(
+                    b"HTTP/1.1 500 \r\ncontent-length: 0\r\nconnection: close\r\n"
+                    + self._fixed_headers()
+                    + b"\r\n"
+                )
+            return False
+        head = [b"HTTP/1.1 %d \r\n" % exchange.status]
+        for name, value in exchange.headers:
+            head.append(b"%s: %s\r\n" % (name, value))
+        if not any(name.lower() == b"content-length" for name, _ in exchange.headers):
+            head.append(b"content-length: %d\r\n" % len(exchange.body))
+        head.append(self._fixed_headers())
+        head.append(b"\r\n")
+        await exchange.stream.send_all(b"".join(head) + exchange.body)
+        return not (exchange.gone or crashed)
+
+    def _fixed_headers(self) -> bytes:
+        """Hypercorn's own answer headers (``date``, ``server``)."""
+        return b"".join(b"%s: %s\r\n" % pair for pair in self.config.response_headers("h11"))
+
+
+class _Exchange:
+    """One request's ASGI ``receive`` and ``send`` over the connection.
+
+    ``receive`` gives the body as it comes (the app may answer before reading it
+    all, as with a wrong content type), then ``http.disconnect`` once the client
+    goes away; bytes read meanwhile (a pipelined next request) stay in the
+    connection's buffer. The answer is buffered (a one-shot answer is bounded by
+    ``--max-output``) and written whole by the lane.
+    """
+
+    def __init__(self, stream: trio.SocketStream, buffer: bytearray, request: _Request) -> None:
+        self.stream = stream
+        self.buffer = buffer
+        self.request = request
+        del buffer[: request.start]  # the head
+        self.body = b""
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.started = False  # http.response.start came
+        self.done = False  # the last body part came
+        self.gone = False  # the client closed its side (or the socket broke)
+        self._unread = request.length  # of the request's body
+        self._given = False  # the whole body went to the app
+
+    async def _read(self) -> bool:
+        """More bytes into the buffer; False (and ``gone``) at the client's end."""
+        try:
+            data = await self.stream.receive_some(_READ)
+        except (trio.BrokenResourceError, OSError):
+            data = b""
+        self.buffer += data
+        self.gone = not data
+        return not self.gone
+
+    async def receive(self) -> dict[str, Any]:
+        while not self._given:
+            if self.buffer or not self._unread:
+                take = min(len(self.buffer), self._unread)
+                chunk = bytes(self.buffer[:take])
+                del self.buffer[:take]
+                self._unread -= take
+                self._given = not self._unread
+                return {"type": "http.request", "body": chunk, "more_body": not self._given}
+            if not await self._read():
+                return {"type": "http.disconnect"}
+        while not self.gone and not self.done:
+            if len(self.buffer) >= _READ_AHEAD:
+                await trio.sleep_forever()  # the app's own end cancels this watch
+            await self._read()
+        return {"type": "http.disconnect"}
+
+    async def skip_body(self) -> bool:
+        """After the answer: the rest of a body the app did not read, read and
+        dropped (as Hypercorn does) before the next request; False if the client
+        left first."""
+        while self._unread:
+            if not self.buffer and not await self._read():
+                return False
+            take = min(len(self.buffer), self._unread)
+            del self.buffer[:take]
+            self._unread -= take
+        return True
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and not self.started:
+            self.started = True
+            self.status = int(message["status"])
+            self.headers = [(bytes(n), bytes(v)) for n, v in message.get("headers", ())]
+        elif kind == "http.response.body" and self.started and not self.done:
+            self.body += bytes(message.get("body", b""))
+            self.done = not message.get("more_body", False)
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
