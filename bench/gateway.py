@@ -1,7 +1,9 @@
 """Row 7: the one-shot of row 1 through the HTTP gateway (``POST /v1/exec``).
 
 Sequential requests of ``true`` on one keep-alive connection, against the broker's
-own sequential figure (row 1, measured just before when selected).
+own sequential figure (row 1, measured just before when selected); then the same
+through Hypercorn only (a gateway with ``--no-exec-lane``), to show what the
+front door's exec lane gives in the same run.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from .measure import Context, Daemon, Row, ms, quantile
 TARGET = 0.75
 
 
-def gateway_one_shot(ctx: Context, broker: Daemon, port: int) -> Row:
-    """Row 7: ``seq_seconds`` of requests to the gateway on 127.0.0.1:``port``."""
+def _rate(ctx: Context, port: int) -> tuple[float, list[float]]:
+    """Requests per second on one keep-alive connection, and their latencies."""
     body = json.dumps({"argv": ["true"]}).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Content-Type": "application/json"}
@@ -35,8 +37,6 @@ def gateway_one_shot(ctx: Context, broker: Daemon, port: int) -> Row:
         for _ in range(20):
             post()
         latencies: list[float] = []
-        cpu = CpuMeter(broker)
-        cpu.resume()
         start = time.perf_counter()
         deadline = start + ctx.config.seq_seconds
         while True:
@@ -47,21 +47,35 @@ def gateway_one_shot(ctx: Context, broker: Daemon, port: int) -> Row:
             if t1 >= deadline:
                 break
         elapsed = time.perf_counter() - start
-        cpu.pause()
     finally:
         conn.close()
-    shares = cpu.shares()
-    rate = len(latencies) / elapsed
     latencies.sort()
+    return len(latencies) / elapsed, latencies
+
+
+def gateway_one_shot(ctx: Context, broker: Daemon, port: int, plain: int | None = None) -> Row:
+    """Row 7: ``seq_seconds`` of requests to the gateway on 127.0.0.1:``port``, then
+    as many to the one on ``plain`` (Hypercorn only), if given."""
+    cpu = CpuMeter(broker)
+    cpu.resume()
+    rate, latencies = _rate(ctx, port)
+    cpu.pause()
+    shares = cpu.shares()
     reference = ctx.seq_rate
+    ours = f"{rate:.0f} requests/s (p50 {ms(quantile(latencies, 0.5))})"
+    data = {"rate": rate, "p50": quantile(latencies, 0.5), "runs": len(latencies), **shares}
+    if plain is not None:
+        plain_rate, plain_latencies = _rate(ctx, plain)
+        ours += f"; Hypercorn only {plain_rate:.0f}/s ({rate / plain_rate:.2f}x)"
+        data.update(plain_rate=plain_rate, plain_p50=quantile(plain_latencies, 0.5))
     return Row(
         "7",
         "HTTP gateway one-shot `true` (keep-alive)",
-        ours=f"{rate:.0f} requests/s (p50 {ms(quantile(latencies, 0.5))})",
+        ours=ours,
         limit=f"{reference:.0f} runs/s (broker direct, row 1)" if reference else "n/a",
         ratio=f"{rate / reference:.2f}x" if reference else "n/a",
         target=f">= {TARGET:.2f}x",
         result=("met" if rate / reference >= TARGET else "MISSED") if reference else "measured",
         cpu=cpu_text(shares),
-        data={"rate": rate, "p50": quantile(latencies, 0.5), "runs": len(latencies), **shares},
+        data=data,
     )

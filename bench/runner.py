@@ -119,10 +119,26 @@ class Bench:
                 # PYTHONSAFEPATH: the gateway imports from --broker-pythonpath, not
                 # from our working directory (python -m puts the cwd first).
                 env = dict(os.environ, PYTHONSAFEPATH="1")
-                with GatewayProcess(broker.path, pythonpath=self.broker_pythonpath, env=env) as gw:
+                with contextlib.ExitStack() as stack:
+                    gw = stack.enter_context(
+                        GatewayProcess(broker.path, pythonpath=self.broker_pythonpath, env=env)
+                    )
                     self.log(f"gateway on port {gw.port}")
+                    try:  # the same through Hypercorn only (a checkout without the lane: none)
+                        plain: int | None = stack.enter_context(
+                            GatewayProcess(
+                                broker.path,
+                                "--no-exec-lane",
+                                pythonpath=self.broker_pythonpath,
+                                env=env,
+                            )
+                        ).port
+                    except HarnessError:
+                        plain = None
                     self._run_measure(
-                        "7", lambda: gateway.gateway_one_shot(self.ctx, broker, gw.port), broker
+                        "7",
+                        lambda: gateway.gateway_one_shot(self.ctx, broker, gw.port, plain),
+                        broker,
                     )
         if "8" in self.only:
             if os.geteuid() != 0:
