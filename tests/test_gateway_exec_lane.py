@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import random
 import re
+import select
 import signal
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h11
@@ -57,6 +59,7 @@ class Client:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         self.buffer = bytearray()
+        self.asked = 0  # requests sent with ask()
 
     def close(self) -> None:
         self.sock.close()
@@ -100,6 +103,7 @@ class Client:
         return line
 
     def ask(self, request: bytes) -> Answer:
+        self.asked += 1
         self.sock.sendall(request)
         return self.answer()
 
@@ -130,17 +134,26 @@ def lane_count(gateway: GatewayProcess) -> float:
     return float(found[1])
 
 
-@pytest.fixture
-def lane(broker: Broker, tmp_path: Path) -> Iterator[GatewayProcess]:
-    tokens = tmp_path / "tokens"
+@pytest.fixture(scope="module")
+def lane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    """One broker and gateway for the module's tests (each compares counts, not
+    totals); neither may log a traceback."""
+    work = tmp_path_factory.mktemp("lane")
+    tokens = work / "tokens"
     tokens.write_text(f"{TOKEN}\n{SCOPED} actions=status\n")
-    process = GatewayProcess(
-        broker.path, "--token-file", str(tokens), "--max-output", "2000", "--max-body", "4096"
-    )
-    process.log_until("listening")
-    yield process
-    process.stop()
-    assert "Traceback" not in "".join(process.lines)
+    broker = Broker(work / "broker.sock", ())
+    try:
+        process = GatewayProcess(
+            broker.path, "--token-file", str(tokens), "--max-output", "2000", "--max-body", "4096"
+        )
+        process.log_until("listening")
+        yield process
+        process.stop()
+        assert "Traceback" not in "".join(process.lines)
+    finally:
+        code = broker.stop()
+    log = broker.log()
+    assert code == 0 and "internal error" not in log and "Traceback" not in log, log
 
 
 REQUESTS = {
@@ -283,19 +296,165 @@ def test_a_body_sent_in_pieces_is_read_whole(lane: GatewayProcess) -> None:
     assert (status, json.loads(body)["stdout"]) == (200, "x" * 1000)
 
 
-def test_an_answer_before_the_whole_body_skips_the_rest(lane: GatewayProcess) -> None:
-    """A wrong content type is refused before the body is read: the lane drops the
-    rest of the body as it comes, and the next request on the connection is served."""
+def both_ways(port: int, steps: Callable[[Client], list[object]]) -> list[object]:
+    """``steps`` run on a lane connection and on a Hypercorn one (after a first GET),
+    at once; what they saw, which must be the same."""
+    results: list[list[object] | BaseException | None] = [None, None]
+
+    def run(index: int) -> None:
+        client = Client(port)
+        try:
+            if index:
+                assert client.ask(HEALTH)[0] == 200
+            results[index] = steps(client)
+        except BaseException as exc:  # raised again below, in the test's thread
+            results[index] = exc
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    assert results[0] is not None and results[0] == results[1], results
+    return results[0]  # type: ignore[return-value]
+
+
+def test_an_answer_before_the_whole_body_ends_the_connection(lane: GatewayProcess) -> None:
+    """A wrong content type is refused before the body is read: if the rest of the
+    body has not come, the connection ends (it cannot be told from the next
+    request); if it came, the next request is served."""
     request = post({"argv": ["cat"], "stdin": "y" * 3000}, headers=("Content-Type: text/plain",))
     head, _, body = request.partition(b"\r\n\r\n")
-    client = Client(lane.port)
-    try:
+
+    def early(client: Client) -> list[object]:
         client.sock.sendall(head + b"\r\n\r\n" + body[:10])
-        assert client.answer()[0] == 415
-        client.sock.sendall(body[10:])
-        assert client.ask(post({"argv": ["echo", "next"]}))[0] == 200
+        answer = comparable(client.answer())
+        client.sock.settimeout(3)  # at once, not at the keep-alive timeout (5 s)
+        return [answer, client.closed()]
+
+    def whole(client: Client) -> list[object]:
+        client.sock.sendall(request + post({"argv": ["echo", "next"]}))
+        return [comparable(client.answer()), comparable(client.answer())]
+
+    assert both_ways(lane.port, early)[1] is True
+    assert [answer[0] for answer in both_ways(lane.port, whole)] == [415, 200]  # type: ignore[index]
+
+
+HALF_CLOSED = {
+    "pipelined": post({"argv": ["echo", "one"]}) + post({"argv": ["echo", "two"]}),
+    "one": post({"argv": ["echo", "one"]}),
+    "body_cut": post({"argv": ["echo", "one"]})[:-3],
+    "head_cut": post({"argv": ["echo", "one"]})[:40],
+}
+
+
+@pytest.mark.parametrize("name", sorted(HALF_CLOSED))
+def test_a_client_that_half_closes_gets_what_hypercorn_gives(
+    lane: GatewayProcess, name: str
+) -> None:
+    """Its requests, then EOF (shutdown of its sending side): every answer until
+    the gateway closes, the same both ways (a pipelined request waits for the
+    answer before it, as in h11, so the first program runs to its end)."""
+
+    def half_close(client: Client) -> list[object]:
+        client.sock.sendall(HALF_CLOSED[name])
+        client.sock.shutdown(socket.SHUT_WR)
+        answers: list[object] = []
+        while not client.closed():
+            answers.append(comparable(client.answer()))
+        return answers
+
+    answers = both_ways(lane.port, half_close)
+    statuses = [answer[0] for answer in answers]  # type: ignore[index]
+    assert statuses == {"pipelined": [200, 499], "one": [499]}.get(name, [400])
+
+
+def test_a_connection_ends_after_the_keep_alive_request_limit(lane: GatewayProcess) -> None:
+    """Hypercorn's ``keep_alive_max_requests`` (1000, the first GET included on
+    its side): the last answer says ``connection: close`` and the connection ends,
+    here as there."""
+    refused = post("{")  # 400 once the body is read: no broker session each
+
+    def many(client: Client) -> list[object]:
+        count = 999 if client.asked else 1000
+        sender = threading.Thread(target=client.sock.sendall, args=(refused * count,))
+        sender.start()
+        answers = [client.answer() for _ in range(count)]
+        sender.join(30)
+        closes = [("connection", "close") in answer[1] for answer in answers]
+        return [answers[0][0], client.asked + closes.index(True) + 1, client.closed()]
+
+    assert both_ways(lane.port, many) == [400, 1000, True]
+
+
+def test_a_head_must_come_within_the_keep_alive_timeout(lane: GatewayProcess) -> None:
+    """After an answer, the start of a head and then silence: the gateway closes the
+    connection at the keep-alive timeout (Hypercorn's 5 s), here as there."""
+
+    def stall(client: Client) -> list[object]:
+        assert client.ask(REQUESTS["ok"])[0] == 200
+        started = time.monotonic()
+        client.sock.sendall(b"POST /v1/exec HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        return [client.closed(), 4 < time.monotonic() - started < 15]
+
+    assert both_ways(lane.port, stall) == [True, True]
+
+
+def test_reading_ahead_is_bounded_while_a_program_runs(
+    lane: GatewayProcess, tmp_path: Path
+) -> None:
+    """A client that pushes bytes while its request runs: the gateway stops reading
+    them (the kernel's buffers fill), on the lane as on Hypercorn."""
+    pushed = 32 << 20
+
+    def push(client: Client) -> list[object]:
+        pid_file = tmp_path / f"pid-{client.asked}"
+        script = f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; exec sleep 30"
+        client.sock.sendall(post({"argv": ["sh", "-c", script], "timeout": 3}))
+        wait_until(pid_file.exists, 10, "the program to start")
+        client.sock.setblocking(False)
+        sent, chunk = 0, b"x" * 65536
+        while sent < pushed:
+            try:
+                sent += client.sock.send(chunk)
+            except BlockingIOError:
+                if not select.select([], [client.sock], [], 1.0)[1]:
+                    break  # nothing taken for a second: nobody reads
+        return [sent < pushed // 2]
+
+    assert both_ways(lane.port, push) == [True]
+
+
+def test_a_stopping_gateway_answers_the_running_request_and_no_pipelined_one(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """SIGTERM while a request runs and two more wait behind it on the connection:
+    its answer, then the end of the connection, here as on Hypercorn's path."""
+    gateway = GatewayProcess(broker.path)
+    clients = [Client(gateway.port), Client(gateway.port)]
+    try:
+        assert clients[1].ask(HEALTH)[0] == 200
+        pid_files = [tmp_path / "lane", tmp_path / "hypercorn"]
+        for client, pid_file in zip(clients, pid_files, strict=True):
+            script = f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; sleep 1"
+            first = post({"argv": ["sh", "-c", script]}, token=None)
+            client.sock.sendall(first + post({"argv": ["echo", "later"]}, token=None) * 2)
+        for pid_file in pid_files:
+            wait_until(pid_file.exists, 10, "the program to start")
+        gateway.proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            assert client.answer()[0] == 200
+            assert client.closed()
+        gateway.proc.kill()  # Hypercorn's side waits for its graceful_timeout (5 s)
     finally:
-        client.close()
+        for client in clients:
+            client.close()
+        gateway.stop()
 
 
 def test_a_client_that_leaves_ends_its_program_and_counts_499(
@@ -305,6 +464,7 @@ def test_a_client_that_leaves_ends_its_program_and_counts_499(
     broker session, as on Hypercorn's path: 499 in the metrics, the program gone."""
     pid_file = tmp_path / "pid"
     script = f"echo $$ > {pid_file}.new; mv {pid_file}.new {pid_file}; exec sleep 30"
+    before = left_count(lane)
     client = Client(lane.port)
     client.sock.sendall(post({"argv": ["sh", "-c", script]}))
     wait_until(pid_file.exists, 10, "the program to start")
@@ -314,13 +474,15 @@ def test_a_client_that_leaves_ends_its_program_and_counts_499(
     partial = Client(lane.port)
     partial.sock.sendall(post({"argv": ["true"]})[:-3])
     partial.close()
-    left = 'sockexec_gateway_requests_total{mode="oneshot",status="499"} 2.0'
+    wait_until(lambda: left_count(lane) == before + 2, 10, "two more 499s")
 
-    def counted() -> bool:
-        headers = {"Authorization": f"Bearer {TOKEN}"}
-        return left in lane.request("GET", "/metrics", headers=headers)[2].decode()
 
-    wait_until(counted, 10, left)
+def left_count(gateway: GatewayProcess) -> float:
+    """The gateway's count of one-shot clients that left (499)."""
+    text = gateway.request("GET", "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})[2]
+    metric = r'^sockexec_gateway_requests_total\{mode="oneshot",status="499"\} (\S+)$'
+    found = re.search(metric, text.decode(), re.MULTILINE)
+    return float(found[1]) if found else 0.0
 
 
 def test_the_gateways_stop_closes_an_idle_lane_connection_at_once(

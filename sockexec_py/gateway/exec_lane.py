@@ -17,9 +17,18 @@ keep-alive, a missing, repeated, malformed or too large ``Content-Length``, or a
 hostile gets Hypercorn's answer, as before; what the lane answers it answers with
 Hypercorn's status line and its ``date`` and ``server`` headers.
 
-Timing is Hypercorn's too: a head must be complete within the keep-alive timeout
-of the previous answer (or of the connection's start), a body may take its time,
-and an idle connection is closed when the gateway stops.
+The connection's life follows Hypercorn's (0.18, h11) rules too, each checked
+against it in ``tests/test_gateway_exec_lane.py``:
+
+- a head must be complete within the keep-alive timeout of the previous answer (or
+  of the connection's start); a body may take its time;
+- a connection ends after an answer given before the whole body came (401, 415...),
+  after ``keep_alive_max_requests`` answers (the last one says ``connection:
+  close``), and after the current answer once the gateway stops;
+- the client's end of the connection (EOF) is a disconnect for the app (which ends
+  the program and counts 499), unless a pipelined request is waiting, as h11 reads
+  nothing more then; inside a head it gets Hypercorn's 400, inside a body a 400 as
+  h11's.
 """
 
 from __future__ import annotations
@@ -42,9 +51,6 @@ log = logging.getLogger("sockexec_py.gateway")
 EXEC_REQUEST = b"POST /v1/exec"
 #: The longest request head the lane reads (h11's default limit, Hypercorn's).
 MAX_HEAD = 16384
-#: Bytes read ahead (a pipelined next request) while a request runs.
-_READ_AHEAD = MAX_HEAD
-
 _REQUEST_LINE = re.compile(rb"POST /v1/exec(?:\?([A-Za-z0-9._~%=&+\-]*))? HTTP/1\.1")
 _HEADER = re.compile(
     rb"([!#$%&'*+.^_`|~0-9A-Za-z\-]+):[ \t]*([!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?[ \t]*"
@@ -53,6 +59,8 @@ _HEADER = re.compile(
 _NOT_OURS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
 _STREAMS = (b"application/x-ndjson", b"text/event-stream")
 _READ = 65536
+#: Bytes that may not be in an answer's header (h11 refuses them too).
+_BAD_HEADER = re.compile(rb"[\r\n\x00]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +183,7 @@ class ExecLane:
         buffer = bytearray()
         deadline = trio.current_time() + self.config.keep_alive_timeout
         try:
-            while True:
+            for count in range(1, self.config.keep_alive_max_requests + 1):
                 request = await self._read_head(stream, buffer, deadline)
                 if request is None:
                     return
@@ -183,9 +191,10 @@ class ExecLane:
                     await hand_over(Replayed(stream, bytes(buffer)))
                     return
                 exchange = _Exchange(stream, buffer, request)
-                keep = await self._answer(exchange, state, client, server)
-                self._served()
-                if not keep or not await exchange.skip_body():
+                last = count == self.config.keep_alive_max_requests
+                if not await self._answer(exchange, state, client, server, last):
+                    return
+                if last or self.stopping() or not exchange.skip_body():
                     return
                 deadline = trio.current_time() + self.config.keep_alive_timeout
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -218,8 +227,8 @@ class ExecLane:
                     self.idle.discard(waiting)
             if waiting.cancelled_caught:  # idle past the keep-alive, or the gateway stops
                 return None
-            if not data:
-                return None
+            if not data:  # a head cut short gets Hypercorn's 400 (h11's error)
+                return False if buffer else None
             buffer += data
         return parse_head(buffer, self.max_body) or False
 
@@ -229,9 +238,10 @@ class ExecLane:
         state: dict[str, Any],
         client: tuple[str, int] | None,
         server: tuple[str, int] | None,
+        last: bool,
     ) -> bool:
-        """Run the app for the request and write its answer; whether the
-        connection may serve another."""
+        """Run the app for the request and write its answer (``last``: with
+        ``connection: close``); whether the connection may serve another."""
         request = exchange.request
         scope = {
             "type": "http",
@@ -249,21 +259,20 @@ class ExecLane:
             "state": state.copy(),
             "extensions": {},
         }
-        crashed = False
         try:
             await self.app(scope, exchange.receive, exchange.send)
         except Exception:  # Starlette may have sent its 500 first
             log.exception("Error in ASGI Framework")  # Hypercorn's words
-            crashed = True
-        if exchange.gone:  # nobody reads it (the app counted a 499)
+        if exchange.truncated:  # the body was cut short: h11's answer, whatever the app's
+            await exchange.stream.send_all(self._error(400))
             return False
-        if not exchange.done:
-            if not exchange.started:  # Hypercorn's answer to an app that answered nothing
-                await exchange.stream.send_all(
-                    b"HTTP/1.1 500 \r\ncontent-length: 0\r\nconnection: close\r\n"
-                    + self._fixed_headers()
-                    + b"\r\n"
-                )
+        if not exchange.done or any(
+            _BAD_HEADER.search(name) or _BAD_HEADER.search(value)
+            for name, value in exchange.headers
+        ):
+            if exchange.started:
+                log.error("the app's answer to POST /v1/exec was incomplete or malformed")
+            await exchange.stream.send_all(self._error(500))
             return False
         head = [b"HTTP/1.1 %d \r\n" % exchange.status]
         for name, value in exchange.headers:
@@ -271,9 +280,20 @@ class ExecLane:
         if not any(name.lower() == b"content-length" for name, _ in exchange.headers):
             head.append(b"content-length: %d\r\n" % len(exchange.body))
         head.append(self._fixed_headers())
+        if last:
+            head.append(b"connection: close\r\n")
         head.append(b"\r\n")
         await exchange.stream.send_all(b"".join(head) + exchange.body)
-        return not (exchange.gone or crashed)
+        self._served()
+        return not exchange.gone
+
+    def _error(self, status: int) -> bytes:
+        """Hypercorn's own error answer (an empty body, and the connection closes)."""
+        return (
+            b"HTTP/1.1 %d \r\ncontent-length: 0\r\nconnection: close\r\n" % status
+            + self._fixed_headers()
+            + b"\r\n"
+        )
 
     def _fixed_headers(self) -> bytes:
         """Hypercorn's own answer headers (``date``, ``server``)."""
@@ -285,8 +305,8 @@ class _Exchange:
 
     ``receive`` gives the body as it comes (the app may answer before reading it
     all, as with a wrong content type), then ``http.disconnect`` once the client
-    goes away; bytes read meanwhile (a pipelined next request) stay in the
-    connection's buffer. The answer is buffered (a one-shot answer is bounded by
+    goes away; bytes read meanwhile (a pipelined next request, at most one read)
+    stay in the connection's buffer. The answer is buffered (a one-shot answer is bounded by
     ``--max-output``) and written whole by the lane.
     """
 
@@ -301,6 +321,7 @@ class _Exchange:
         self.started = False  # http.response.start came
         self.done = False  # the last body part came
         self.gone = False  # the client closed its side (or the socket broke)
+        self.truncated = False  # ... before the whole body came
         self._unread = request.length  # of the request's body
         self._given = False  # the whole body went to the app
 
@@ -324,23 +345,21 @@ class _Exchange:
                 self._given = not self._unread
                 return {"type": "http.request", "body": chunk, "more_body": not self._given}
             if not await self._read():
+                self.truncated = True
                 return {"type": "http.disconnect"}
         while not self.gone and not self.done:
-            if len(self.buffer) >= _READ_AHEAD:
+            if self.buffer:  # a pipelined request: h11 reads on only after this answer
                 await trio.sleep_forever()  # the app's own end cancels this watch
             await self._read()
         return {"type": "http.disconnect"}
 
-    async def skip_body(self) -> bool:
-        """After the answer: the rest of a body the app did not read, read and
-        dropped (as Hypercorn does) before the next request; False if the client
-        left first."""
-        while self._unread:
-            if not self.buffer and not await self._read():
-                return False
-            take = min(len(self.buffer), self._unread)
-            del self.buffer[:take]
-            self._unread -= take
+    def skip_body(self) -> bool:
+        """After the answer: the rest of a body the app did not read dropped, if it
+        came; False if it did not (Hypercorn ends such a connection)."""
+        if len(self.buffer) < self._unread:
+            return False
+        del self.buffer[: self._unread]
+        self._unread = 0
         return True
 
     async def send(self, message: dict[str, Any]) -> None:
