@@ -23,7 +23,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sockexec_py.gateway.exec_lane import MAX_HEAD, parse_head
+from sockexec_py.gateway.exec_head import MAX_HEAD, answer_head, parse_head
 
 from conftest import Broker, GatewayProcess, wait_until
 
@@ -392,6 +392,43 @@ def test_a_connection_ends_after_the_keep_alive_request_limit(lane: GatewayProce
     assert both_ways(lane.port, many) == [400, 1000, True]
 
 
+@pytest.mark.parametrize("stray", [b"\r\n", b" ", b"\x16\x03\x01", b"\x00"])
+def test_a_stray_start_after_an_answer_gets_400_at_once(lane: GatewayProcess, stray: bytes) -> None:
+    """A byte that cannot start a request (h11 refuses it before the line ends):
+    Hypercorn's 400 and the end of the connection at once, here as there."""
+
+    def stray_start(client: Client) -> list[object]:
+        client.sock.sendall(REQUESTS["ok"] + stray)
+        first = client.answer()[0]
+        client.sock.settimeout(3)  # at once, not at the keep-alive timeout (5 s)
+        second = comparable(client.answer())
+        return [first, second, client.closed()]
+
+    assert both_ways(lane.port, stray_start)[0::2] == [200, True]
+
+
+def test_the_keep_alive_limit_counts_the_lanes_requests_after_a_hand_over(
+    lane: GatewayProcess,
+) -> None:
+    """One lane request, then 999 for Hypercorn on the same connection: the
+    thousandth answer says ``connection: close``, as on Hypercorn's path alone."""
+    nope = b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+    def mixed(client: Client) -> list[object]:
+        count = 1000 - client.asked
+        data = REQUESTS["bad_json"] + nope * (count - 1)
+        sender = threading.Thread(target=client.sock.sendall, args=(data,))
+        sender.start()
+        answers = [client.answer() for _ in range(count)]
+        sender.join(30)
+        closes = [("connection", "close") in answer[1] for answer in answers]
+        return [client.asked + closes.index(True) + 1, client.closed()]
+
+    before = lane_count(lane)
+    assert both_ways(lane.port, mixed) == [1000, True]
+    assert lane_count(lane) == before + 1
+
+
 def test_a_head_must_come_within_the_keep_alive_timeout(lane: GatewayProcess) -> None:
     """After an answer, the start of a head and then silence: the gateway closes the
     connection at the keep-alive timeout (Hypercorn's 5 s), here as there."""
@@ -577,3 +614,20 @@ def test_a_head_the_lane_takes_is_one_h11_reads_alike(
     lengths = [v for n, v in event.headers if n == b"content-length"]
     assert [int(v) for v in lengths] == [taken.length]
     assert taken.start == raw.index(b"\r\n\r\n") + 4 <= MAX_HEAD
+
+
+def test_an_answer_head_h11_would_refuse_is_not_written() -> None:
+    """The lane writes only what h11 would: otherwise Hypercorn's 500 goes out."""
+    json_type = (b"content-type", b"application/json")
+    assert answer_head(200, [json_type], b"{}") == (
+        b"HTTP/1.1 200 \r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+    )
+    assert answer_head(200, [(b"content-length", b"2")], b"{}") is not None
+    for bad in (
+        [(b"x a", b"1")],
+        [(b"x", b"a\r\nInjected: 1")],
+        [(b"x", b"a\x0bb")],
+        [(b"x", b" padded")],
+        [(b"content-length", b"3")],
+    ):
+        assert answer_head(200, bad, b"{}") is None, bad

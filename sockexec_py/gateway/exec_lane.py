@@ -24,7 +24,12 @@ against it in ``tests/test_gateway_exec_lane.py``:
   of the connection's start); a body may take its time;
 - a connection ends after an answer given before the whole body came (401, 415...),
   after ``keep_alive_max_requests`` answers (the last one says ``connection:
-  close``), and after the current answer once the gateway stops;
+  close``; after a hand-over Hypercorn counts the lane's too), and after the
+  current answer once the gateway stops;
+- a request that starts with a byte no request line can start with gets
+  Hypercorn's 400 at once (h11 refuses it before the line ends);
+- an answer h11 would refuse to write (a malformed header, a wrong length) is
+  Hypercorn's 500 instead;
 - the client's end of the connection (EOF) is a disconnect for the app (which ends
   the program and counts 499), unless a pipelined request is waiting, as h11 reads
   nothing more then; inside a head it gets Hypercorn's 400, inside a body a 400 as
@@ -34,80 +39,22 @@ against it in ``tests/test_gateway_exec_lane.py``:
 from __future__ import annotations
 
 import logging
-import re
+import os
 from collections.abc import Awaitable, Callable, MutableSet
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import trio
 from hypercorn.config import Config
 from hypercorn.utils import parse_socket_addr
 
-__all__ = ["EXEC_REQUEST", "MAX_HEAD", "ExecLane", "Replayed"]
+from .exec_head import EXEC_REQUEST, MAX_HEAD, Request, answer_head, parse_head
+
+__all__ = ["EXEC_REQUEST", "ExecLane", "Replayed"]
+
+#: Bytes asked of the socket at a time.
+_READ = 65536
 
 log = logging.getLogger("sockexec_py.gateway")
-
-#: The request line's start that picks the lane (then ``?`` or a space).
-EXEC_REQUEST = b"POST /v1/exec"
-#: The longest request head the lane reads (h11's default limit, Hypercorn's).
-MAX_HEAD = 16384
-_REQUEST_LINE = re.compile(rb"POST /v1/exec(?:\?([A-Za-z0-9._~%=&+\-]*))? HTTP/1\.1")
-_HEADER = re.compile(
-    rb"([!#$%&'*+.^_`|~0-9A-Za-z\-]+):[ \t]*([!-~\x80-\xff]+(?:[ \t]+[!-~\x80-\xff]+)*)?[ \t]*"
-)
-#: Headers whose presence sends the connection to Hypercorn.
-_NOT_OURS = frozenset((b"transfer-encoding", b"expect", b"upgrade"))
-_STREAMS = (b"application/x-ndjson", b"text/event-stream")
-_READ = 65536
-#: Bytes that may not be in an answer's header (h11 refuses them too).
-_BAD_HEADER = re.compile(rb"[\r\n\x00]")
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    query: bytes
-    headers: list[tuple[bytes, bytes]]
-    length: int  # of the body
-    start: int  # where the body starts in the buffer
-
-
-def _plain(name: bytes, value: bytes) -> bool:
-    """False for a keep-alive other than the default or an Accept of a stream."""
-    if name == b"connection":
-        return value == b"keep-alive"
-    return name != b"accept" or not any(stream in value for stream in _STREAMS)
-
-
-def parse_head(buffer: bytes | bytearray, max_body: int) -> _Request | None:
-    """The request at the start of ``buffer`` if the lane serves it, None if not
-    (its head must be complete: the caller checks for the blank line)."""
-    end = buffer.find(b"\r\n\r\n")
-    lines = bytes(buffer[:end]).split(b"\r\n")
-    matched = _REQUEST_LINE.fullmatch(lines[0])
-    if matched is None:
-        return None
-    headers: list[tuple[bytes, bytes]] = []
-    length: bytes | None = None
-    hosts = 0
-    for line in lines[1:]:
-        header = _HEADER.fullmatch(line)
-        if header is None:
-            return None
-        name, value = header[1].lower(), header[2] or b""
-        if name in _NOT_OURS:
-            return None
-        if name == b"content-length":
-            if length is not None or not value.isdigit() or len(value) > 12:
-                return None
-            length = value
-        elif name == b"host":
-            hosts += 1
-        elif not _plain(name, value.lower()):
-            return None
-        headers.append((name, value))
-    if length is None or int(length) > max_body or hosts != 1:
-        return None  # h11 refuses HTTP/1.1 without one Host; the app answers 413
-    return _Request(matched[1] or b"", headers, int(length), end + 4)
 
 
 class Replayed:
@@ -135,8 +82,9 @@ class Replayed:
         await self._stream.aclose()
 
 
-#: Hands a connection to Hypercorn (a :class:`Replayed` stream) until it ends.
-HandOver = Callable[[Replayed], Awaitable[None]]
+#: Hands a connection to Hypercorn (a :class:`Replayed` stream) until it ends, with
+#: the number of requests the lane answered on it (Hypercorn's limit counts them).
+HandOver = Callable[[Replayed, int], Awaitable[None]]
 
 
 class ExecLane:
@@ -188,7 +136,7 @@ class ExecLane:
                 if request is None:
                     return
                 if request is False:
-                    await hand_over(Replayed(stream, bytes(buffer)))
+                    await hand_over(Replayed(stream, bytes(buffer)), count - 1)
                     return
                 exchange = _Exchange(stream, buffer, request)
                 last = count == self.config.keep_alive_max_requests
@@ -206,7 +154,7 @@ class ExecLane:
 
     async def _read_head(
         self, stream: trio.SocketStream, buffer: bytearray, deadline: float
-    ) -> _Request | Literal[False] | None:
+    ) -> Request | Literal[False] | None:
         """The next request (False: not ours, None: the connection ends)."""
         while True:
             end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD)
@@ -215,6 +163,8 @@ class ExecLane:
                 return False  # bare line feeds, which h11 takes and the lane does not
             if end >= 0:
                 break
+            if buffer and buffer[0] < 0x21:  # h11 refuses such a start at once (400)
+                return False
             if len(buffer) >= MAX_HEAD:
                 return False
             if self.stopping():  # as Hypercorn's: a connection without a whole request is idle
@@ -266,26 +216,20 @@ class ExecLane:
         if exchange.truncated:  # the body was cut short: h11's answer, whatever the app's
             await exchange.stream.send_all(self._error(400))
             return False
-        if not exchange.done or any(
-            _BAD_HEADER.search(name) or _BAD_HEADER.search(value)
-            for name, value in exchange.headers
-        ):
+        head = exchange.head()
+        if head is None:  # h11 would refuse to write it: Hypercorn's 500
             if exchange.started:
                 log.error("the app's answer to POST /v1/exec was incomplete or malformed")
             await exchange.stream.send_all(self._error(500))
             return False
-        head = [b"HTTP/1.1 %d \r\n" % exchange.status]
-        for name, value in exchange.headers:
-            head.append(b"%s: %s\r\n" % (name, value))
-        if not any(name.lower() == b"content-length" for name, _ in exchange.headers):
-            head.append(b"content-length: %d\r\n" % len(exchange.body))
-        head.append(self._fixed_headers())
-        if last:
-            head.append(b"connection: close\r\n")
-        head.append(b"\r\n")
-        await exchange.stream.send_all(b"".join(head) + exchange.body)
+        ending = last or any(  # the app's own "connection: close" too, as h11 reads it
+            name.lower() == b"connection" and value.lower() == b"close"
+            for name, value in exchange.headers
+        )
+        extra = self._fixed_headers() + (b"connection: close\r\n" if last else b"")
+        await exchange.stream.send_all(head + extra + b"\r\n" + exchange.body)
         self._served()
-        return not exchange.gone
+        return not (exchange.gone or ending)
 
     def _error(self, status: int) -> bytes:
         """Hypercorn's own error answer (an empty body, and the connection closes)."""
@@ -310,7 +254,7 @@ class _Exchange:
     ``--max-output``) and written whole by the lane.
     """
 
-    def __init__(self, stream: trio.SocketStream, buffer: bytearray, request: _Request) -> None:
+    def __init__(self, stream: trio.SocketStream, buffer: bytearray, request: Request) -> None:
         self.stream = stream
         self.buffer = buffer
         self.request = request
@@ -353,11 +297,25 @@ class _Exchange:
             await self._read()
         return {"type": "http.disconnect"}
 
+    def head(self) -> bytes | None:
+        """The answer's head without its last CRLF (see :func:`answer_head`);
+        None for an incomplete answer or one h11 would refuse to write."""
+        return answer_head(self.status, self.headers, self.body) if self.done else None
+
     def skip_body(self) -> bool:
         """After the answer: the rest of a body the app did not read dropped, if it
-        came; False if it did not (Hypercorn ends such a connection)."""
-        if len(self.buffer) < self._unread:
-            return False
+        came (while the app ran, Hypercorn reads on; what is in the socket now is
+        taken without waiting); False if it did not (Hypercorn ends such a
+        connection)."""
+        fd = self.stream.socket.fileno()
+        while len(self.buffer) < self._unread:
+            try:
+                data = os.read(fd, _READ)
+            except (BlockingIOError, OSError):
+                return False
+            if not data:
+                return False
+            self.buffer += data
         del self.buffer[: self._unread]
         self._unread = 0
         return True

@@ -21,6 +21,7 @@ which is why ``pyproject.toml`` bounds Hypercorn's version.
 
 from __future__ import annotations
 
+import copy
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -98,9 +99,15 @@ async def serve(
     if lane is not None:
         lane.attach(config, waiting, context.terminated.is_set)
 
-    async def hypercorn(stream: trio.SocketStream | Replayed) -> None:
+    async def hypercorn(stream: trio.SocketStream | Replayed, answered: int = 0) -> None:
+        """Hypercorn's for good (``answered``: requests the lane served on it, which
+        count towards its keep-alive limit)."""
         state = ConnectionState(lifespan_state.copy())
-        await TCPServer(wrapped, config, context, state, stream)  # type: ignore[arg-type]
+        own = config
+        if answered:
+            own = copy.copy(config)
+            own.keep_alive_max_requests = config.keep_alive_max_requests - answered
+        await TCPServer(wrapped, own, context, state, stream)  # type: ignore[arg-type]
 
     async def handle(stream: trio.SocketStream) -> None:
         """One connection: never raises (an error would end serve_listeners)."""
