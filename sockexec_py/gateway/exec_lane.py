@@ -250,8 +250,8 @@ class _Exchange:
     ``receive`` gives the body as it comes (the app may answer before reading it
     all, as with a wrong content type), then ``http.disconnect`` once the client
     goes away; bytes read meanwhile (a pipelined next request, at most one read)
-    stay in the connection's buffer. The answer is buffered (a one-shot answer is bounded by
-    ``--max-output``) and written whole by the lane.
+    stay in the connection's buffer. The answer is buffered (a one-shot answer is
+    bounded by ``--max-output``) and written whole by the lane.
     """
 
     def __init__(self, stream: trio.SocketStream, buffer: bytearray, request: Request) -> None:
