@@ -61,6 +61,19 @@ def decode(payload: bytes) -> Decoded:
     return decoded
 
 
+def frame_size(head: bytes) -> int:
+    """The whole size of the WebSocket frame that starts ``head`` (0: its header is
+    not all there yet)."""
+    if len(head) < 2:
+        return 0
+    length = head[1] & 0x7F
+    if length < 126:
+        return 2 + length
+    if length == 126:
+        return 4 + int.from_bytes(head[2:4], "big") if len(head) >= 4 else 0
+    return 10 + int.from_bytes(head[2:10], "big") if len(head) >= 10 else 0
+
+
 class Monitor:
     """One monitor connection on a raw non-blocking socket: the handshake, then
     frames parsed with the least work (only ``finished`` events are decoded)."""
@@ -71,7 +84,9 @@ class Monitor:
         self.stamps = stamps
         self.finished: dict[str, float] = {}  # job id -> delay (s)
         #: job id -> delay (s) until its message was in this socket (the kernel's
-        #: receive timestamp): the gateway's delivery without this process's lag.
+        #: receive timestamp): the gateway's delivery without this process's lag. An
+        #: upper bound: a segment that waits unread long enough is merged with the
+        #: next, which gives both the later stamp.
         self.arrived: dict[str, float] = {}
         self.arrival = 0.0  # when the bytes being parsed came (0: unknown, use now)
         self.last_id = 0
@@ -105,20 +120,14 @@ class Monitor:
 
     def readable(self) -> bool:
         """Read what came; False once the gateway closed (then :meth:`connect` again)."""
+        if self.stamps:
+            return self._read_stamped()
         try:
-            if self.stamps:  # recvmsg costs more than recv: only when asked
-                data, ancillary, _, _ = self.sock.recvmsg(1 << 20, _TIMESTAMP_SPACE)
-            else:
-                data, ancillary = self.sock.recv(1 << 20), []
+            data = self.sock.recv(1 << 20)
         except BlockingIOError:
             return True
         if not data:
             return False
-        self.arrival = 0.0
-        for level, kind, value in ancillary:
-            if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS) and len(value) >= 16:
-                seconds, nanoseconds = struct.unpack("qq", value[:16])
-                self.arrival = seconds + nanoseconds / 1e9
         # The common case: one whole text message, parsed without the buffer.
         head = data[1] if not self.buffer and len(data) >= 4 and data[0] == 0x81 else 255
         if head < 126 and len(data) == 2 + head:
@@ -129,6 +138,35 @@ class Monitor:
             return True
         self.buffer += data
         return self._parse()
+
+    def _read_stamped(self) -> bool:
+        """Read frame by frame, each with the kernel's time of its arrival. A TCP
+        read is stamped with the arrival of the last segment it takes, so a read of
+        two messages would date the first one as late as the second: the frame's
+        header is peeked first and only that frame is read (two calls a message,
+        which is why this is only done when asked)."""
+        while True:
+            try:
+                if self.buffer:  # the rest of a frame begun in an earlier read
+                    size = max(frame_size(bytes(self.buffer[:10])) - len(self.buffer), 0)
+                else:
+                    head = self.sock.recv(10, socket.MSG_PEEK)
+                    if not head:
+                        return False
+                    size = frame_size(head)
+                data, ancillary, _, _ = self.sock.recvmsg(size or 65536, _TIMESTAMP_SPACE)
+            except BlockingIOError:
+                return True
+            if not data:
+                return False
+            for level, kind, value in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, SO_TIMESTAMPNS) and len(value) >= 16:
+                    seconds, nanoseconds = struct.unpack("qq", value[:16])
+                    self.arrival = seconds + nanoseconds / 1e9
+            self.buffer += data
+            if not self._parse():
+                return False
+            self.arrival = 0.0
 
     def _parse(self) -> bool:
         """The whole frames in the buffer; False after a close frame."""

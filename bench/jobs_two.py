@@ -154,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--stamps",
         action="store_true",
         help="also the kernel's receive time of each end in the monitors' sockets "
-        "(row a2b: the delivery without the receivers' own lag; recvmsg costs them more)",
+        "(row a2b: the delivery without the receivers' own lag, at most; each message "
+        "is then read alone, which costs the receivers two calls)",
     )
     parser.add_argument("--json", help="write the rows and the settings there")
     args = parser.parse_args(argv)
