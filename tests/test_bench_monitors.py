@@ -6,10 +6,11 @@ loopback TCP connection."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given
@@ -73,6 +74,19 @@ def test_each_message_is_dated_by_its_own_arrival(server: tuple[int, list[socket
         monitor.sock.close()
 
 
+def read_until(monitor: Monitor, done: Callable[[], bool]) -> bool:
+    """Read what the socket holds until ``done()`` (True) or the gateway closed
+    (False); at most 5 s."""
+    deadline = time.monotonic() + 5
+    while not done():
+        left = deadline - time.monotonic()
+        assert left > 0, "the monitor got nothing more"
+        select.select([monitor.sock], [], [], left)
+        if not monitor.readable():
+            return False
+    return True
+
+
 def read_apart(monitor: Monitor, gateway: socket.socket) -> None:
     gaps = []
     for attempt in range(5):
@@ -81,22 +95,19 @@ def read_apart(monitor: Monitor, gateway: socket.socket) -> None:
         gateway.sendall(finished(f"a{attempt}", at))
         time.sleep(0.01)  # a gap between the two arrivals, the subject of the test
         gateway.sendall(finished(f"b{attempt}", at))
-        while f"b{attempt}" not in monitor.arrived:
-            assert monitor.readable()
-        gaps.append(monitor.arrived[f"b{attempt}"] - monitor.arrived[f"a{attempt}"])
+        second = f"b{attempt}"
+        assert read_until(monitor, lambda job=second: job in monitor.arrived)
+        gaps.append(monitor.arrived[second] - monitor.arrived[f"a{attempt}"])
         if 0.009 <= gaps[-1] < 0.04:
             break
     else:
         pytest.fail(f"the two messages were dated {gaps} s apart")
     cut = finished("x" * 300, at)  # a frame cut short waits for its rest
     gateway.sendall(cut[:3])
-    while len(monitor.buffer) < 3:
-        assert monitor.readable()
+    assert read_until(monitor, lambda: len(monitor.buffer) == 3)
     gateway.sendall(cut[3:] + finished("after", at))
-    while "after" not in monitor.arrived:
-        assert monitor.readable()
+    assert read_until(monitor, lambda: "after" in monitor.arrived)
     assert monitor.messages == 2 * len(gaps) + 2
     assert not monitor.buffer
     gateway.close()
-    while monitor.readable():
-        pass
+    assert not read_until(monitor, lambda: False)  # the end of the stream is seen
