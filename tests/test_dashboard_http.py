@@ -81,6 +81,19 @@ def test_login_exchanges_the_token_for_a_session_cookie(secured: GatewayProcess)
     assert client.request("GET", "/queue")[0] == 303
 
 
+def test_an_expired_token_cannot_log_in(secured: GatewayProcess, files: tuple[Path, Path]) -> None:
+    """The API's 401 for an expired token holds for the login page too (a session
+    would carry the token past its expiry, API calls included)."""
+    _, tokens = files
+    tokens.write_text(f"{TOKEN}\ngone-token expires=2001-01-01T00:00:00Z\n")
+    client = Browserless(secured.port)
+    status, _, page = client.request("GET", "/login")
+    form = {"csrf": hidden(page, "csrf"), "token": "gone-token", "next": "/"}
+    status, _, page = client.request("POST", "/login", form=form, headers={"Origin": client.origin})
+    assert status == 401 and "not valid" in page and "sockexec_session" not in client.cookies
+    client.login(TOKEN)  # the file was read again: the other token still logs in
+
+
 def test_changes_need_our_origin_and_the_csrf_token(secured: GatewayProcess) -> None:
     client = Browserless(secured.port)
     client.login()

@@ -155,6 +155,21 @@ def test_a_session_lives_only_as_long_as_its_token(tmp_path: Path) -> None:
     assert logins.find(other) is None
 
 
+def test_an_expired_token_neither_logs_in_nor_keeps_its_session(tmp_path: Path) -> None:
+    clock = Clock()
+    token_file = tmp_path / "tokens"
+    token_file.write_text(
+        "old-token expires=1970-01-01T00:00:01Z\nday-token expires=1970-01-01T00:20:00Z\n"
+    )
+    logins = Logins(TokenStore(str(token_file), clock=clock), clock=clock)
+    assert logins.check_token("old-token") is None
+    assert logins.check_token("day-token") is not None
+    session_id, _ = logins.open("day-token")
+    assert logins.find(session_id) is not None
+    clock.now = 1200.0  # the token's expiry: its session ends with it
+    assert logins.find(session_id) is None and logins.check_token("day-token") is None
+
+
 def test_token_less_sessions_speak_for_anonymous() -> None:
     logins = Logins(None)
     session_id, _ = logins.open(None)

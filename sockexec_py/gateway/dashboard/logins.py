@@ -89,12 +89,17 @@ class Logins:
         return len(self._logins)
 
     def check_token(self, token: str) -> Principal | None:
-        """The principal of a token typed on the login page (``None``: not valid)."""
+        """The principal of a token typed on the login page, or of a session's
+        token at each request (``None``: unknown or expired, so a session ends
+        when its token expires)."""
         if self.tokens is None:
             return ANONYMOUS
         if not token or any(ch in token for ch in "\r\n"):
             return None
-        return self.tokens.check(f"Bearer {token}")
+        principal = self.tokens.check(f"Bearer {token}")
+        if principal is None or self.tokens.expired(principal):
+            return None
+        return principal
 
     def open(self, token: str | None) -> tuple[str, Login]:
         """A new session for a checked token; returns its id (the cookie's value).
