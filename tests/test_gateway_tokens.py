@@ -230,6 +230,29 @@ def test_token_file_syntax_errors_name_the_line(broker: Broker, tmp_path: Path) 
     assert NameScope.parse("a,b*").covers("bee") and not NameScope.parse("a,b*").covers("c")
 
 
+def test_a_prefix_does_not_take_a_name_that_climbs_out_of_it() -> None:
+    scope = NameScope.parse("/opt/jobs/*,deploy-*,/srv/x/../y")
+    assert scope.covers("/opt/jobs/build.sh") and scope.covers("/opt/jobs/sub/./a..b")
+    assert scope.covers("deploy-..")  # not a segment of its own: it does not climb
+    for name in ("/opt/jobs/../../bin/sh", "/opt/jobs/sub/../../../bin/sh", "/opt/jobs/.."):
+        assert not scope.covers(name), name
+    assert scope.covers("/srv/x/../y")  # an exact name is exactly what the file says
+
+
+def test_exec_refuses_a_climbing_program(broker: Broker, tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"jobs-token actions=exec,run names={tmp_path}/*\n")
+    climbing = f"{tmp_path}/../../../../../../../bin/echo"
+    args = ("--token-file", str(path), "--data-dir", str(tmp_path / "data"))
+    with GatewayProcess(broker.path, *args) as gateway:
+        for route, body in (
+            ("/v1/exec", {"argv": [climbing, "x"]}),
+            ("/v1/jobs", {"argv": [climbing]}),
+        ):
+            status, answer = call(gateway, "POST", route, "jobs-token", body)
+            assert status == 403 and "missing_scope" in str(answer), (route, answer)
+
+
 def test_a_token_file_rewritten_while_requests_run(broker: Broker, tmp_path: Path) -> None:
     """A writer thread rewrites the file as fast as it can, half the time in place
     (truncate, then one write) and half by renaming a new file over it; the token

@@ -68,7 +68,12 @@ class NameScope:
         return cls(frozenset(exact), tuple(prefixes))
 
     def covers(self, name: str) -> bool:
-        return self.everything or name in self.exact or name.startswith(self.prefixes)
+        """Whether ``name`` is in scope. A name taken by a prefix may not have a
+        ``..`` segment: ``/opt/jobs/../../bin/sh`` starts with ``/opt/jobs/`` but
+        runs ``/bin/sh``."""
+        if self.everything or name in self.exact:
+            return True
+        return name.startswith(self.prefixes) and ".." not in name.split("/")
 
     def __str__(self) -> str:
         if self.everything:
