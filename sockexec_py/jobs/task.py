@@ -22,6 +22,7 @@ from typing import TypeVar
 import trio
 
 from sockexec_py.client import BrokerUnavailable
+from sockexec_py.events import Exited
 
 from .errors import StoreUnavailable
 from .model import Job, JobState, broken_session_reason, final_state
@@ -216,12 +217,17 @@ async def run_task(
                 if task.steps[index].state is not StepState.QUEUED:
                     continue  # cancelled while it waited
                 step = task.steps[index]
-                task.steps[index] = await _written(
+                started = await _written(
                     partial(store.start_step, task.job, step), config, f"the start of {step.name}"
                 )
-                # Its output is open before anyone sees it running: a follower that
-                # wakes now waits on it instead of reading no file and ending.
-                outputs.open(output_key(task.job.id, index))
+                if task.steps[index].state is not StepState.QUEUED or task.cancel_requested:
+                    continue  # cancelled meanwhile: it never runs (its end comes after)
+                task.steps[index] = started
+                # Its session's record is there before anyone sees it running: a
+                # cancel from now on terminates it (before it connects: it never
+                # does), and a follower waits on its output instead of reading no
+                # file and ending.
+                task.step_runs[index] = _step_run(task, index, outputs)
                 task.notify()
                 running += 1
                 nursery.start_soon(run_step, index)
@@ -291,6 +297,14 @@ async def _written(write: Callable[[], Awaitable[T]], config: TaskConfig, what: 
             delay = min(delay * 2, config.retry_max)
 
 
+def _step_run(task: RunningTask, index: int, outputs: OutputStore) -> RunningJob:
+    """The session record of a step about to run, its output open."""
+    step = task.steps[index]
+    key = output_key(task.job.id, index)
+    as_job = replace(task.job, id=key, argv=step.argv, timeout=step.timeout, progress=Progress())
+    return RunningJob(as_job, outputs.open(key))
+
+
 async def _run_step(
     task: RunningTask,
     index: int,
@@ -302,15 +316,19 @@ async def _run_step(
 ) -> None:
     """One step's broker session, then its end (and its skipped dependents) recorded."""
     step = task.steps[index]
-    key = output_key(task.job.id, index)
-    as_job = replace(task.job, id=key, argv=step.argv, timeout=step.timeout, progress=Progress())
-    run = task.step_runs[index] = RunningJob(as_job, outputs.open(key))
+    run = task.step_runs[index]
     run.stdin = await store.step_stdin(task.job.id, index)
     delay = config.retry_initial
     exitcode: int | None = None
     termsig: str | None = None
+    exited: Exited | None
+    reason: str | None
     try:
         while True:
+            if run.cancel_requested:  # before it connected: it never starts
+                exited = None
+                reason = CANCELLED_TASK_REASON if task.cancel_requested else CANCELLED_STEP_REASON
+                break
             try:
                 exited, reason = await run_session(
                     run,
@@ -321,8 +339,7 @@ async def _run_step(
                 )
             except BrokerUnavailable as exc:
                 if run.cancel_requested:
-                    exited, reason = None, CANCELLED_STEP_REASON
-                    break
+                    continue  # ended as above
                 log.warning(
                     "broker unavailable, step %s of %s waits: %s", step.name, task.job.id, exc
                 )

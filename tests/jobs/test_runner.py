@@ -416,3 +416,75 @@ async def test_a_step_followed_before_it_starts_gives_its_output(
                 await trio.testing.wait_all_tasks_blocked(0.05)  # the follower parks
                 await trio.to_thread.run_sync(release)
             assert got == [f"built {n}\n".encode()], n
+
+
+async def _task_with_a_cancel_inside(
+    store: Store,
+    runner: Runner,
+    tmp_path: Path,
+    method: str,
+    cancel: Any,
+) -> tuple[Job, Path]:
+    """Run a one-step task whose step ``touch``es a file, with ``cancel(task_id)``
+    run inside the store's ``method`` (``start_step`` or ``step_stdin``) for it: a
+    cancel that lands at that point of the step's start. Returns the task's end and
+    the file (which must not exist: the program never ran)."""
+    marker = tmp_path / "ran"
+    original = getattr(store, method)
+    submitted: list[Job] = []
+
+    async def with_a_cancel(*args: Any) -> Any:
+        result = await original(*args)
+        await cancel(submitted[0].id)
+        return result
+
+    setattr(store, method, with_a_cancel)
+    try:
+        with trio.fail_after(20):
+            steps = [{"name": "a", "argv": ["touch", str(marker)]}]
+            submitted.append(await runner.submit(parse_submit({"steps": steps})))
+            ended = await runner.wait(submitted[0].id)
+    finally:
+        setattr(store, method, original)
+    return ended, marker
+
+
+@pytest.mark.parametrize("method", ["start_step", "step_stdin"])
+async def test_a_step_cancelled_while_it_starts_never_runs(
+    store: Store, broker: Any, make_runner: Any, tmp_path: Path, method: str
+) -> None:
+    """A cancel of the step while its start is being recorded (it is still queued
+    in memory), or once recorded but before its session connects: answered, and
+    the program never runs, in memory as in the store (a review found it ran)."""
+    async with make_runner(store, broker.path) as runner, trio.open_nursery() as nursery:
+        answers: list[Job] = []
+
+        async def cancel_step(task_id: str) -> None:
+            answers.append(await runner.cancel_step(task_id, "a"))
+
+        async def cancel(task_id: str) -> None:
+            nursery.start_soon(cancel_step, task_id)  # it returns once the step ended
+            await trio.testing.wait_all_tasks_blocked()  # it asked
+
+        ended, marker = await _task_with_a_cancel_inside(store, runner, tmp_path, method, cancel)
+    assert not marker.exists()
+    assert ended.state is S.FAILED  # a task whose step was cancelled (rule 4 of steps)
+    (step,) = await store.steps(ended.id)
+    assert step.state.value == "cancelled" and step.reason == "cancelled before it started"
+    assert len(answers) == 1  # the cancel was answered (the API says 200)
+
+
+@pytest.mark.parametrize("method", ["start_step", "step_stdin"])
+async def test_a_task_cancelled_while_a_step_starts_never_runs_it(
+    store: Store, broker: Any, make_runner: Any, tmp_path: Path, method: str
+) -> None:
+    async with make_runner(store, broker.path) as runner, trio.open_nursery() as nursery:
+
+        async def cancel(task_id: str) -> None:
+            nursery.start_soon(runner.cancel, task_id)  # it returns once the task ended
+            await trio.testing.wait_all_tasks_blocked()  # it asked
+
+        ended, marker = await _task_with_a_cancel_inside(store, runner, tmp_path, method, cancel)
+    assert not marker.exists() and ended.state is S.CANCELLED
+    (step,) = await store.steps(ended.id)
+    assert step.state.value == "cancelled" and step.exitcode is None
