@@ -63,6 +63,12 @@ class Receiver:
                 if answer == "slow":
                     receiver.release.wait(30)  # past the gateway's timeout
                     answer = 200
+                if answer == "huge":  # says 1 GiB is coming, sends 1 MiB, closes
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1 << 30))
+                    self.end_headers()
+                    self.wfile.write(b"x" * (1 << 20))
+                    return
                 self.send_response(answer)
                 if 300 <= answer < 400:
                     self.send_header("Location", "/ok")
@@ -214,13 +220,21 @@ def test_a_receiver_that_is_down_slow_or_redirects(
         down_port = sock.getsockname()[1]
     receiver.behaviour["/slow"] = "slow"
     receiver.behaviour["/moved"] = 302
+    receiver.behaviour["/huge"] = "huge"
     flags = gateway_flags(
-        tmp_path, receiver, "--callback-allow", f"loopback=http://127.0.0.1:{down_port}/"
+        tmp_path,
+        receiver,
+        "--callback-allow",
+        f"loopback=http://127.0.0.1:{down_port}/",
+        "--callback-allow",
+        "http://nowhere.invalid/",  # a name that never resolves (RFC 2606)
     )
     with GatewayProcess(broker.path, *flags) as gateway:
         down = submit(gateway, f"http://127.0.0.1:{down_port}/hook")
         slow = submit(gateway, receiver.url("/slow"))
         moved = submit(gateway, receiver.url("/moved"))
+        huge = submit(gateway, receiver.url("/huge"))
+        unknown = submit(gateway, "http://nowhere.invalid/hook")
         down_cb = callback_ended(gateway, down)["callback"]
         assert down_cb["state"] == "failed" and len(down_cb["attempts"]) == 3
         assert all(a["status"] is None and "Connect" in a["error"] for a in down_cb["attempts"])
@@ -232,6 +246,13 @@ def test_a_receiver_that_is_down_slow_or_redirects(
         assert moved_cb["state"] == "failed" and len(moved_cb["attempts"]) == 1  # not retried
         assert moved_cb["attempts"][0]["error"] == "redirect 302 to '/ok' not followed"
         assert receiver.delivered("/ok") == []  # the redirect was not followed
+        # The answer's status is what counts: its body is never read, whatever it says.
+        huge_cb = callback_ended(gateway, huge)["callback"]
+        assert huge_cb["state"] == "delivered" and len(huge_cb["attempts"]) == 1
+        # A name that does not resolve is a network error: recorded, retried.
+        unknown_cb = callback_ended(gateway, unknown)["callback"]
+        assert unknown_cb["state"] == "failed" and len(unknown_cb["attempts"]) == 3
+        assert all(a["status"] is None and a["error"] for a in unknown_cb["attempts"])
 
 
 def test_forbidden_addresses_are_never_connected(
@@ -261,6 +282,8 @@ def test_urls_refused_at_submit(broker: Broker, tmp_path: Path, receiver: Receiv
             (f"http://user:pw@127.0.0.1:{receiver.port}/", "user info"),
             (f"ftp://127.0.0.1:{receiver.port}/", "scheme must be http or https"),
             (f"https://127.0.0.1:{receiver.port}/", "matches no --callback-allow prefix"),
+            ("http://[::1/hook", "host cannot be parsed"),
+            ("http://[zz]:80/hook", "host cannot be parsed"),
         ):
             status, error = call(
                 gateway, "POST", "/v1/jobs", {"argv": ["true"], "callback": {"url": url}}

@@ -56,10 +56,14 @@ class CallbackRefused(Exception):
 
 
 def _parts(url: str) -> tuple[SplitResult, int]:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname  # a bracketed host that is no IPv6 address raises here
+    except ValueError:
+        raise CallbackRefused("the URL's host cannot be parsed") from None
     if parts.scheme not in _DEFAULT_PORTS:
         raise CallbackRefused("the scheme must be http or https")
-    if not parts.hostname:
+    if not host:
         raise CallbackRefused("the URL has no host")
     if parts.username is not None or parts.password is not None:
         raise CallbackRefused("user info in the URL is not allowed")

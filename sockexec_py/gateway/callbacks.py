@@ -83,7 +83,8 @@ class Deliverer:
                 follow_redirects=False,
                 trust_env=False,
                 timeout=httpx.Timeout(settings.timeout),
-                headers={"User-Agent": "sockexec-gateway"},
+                # No compressed answers: their bodies are not read anyway.
+                headers={"User-Agent": "sockexec-gateway", "Accept-Encoding": "identity"},
             )
             for rule in policy.rules
         }
@@ -144,20 +145,22 @@ class Deliverer:
                 "X-Sockexec-Delivery": job_id,
                 "X-Sockexec-Attempt": str(delivery.attempts + 1),
             }
-            with trio.move_on_after(self.settings.timeout) as scope:
-                response = await self._clients[rule].post(
-                    delivery.url, content=delivery.body, headers=headers
-                )
-            if scope.cancelled_caught:
-                error: str | None = f"no answer within {self.settings.timeout:g} s"
-            else:
-                status = response.status_code
-                error = _status_error(response)
-                retry = status >= 500 or status in (408, 429)
+            error: str | None = f"no answer within {self.settings.timeout:g} s"
+            with trio.move_on_after(self.settings.timeout):
+                # Only the status and headers are read: the body of the answer,
+                # whatever its size, is never (the connection is then closed).
+                async with self._clients[rule].stream(
+                    "POST", delivery.url, content=delivery.body, headers=headers
+                ) as response:
+                    status = response.status_code
+                    error = _status_error(response)
+                    retry = status >= 500 or status in (408, 429)
         except CallbackRefused as exc:
             error, retry = f"refused: {exc}", False
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except httpx.InvalidURL as exc:  # the policy took it, the client does not
+            error, retry = f"refused: the HTTP client cannot use the URL: {exc}", False
         attempt = CallbackAttempt(started, status, error, round(self.clock() - started, 3))
         next_at = None
         if error is not None and retry and delivery.attempts + 1 < self.settings.attempts:
@@ -223,7 +226,12 @@ class _CheckedBackend(httpcore.AsyncNetworkBackend):
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
-            infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:  # a network error like any other: retried
+                raise httpcore.ConnectError(
+                    f"cannot resolve {host}: {exc.strerror or exc}"
+                ) from None
         if scope.cancelled_caught:
             raise httpcore.ConnectTimeout(f"resolving {host} timed out")
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
