@@ -173,6 +173,24 @@ def test_cancel_one_step(jobs: GatewayProcess) -> None:
     assert status == 200 and job["state"] == "cancelled"
 
 
+def test_a_step_whose_name_has_a_slash_is_cancelled_by_name(jobs: GatewayProcess) -> None:
+    """Step names may hold ``/``: the cancel route takes it raw or as ``%2F`` (the
+    Python client's quoting)."""
+    slow = ["sh", "-c", "echo up; exec sleep 60"]
+    task = submit(
+        jobs,
+        mode="parallel",
+        steps=[{"name": "build/linux", "argv": slow}, {"name": "build/mac", "argv": slow}],
+    )
+    for name, quoted in (("build/linux", "build/linux"), ("build/mac", "build%2Fmac")):
+        step_running(jobs, task, name)
+        status, job = call(jobs, "POST", f"/v1/jobs/{task}/steps/{quoted}/cancel")
+        assert status == 200, job
+        assert steps_by_name(job)[name]["state"] == "cancelled"
+    status, error = call(jobs, "POST", f"/v1/jobs/{task}/steps/build/cancel")
+    assert status == 404, error
+
+
 def test_steps_survive_a_kill_9(broker: Broker, tmp_path: Path) -> None:
     """One step at a time: 'slow' runs when the gateway is killed, 'then' waits.
     After the restart 'slow' is lost, 'after' (its dependent) skipped, 'then' runs."""

@@ -117,7 +117,12 @@ class Operation:
 
     @property
     def path_params(self) -> list[str]:
-        return re.findall(r"{(\w+)}", self.path)
+        return re.findall(r"{(\w+)(?::\w+)?}", self.path)
+
+    @property
+    def template(self) -> str:
+        """The path as OpenAPI writes it (``{step:path}``, Starlette's, is ``{step}``)."""
+        return re.sub(r"{(\w+):\w+}", r"{\1}", self.path)
 
 
 class Api:
@@ -256,7 +261,7 @@ class Api:
         )
         paths: dict[str, Any] = {}
         for operation in self.operations:
-            paths.setdefault(operation.path, {})[operation.method.lower()] = self._operation(
+            paths.setdefault(operation.template, {})[operation.method.lower()] = self._operation(
                 operation, keys
             )
         paths.update(extra_paths or {})

@@ -74,7 +74,7 @@ def register(service: JobHandlers, api: Api) -> None:
     )(service.cancel)
     api.route(
         "POST",
-        "/v1/jobs/{job_id}/steps/{step}/cancel",
+        "/v1/jobs/{job_id}/steps/{step:path}/cancel",  # a step's name may have a /
         "Cancel one step of a task: a queued one never runs, a running one is "
         "terminated (TERM, then KILL); its dependents are skipped. Answered once "
         "it has ended, with the task",
