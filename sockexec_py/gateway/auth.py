@@ -213,7 +213,8 @@ class TokenStore:
     while read, is empty or does not parse keeps the last good tokens, so it fails
     closed, never "no auth"). Rewrite it by renaming a new file over it to make
     every change visible at once; an in-place rewrite is safe too when written in
-    one ``write``.
+    one ``write`` (one cut mid-line is not taken until it settles: a token whose
+    fields are not there yet would read as a full-access one).
     """
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:

@@ -9,16 +9,25 @@ than its size said), an unreadable file, or one the parser refuses (an empty fil
 from a writer that truncated and has not written yet, say) keeps the last good
 value: it fails closed, never "no secret". A read that raced a writer is tried
 again at the next check; a refused version, once it changes again.
+
+A new version that does not end with a newline and is younger than
+:data:`SETTLE` seconds is not taken yet either: it is most likely a write in
+progress cut mid-line (for the token file, ``tok actions=status`` cut after
+``tok`` would read as a full-access token). Once it is that old, it is taken.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["WatchedFile"]
+__all__ = ["SETTLE", "WatchedFile"]
+
+#: Seconds a new version without a final newline waits before it is taken.
+SETTLE = 2.0
 
 log = logging.getLogger("sockexec_py.gateway")
 T = TypeVar("T")
@@ -49,15 +58,16 @@ class WatchedFile(Generic[T]):
         self._parse = parse
         self._what = what
         self._error = error
-        loaded = self._load()
+        loaded = self._load(settled=True)
         if loaded is None:
             raise error(f"{what} {path} changed while it was read: try again")
         self._identity, self.value = loaded
         #: The version last refused (or "missing"): said once in the log, not read again.
         self._refused: object = None
 
-    def _load(self) -> tuple[tuple[int, int, int, int], T] | None:
-        """The file's identity and value, or None when it changed while it was read."""
+    def _load(self, settled: bool = False) -> tuple[tuple[int, int, int, int], T] | None:
+        """The file's identity and value, or None when it changed while it was read
+        (or, unless ``settled``, may still be being written: see the module's)."""
         try:
             with open(self.path, "rb") as f:
                 before = os.fstat(f.fileno())
@@ -67,6 +77,10 @@ class WatchedFile(Generic[T]):
             raise self._error(f"cannot read {self._what} {self.path}: {exc.strerror}") from None
         if _identity(before) != _identity(after) or len(data) != before.st_size:
             return None
+        if not settled and data and not data.endswith(b"\n"):
+            age = time.time() - after.st_mtime_ns / 1e9
+            if 0 <= age < SETTLE:
+                return None
         return _identity(after), self._parse(data, self.path)
 
     def current(self) -> T:
