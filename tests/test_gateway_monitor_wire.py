@@ -106,3 +106,26 @@ async def test_nothing_is_written_after_the_close_frame(
     got = server_frames(received(peer))
     assert [op for op, _ in got] == [0x1, 0x8]
     assert got[1][1][:2] == (1001).to_bytes(2, "big")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"\x81\x04oops",  # unmasked: a protocol error
+        b"\x88\x82\x00\x00\x00\x00\x03\xe8",  # its close: the handshake's end
+    ],
+)
+async def test_what_the_client_sends_after_our_close_ends_it_quietly(
+    sockets: list[socket.socket], answer: bytes
+) -> None:
+    """After our close frame (an overflow's 1013), a bad frame or the client's close
+    ends the monitor: nothing more is written, nothing raised (a review found a bad
+    frame made the reading raise)."""
+    monitor, peer = pair(sockets)
+    monitor.close(1013)
+    peer.sendall(answer)
+    with trio.fail_after(5):
+        await monitor.reading()
+    assert monitor.over.is_set() and not monitor.left
+    got = server_frames(received(peer))
+    assert [op for op, _ in got] == [0x8]  # our close, and nothing after it

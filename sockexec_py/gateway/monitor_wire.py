@@ -180,7 +180,9 @@ class WireMonitor:
                     self.write(self._ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     state = self._ws.state
-                    if state is not ConnectionState.CLOSED:  # its close, or a bad frame
+                    # Its close (answered), or a bad frame (ours says why) — unless
+                    # our close went first: then nothing more is sent.
+                    if state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                         self.left = self.left or not self._shut
                         reply = (
                             event.response() if state is ConnectionState.REMOTE_CLOSING else event
