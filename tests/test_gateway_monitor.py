@@ -107,6 +107,47 @@ def test_a_client_that_reconnects_with_since_loses_nothing(jobs: GatewayProcess)
     assert [e.id for e in before] + [e.id for e in resumed] == [e.id for e in everything]
 
 
+def test_a_since_ahead_of_the_gateways_history_gets_all_of_it(jobs: GatewayProcess) -> None:
+    """A monitor that comes back with an id from another data dir (a restored or
+    new one) would wait for ids this gateway has not reached: it gets a gap, then
+    every event this one has (a review found it got nothing)."""
+    first = submit(jobs, argv=["true"], name="ahead")
+    wait(jobs, first)
+    everything = replay(jobs, first)
+
+    async def resume() -> list[MonitorEvent]:
+        got = []
+        with trio.fail_after(10):
+            async with amonitor(jobs.base, since=10**9) as events:
+                async for event in events:
+                    got.append(event)
+                    if event.job == first and event.type == "finished":
+                        return got
+        raise AssertionError("ended")
+
+    assert [e.id for e in trio.run(resume)] == [e.id for e in everything]
+    # Raw, the gap says where this history starts.
+    conn = http.client.HTTPConnection("127.0.0.1", jobs.port, timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    conn.request(
+        "GET",
+        "/v1/monitor?since=1000000000&types=finished",
+        headers={
+            "Connection": "Upgrade",
+            "Upgrade": "websocket",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": key,
+        },
+    )
+    response = conn.getresponse()
+    assert response.status == 101
+    data = b""
+    while b'"ready"' not in data:
+        data += response.fp.read1(65536)
+    conn.close()
+    assert b'{"type": "gap", "since": 1000000000, "first_id": ' in data
+
+
 def test_a_gateway_restart_under_a_monitor(broker: Broker, tmp_path: Path) -> None:
     """kill -9 of the gateway while a monitor is connected and a job runs: the
     monitor reconnects (same port) with since and receives, without a gap or a

@@ -150,7 +150,11 @@ class MonitorState:
                 self.since = last
             return
         if kind == "gap":
-            return  # events purged before we came back: nothing to read of them
+            # Events purged before we came back (nothing to read of them), or a
+            # since ahead of the gateway's history: what follows starts at first_id.
+            first = message.get("first_id")
+            self.since = first - 1 if isinstance(first, int) else 0
+            return
         if kind == "error":
             raise_for_status(int(message.get("status", 500)), json.dumps(message).encode())
         event = MonitorEvent.from_json(message)

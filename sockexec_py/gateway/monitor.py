@@ -323,7 +323,14 @@ class MonitorEndpoint:
         try:
             if since is not None:
                 events, newest, first = await page(last)
-                if newest > since and (first is None or first > since + 1):
+                if since > newest:
+                    # Ahead of every id here: another history (a new or restored
+                    # data dir). All of this one follows the gap, from its start.
+                    gap = {"type": "gap", "since": since, "first_id": first}
+                    await sink.send([json.dumps(gap)])
+                    last = 0
+                    events, newest, first = await page(last)
+                elif newest > since and (first is None or first > since + 1):
                     gap = {"type": "gap", "since": since, "first_id": first}
                     await sink.send([json.dumps(gap)])
                 # Catch up page by page, then subscribe and read once more: what was
