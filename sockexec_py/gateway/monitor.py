@@ -63,6 +63,7 @@ __all__ = [
     "MonitorQuery",
     "Sink",
     "batches",
+    "cancel_when",
     "error_message",
     "overflow_message",
     "parse_query",
@@ -215,6 +216,12 @@ class MonitorEndpoint:
         self.jobs = jobs
         self.screen = screen
         self.metrics = metrics
+        #: Set when the gateway stops: this route's monitors end with a 1001 close
+        #: (Hypercorn's graceful stop would leave them open, then cut them).
+        self.closing = trio.Event()
+
+    def close(self) -> None:
+        self.closing.set()
 
     async def serve(self, websocket: WebSocket) -> None:
         """The ASGI route: an upgrade that is not its connection's first request
@@ -237,12 +244,15 @@ class MonitorEndpoint:
             with single_errors():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_client, websocket, nursery.cancel_scope, left)
+                    nursery.start_soon(cancel_when, self.closing, nursery.cancel_scope)
                     subscription, last = await self.open_feed(messages, principal, query)
                     with subscription:
                         await self._live(messages, subscription, last, nursery.cancel_scope)
                     nursery.cancel_scope.cancel()
             if left.is_set():
                 status = "499"
+            elif self.closing.is_set():
+                await websocket.close(code=1001)  # going away
         except WebSocketDisconnect:
             status = "499"
         except HTTPError as exc:
@@ -384,6 +394,12 @@ class MonitorEndpoint:
                 sent = fresh[-1].id
                 if batch:
                     next_at = trio.current_time() + self._pace()
+
+
+async def cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` once ``event`` is set (a task of the scope's nursery)."""
+    await event.wait()
+    scope.cancel()
 
 
 def error_message(exc: HTTPError) -> str:

@@ -36,6 +36,7 @@ from .monitor import (
     MonitorEndpoint,
     MonitorQuery,
     batches,
+    cancel_when,
     error_message,
     overflow_message,
 )
@@ -294,6 +295,7 @@ class WireMonitors:
 
     def close(self) -> None:
         self._closing = True
+        self.endpoint.close()  # the ASGI route's monitors too
         for scope in self._heads:
             scope.cancel()
         for monitor in self._monitors:
@@ -345,7 +347,7 @@ class WireMonitors:
             nursery.start_soon(monitor.reading)
             try:
                 with trio.CancelScope() as feeding:
-                    nursery.start_soon(_cancel_when, monitor.over, feeding)
+                    nursery.start_soon(cancel_when, monitor.over, feeding)
                     subscription, last = await self.endpoint.open_feed(monitor, principal, query)
                     self.fanout.add(monitor, subscription, last)
             except HTTPError as exc:
@@ -363,8 +365,3 @@ class WireMonitors:
                 status = "499"
             nursery.cancel_scope.cancel()
         return status
-
-
-async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
