@@ -129,3 +129,28 @@ async def test_what_the_client_sends_after_our_close_ends_it_quietly(
     assert monitor.over.is_set() and not monitor.left
     got = server_frames(received(peer))
     assert [op for op, _ in got] == [0x8]  # our close, and nothing after it
+
+
+async def test_a_client_that_stops_reading_its_replay_is_ended_as_overflowed(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay page the client does not read within REPLAY_STALL ends the monitor
+    like an overflow: the overflow message (the page's last id) and a 1013 close
+    follow what it has not read yet (a review found it was held forever)."""
+    monkeypatch.setattr("sockexec_py.gateway.monitor_wire.REPLAY_STALL", 0.2)
+    monitor, peer = pair(sockets)
+    page = [f'{{"id":{i},"type":"finished","pad":"{"x" * 4000}"}}' for i in range(1, 501)]
+    with trio.fail_after(5):
+        await monitor.send(page)  # 2 MB: more than the socket pair holds
+    assert monitor.over.is_set()
+    data = b""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(monitor.flushing)  # what it writes as the client reads
+            while not any(op == 0x8 for op, _ in server_frames(data)):
+                await trio.lowlevel.wait_readable(peer)
+                data += received(peer)
+            nursery.cancel_scope.cancel()
+    got = server_frames(data)
+    assert len(got) == 502 and json.loads(got[-2][1]) == {"type": "overflow", "last_id": 500}
+    assert got[-1][1][:2] == (1013).to_bytes(2, "big")

@@ -20,6 +20,7 @@ after it overflowed is cut off after :data:`CLOSE_WAIT` seconds.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import trio
@@ -45,6 +46,10 @@ from .ws_handshake import accepted, read_head, refuse, upgrade_key
 
 #: Seconds a closing monitor gets to read what is left (then it is cut off).
 CLOSE_WAIT = 30.0
+#: Seconds a replay's page may wait for the client to read it: past that the
+#: monitor is ended as an overflowed one (it reconnects with ``since``).
+REPLAY_STALL = 30.0
+_LEADING_ID = re.compile(r'\{"id":(\d+),')
 #: Bytes waiting to go out past which the client's frames are not read.
 READ_PAUSE = 65536
 
@@ -117,10 +122,17 @@ class WireMonitor:
         self._writable.set()
 
     async def send(self, texts: Sequence[str]) -> None:
-        """The replay's :class:`~.monitor.Sink`: write, then wait until it is sent."""
-        if texts:
-            self.write(_frames(texts, self.batch))
+        """The replay's :class:`~.monitor.Sink`: write, then wait until it is sent;
+        a client that does not read it within :data:`REPLAY_STALL` is ended as an
+        overflowed one (its replay is cancelled when ``over`` is set)."""
+        if not texts:
+            return
+        self.write(_frames(texts, self.batch))
+        with trio.move_on_after(REPLAY_STALL):
             await self._drained.wait()
+            return
+        found = [int(m[1]) for text in texts if (m := _LEADING_ID.match(text))]
+        self.close(OVERFLOW_CLOSE, [overflow_message(max(found, default=self.sent))])
 
     async def flushing(self) -> None:
         """Write ``pending`` whenever the socket takes more (the only task that waits
