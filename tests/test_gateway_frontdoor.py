@@ -223,6 +223,14 @@ def test_the_door_refuses_what_is_not_a_monitor_upgrade(
     assert status == 400 and body["error"] == "bad_request" and detail in body["detail"]
 
 
+def test_a_refused_version_is_told_the_one_we_speak(jobs: GatewayProcess) -> None:
+    """RFC 6455 4.2.2: the refusal of a handshake names the version we speak."""
+    with socket.create_connection(("127.0.0.1", jobs.port), timeout=10) as sock:
+        sock.sendall(upgrade_request("/v1/monitor", version="8"))
+        head = read_all(sock).partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 400") and b"\r\nsec-websocket-version: 13" in head
+
+
 def test_a_bad_frame_is_answered_with_1002(jobs: GatewayProcess) -> None:
     sock = handshake(jobs.port, "/v1/monitor")
     try:

@@ -97,12 +97,13 @@ def accepted(key: bytes) -> bytes:
 
 
 async def refuse(stream: trio.SocketStream, exc: HTTPError) -> None:
-    """The error answer (the ASGI route's JSON body); the connection ends."""
+    """The error answer (the ASGI route's JSON body); the connection ends. It names
+    the WebSocket version we speak, as RFC 6455 asks of a refused handshake."""
     body = json.dumps(error_body(exc.error, exc.detail), separators=(",", ":")).encode()
     head = (
         f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        "connection: close\r\n\r\n"
+        "sec-websocket-version: 13\r\nconnection: close\r\n\r\n"
     )
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         with trio.move_on_after(SEND_WAIT):
