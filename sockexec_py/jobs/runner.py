@@ -231,16 +231,24 @@ class Runner(Execution):
 
         Error handling: :class:`~.errors.JobNotFound` (no such task or step),
         :class:`~.errors.IllegalTransition` (the step had ended)."""
-        job = await self.get(job_id)
-        return await task_access.cancel_named_step(
-            self._runs.get(job_id),
-            job,
-            name,
-            self.store,
-            self.output,
-            self.config.kill_grace,
-            self.clock,
-        )
+        for _attempt in range(5):
+            job = await self.get(job_id)
+            try:
+                return await task_access.cancel_named_step(
+                    self._runs.get(job_id),
+                    job,
+                    name,
+                    self.store,
+                    self.output,
+                    self.config.kill_grace,
+                    self.clock,
+                )
+            except IllegalTransition as exc:
+                if exc.current != JobState.RUNNING:
+                    raise
+                if self._claiming is not None:  # claimed meanwhile: the running task's now
+                    await self._claiming.wait()
+        raise IllegalTransition(job_id, JobState.RUNNING.value, "a step cancelled")
 
     async def read_output(
         self,

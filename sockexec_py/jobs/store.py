@@ -274,10 +274,12 @@ class Store:
         now = self.clock()
         return await self._write(lambda conn, ev: task_queries.start_step(conn, job, step, now, ev))
 
-    async def end_steps(self, job: Job, ended: Sequence[Step]) -> None:
+    async def end_steps(self, job: Job, ended: Sequence[Step], *, waiting: bool = False) -> None:
         now = self.clock()
         ended = list(ended)
-        await self._write(lambda conn, ev: task_queries.end_steps(conn, job, ended, now, ev))
+        await self._write(
+            lambda conn, ev: task_queries.end_steps(conn, job, ended, now, ev, waiting=waiting)
+        )
 
     async def save_step_progress(self, job: Job, step: Step, *, event: bool = False) -> None:
         now = self.clock()

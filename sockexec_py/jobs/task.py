@@ -24,7 +24,7 @@ import trio
 from sockexec_py.client import BrokerUnavailable
 from sockexec_py.events import Exited
 
-from .errors import StoreUnavailable
+from .errors import IllegalTransition, StoreUnavailable
 from .model import Job, JobState, broken_session_reason, final_state
 from .output import OutputStore, RunOutput, output_key
 from .progress import Progress
@@ -39,7 +39,7 @@ from .steps import (
 )
 from .store import Store
 
-__all__ = ["RunningTask", "TaskConfig", "run_task"]
+__all__ = ["RunningTask", "TaskConfig", "cancel_step", "cancel_task", "cancelled_steps", "run_task"]
 
 log = logging.getLogger("sockexec_py.jobs")
 T = TypeVar("T")
@@ -148,13 +148,8 @@ async def cancel_step(
 ) -> None:
     """Stop one step: a queued one never runs, a running one is terminated through
     the broker (its dependents are skipped when its end is recorded)."""
-    step = task.steps[index]
-    if step.state is StepState.QUEUED:
-        now = clock()
-        task.steps[index] = replace(
-            step, state=StepState.CANCELLED, ended_at=now, reason=CANCELLED_STEP_REASON
-        )
-        ended = [task.steps[index], *task.skip_after(index, now)]
+    if task.steps[index].state is StepState.QUEUED:
+        ended = cancelled_steps(task, index, clock())
         await _record_step_end(task, store, ended)
         task.wake()
         task.notify()
@@ -162,6 +157,15 @@ async def cancel_step(
     run = task.step_runs.get(index)
     if run is not None:
         await terminate_session(run, grace)
+
+
+def cancelled_steps(task: RunningTask, index: int, now: float) -> list[Step]:
+    """Mark queued step ``index`` cancelled and its dependents skipped (in
+    memory); returns them, to be recorded."""
+    task.steps[index] = replace(
+        task.steps[index], state=StepState.CANCELLED, ended_at=now, reason=CANCELLED_STEP_REASON
+    )
+    return [task.steps[index], *task.skip_after(index, now)]
 
 
 async def cancel_task(task: RunningTask, grace: float) -> None:
@@ -218,9 +222,9 @@ async def run_task(
                     continue  # cancelled while it waited
                 step = task.steps[index]
                 started = await _written(
-                    partial(store.start_step, task.job, step), config, f"the start of {step.name}"
+                    partial(_start_step, task, store, step), config, f"the start of {step.name}"
                 )
-                if task.steps[index].state is not StepState.QUEUED or task.cancel_requested:
+                if started is None or not _startable(task, index):
                     continue  # cancelled meanwhile: it never runs (its end comes after)
                 task.steps[index] = started
                 # Its session's record is there before anyone sees it running: a
@@ -295,6 +299,21 @@ async def _written(write: Callable[[], Awaitable[T]], config: TaskConfig, what: 
             log.error("cannot record %s yet: %s; trying again in %g s", what, exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, config.retry_max)
+
+
+def _startable(task: RunningTask, index: int) -> bool:
+    return task.steps[index].state is StepState.QUEUED and not task.cancel_requested
+
+
+async def _start_step(task: RunningTask, store: Store, step: Step) -> Step | None:
+    """Record a step's start (None: it was cancelled, before this try of it or in
+    the store while the store refused the try before)."""
+    if not _startable(task, step.index):
+        return None
+    try:
+        return await store.start_step(task.job, step)
+    except IllegalTransition:
+        return None
 
 
 def _step_run(task: RunningTask, index: int, outputs: OutputStore) -> RunningJob:

@@ -14,7 +14,7 @@ from .output import OutputStore, output_key
 from .session import RunningJob
 from .steps import StepState
 from .store import Store
-from .task import RunningTask, cancel_step
+from .task import RunningTask, cancel_step, cancelled_steps
 
 __all__ = ["cancel_named_step", "step_to_read"]
 
@@ -54,11 +54,14 @@ async def cancel_named_step(
     step = found[0]
     if step.finished or job.finished:
         raise IllegalTransition(f"{job_id} step {name!r}", step.state.value, "cancelled")
-    # The task waits: record the step cancelled (and its dependents skipped).
+    # The task waits: record the step cancelled (and its dependents skipped), in
+    # the store only if it still waits (else IllegalTransition: claimed meanwhile).
     waiting = RunningTask(job, outputs.open(output_key(job_id, step.index)))
-    waiting.load(steps)
-    await cancel_step(waiting, store, step.index, 0, clock)
-    await waiting.output.close()
+    try:
+        waiting.load(steps)
+        await store.end_steps(job, cancelled_steps(waiting, step.index, clock()), waiting=True)
+    finally:
+        await waiting.output.close()
     return await store.get(job_id)
 
 

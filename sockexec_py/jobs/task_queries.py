@@ -139,12 +139,24 @@ def start_step(
 
 
 def end_steps(
-    conn: sqlite3.Connection, job: Job, ended: Sequence[Step], now: float, events: list[Event]
+    conn: sqlite3.Connection,
+    job: Job,
+    ended: Sequence[Step],
+    now: float,
+    events: list[Event],
+    *,
+    waiting: bool = False,
 ) -> None:
     """Record steps' ends (each carries its end state, exit, reason, sizes): a step
     that ran, and those skipped or cancelled with it. A step already ended is left
-    as it is (a cancel that raced its end)."""
+    as it is (a cancel that raced its end). With ``waiting`` (a step of a task that
+    waits, cancelled), :class:`IllegalTransition` if the task runs by now: the
+    runner claimed it meanwhile, and the cancel goes to the running task."""
     seq = _seq(conn, job.id)
+    if waiting:
+        row = conn.execute("SELECT state FROM jobs WHERE seq = ?", (seq,)).fetchone()
+        if row[0] == "running":
+            raise IllegalTransition(job.id, "running", "cancelled")
     for step in ended:
         current = _current_state(conn, seq, step.index, job.id)
         if current not in (StepState.QUEUED, StepState.RUNNING):

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from sockexec_py.jobs.errors import IllegalTransition, JobNotFound, QueueFull
+from sockexec_py.jobs.errors import IllegalTransition, JobNotFound, QueueFull, StoreUnavailable
 from sockexec_py.jobs.model import LOST_REASON, Job, JobState
 from sockexec_py.jobs.output import Chunk
 from sockexec_py.jobs.request import parse_submit
@@ -488,3 +488,86 @@ async def test_a_task_cancelled_while_a_step_starts_never_runs_it(
     assert not marker.exists() and ended.state is S.CANCELLED
     (step,) = await store.steps(ended.id)
     assert step.state.value == "cancelled" and step.exitcode is None
+
+
+async def test_a_step_cancelled_while_the_store_refuses_its_start(
+    store: Store, broker: Any, make_runner: Any, tmp_path: Path
+) -> None:
+    """The store refuses a step's start (a full disk) and the step is cancelled
+    before the start is tried again: it never runs and the runner goes on (the
+    retried start met a cancelled step and the error ended the runner)."""
+    marker = tmp_path / "ran"
+    original = store.start_step
+    submitted: list[Job] = []
+    async with (
+        make_runner(store, broker.path, retry_initial=0.05) as runner,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def refused_once(*args: Any) -> Any:
+            store.start_step = original  # type: ignore[method-assign]
+            nursery.start_soon(runner.cancel_step, submitted[0].id, "a")
+            await trio.testing.wait_all_tasks_blocked()  # its end is being recorded
+            raise StoreUnavailable("cannot write the job store: database or disk is full")
+
+        store.start_step = refused_once  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            steps = [{"name": "a", "argv": ["touch", str(marker)]}]
+            submitted.append(await runner.submit(parse_submit({"steps": steps})))
+            ended = await runner.wait(submitted[0].id)
+            after = await runner.submit(job("true"))  # the runner still runs jobs
+            assert (await runner.wait(after.id)).state is S.SUCCEEDED
+    assert not marker.exists() and ended.state is S.FAILED
+    (step,) = await store.steps(ended.id)
+    assert step.state.value == "cancelled" and step.reason == "cancelled before it started"
+
+
+async def test_a_step_cancelled_as_its_waiting_task_is_claimed_never_runs(
+    store: Store, broker: Any, make_runner: Any, tmp_path: Path
+) -> None:
+    """The cancel read the steps of a task that waited; before it recorded the
+    cancel, the runner claimed the task and started the step. The cancel must go to
+    the running task (the step is terminated), not overwrite the running step in
+    the store while its program runs on (a review found it did)."""
+    marker = tmp_path / "ran"
+    read_steps, start_step = store.steps, store.start_step
+    started = trio.Event()
+    held: list[str] = []
+
+    async def steps_once_started(job_id: str) -> Any:
+        result = await read_steps(job_id)
+        if not held:  # the cancel's read: it returns once the claim started the step
+            held.append(job_id)
+            await started.wait()
+        return result
+
+    async def start_and_tell(*args: Any) -> Any:
+        result = await start_step(*args)
+        started.set()
+        return result
+
+    store.steps = steps_once_started  # type: ignore[method-assign]
+    store.start_step = start_and_tell  # type: ignore[method-assign]
+    try:
+        async with (
+            make_runner(store, broker.path, max_running=1) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            blocker = await runner.submit(job("sleep", "30"))
+            await runner.wait(blocker.id, started=True)
+            script = f"sleep 2; touch {marker}"
+            task = await runner.submit(
+                parse_submit({"steps": [{"name": "a", "argv": ["sh", "-c", script]}]})
+            )
+            nursery.start_soon(runner.cancel_step, task.id, "a")
+            await trio.testing.wait_all_tasks_blocked(0.05)  # its read is held
+            assert held == [task.id]
+            with trio.fail_after(20):
+                await runner.cancel(blocker.id)  # the slot frees: the task is claimed
+                ended = await runner.wait(task.id)
+    finally:
+        store.steps, store.start_step = read_steps, start_step  # type: ignore[method-assign]
+    assert not marker.exists()
+    (step,) = await store.steps(task.id)
+    assert step.state.value == "cancelled" and step.termsig == "TERM", step
+    assert ended.state is S.FAILED
