@@ -65,6 +65,8 @@ def test_a_version_cut_mid_line_waits_until_it_settles(tmp_path: Path) -> None:
     assert watched.current() == "TWO"
     settle(path)
     assert watched.current() == "THREE"
+    replace(path, b"four")  # renamed over it: whole, taken at once
+    assert watched.current() == "FOUR"
 
 
 def test_a_scoped_token_cut_after_the_token_is_not_full_access(tmp_path: Path) -> None:
