@@ -154,3 +154,17 @@ async def test_a_client_that_stops_reading_its_replay_is_ended_as_overflowed(
     got = server_frames(data)
     assert len(got) == 502 and json.loads(got[-2][1]) == {"type": "overflow", "last_id": 500}
     assert got[-1][1][:2] == (1013).to_bytes(2, "big")
+
+
+async def test_a_replay_stalled_on_its_ready_message_says_the_replays_last_id(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overflow's last_id is the last id the replay sent, the ready message's
+    included (0 would send a client that reconnects with it through everything)."""
+    monkeypatch.setattr("sockexec_py.gateway.monitor_wire.REPLAY_STALL", 0.2)
+    monitor, _peer = pair(sockets)
+    filler = [f'{{"id":{i},"type":"finished","pad":"{"x" * 4000}"}}' for i in range(1, 501)]
+    with trio.fail_after(5):
+        await monitor.send([*filler, json.dumps({"type": "ready", "last_id": 777})])
+    assert monitor.over.is_set() and monitor.sent == 777
+    assert json.dumps({"type": "overflow", "last_id": 777}).encode() in bytes(monitor.pending)

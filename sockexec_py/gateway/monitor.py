@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import trio
 from starlette.datastructures import Headers
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from sockexec_py.client.wire import error_frame
 from sockexec_py.errors import single_errors
@@ -251,8 +251,8 @@ class MonitorEndpoint:
                     nursery.cancel_scope.cancel()
             if left.is_set():
                 status = "499"
-            elif self.closing.is_set():
-                await websocket.close(code=1001)  # going away
+            elif self.closing.is_set() and websocket.application_state is WebSocketState.CONNECTED:
+                await websocket.close(code=1001)  # going away (unless _live closed it)
         except WebSocketDisconnect:
             status = "499"
         except HTTPError as exc:

@@ -49,7 +49,8 @@ CLOSE_WAIT = 30.0
 #: Seconds a replay's page may wait for the client to read it: past that the
 #: monitor is ended as an overflowed one (it reconnects with ``since``).
 REPLAY_STALL = 30.0
-_LEADING_ID = re.compile(r'\{"id":(\d+),')
+#: An event's id, or the replay's last one in its ``ready`` message.
+_REPLAYED_ID = re.compile(r'\{"id":(\d+),|\{"type": "ready", "last_id": (\d+)\}')
 #: Bytes waiting to go out past which the client's frames are not read.
 READ_PAUSE = 65536
 
@@ -127,12 +128,14 @@ class WireMonitor:
         overflowed one (its replay is cancelled when ``over`` is set)."""
         if not texts:
             return
+        for text in texts:  # the last id it was sent (for an overflow's message)
+            if matched := _REPLAYED_ID.match(text):
+                self.sent = max(self.sent, int(matched[1] or matched[2]))
         self.write(_frames(texts, self.batch))
         with trio.move_on_after(REPLAY_STALL):
             await self._drained.wait()
             return
-        found = [int(m[1]) for text in texts if (m := _LEADING_ID.match(text))]
-        self.close(OVERFLOW_CLOSE, [overflow_message(max(found, default=self.sent))])
+        self.close(OVERFLOW_CLOSE, [overflow_message(self.sent)])
 
     async def flushing(self) -> None:
         """Write ``pending`` whenever the socket takes more (the only task that waits
