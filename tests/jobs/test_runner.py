@@ -569,5 +569,8 @@ async def test_a_step_cancelled_as_its_waiting_task_is_claimed_never_runs(
         store.steps, store.start_step = read_steps, start_step  # type: ignore[method-assign]
     assert not marker.exists()
     (step,) = await store.steps(task.id)
-    assert step.state.value == "cancelled" and step.termsig == "TERM", step
+    # Terminated, or stopped before its session connected: either way through the
+    # running task (the machine's speed decides which).
+    assert step.state.value == "cancelled", step
+    assert step.termsig == "TERM" or step.reason == "cancelled before it started", step
     assert ended.state is S.FAILED
