@@ -65,8 +65,14 @@ def test_a_version_cut_mid_line_waits_until_it_settles(tmp_path: Path) -> None:
     assert watched.current() == "TWO"
     settle(path)
     assert watched.current() == "THREE"
-    replace(path, b"four")  # renamed over it: whole, taken at once
+    replace(path, b"four\n")  # renamed over it, a newline at its end: at once
     assert watched.current() == "FOUR"
+    path.rename(path.with_suffix(".bak"))  # an editor's backup, then a new file
+    path.write_bytes(b"fi")  # written in two writes: a new inode says nothing
+    assert watched.current() == "FOUR"
+    with path.open("ab") as rest:
+        rest.write(b"ve\n")
+    assert watched.current() == "FIVE"
 
 
 def test_a_scoped_token_cut_after_the_token_is_not_full_access(tmp_path: Path) -> None:

@@ -10,12 +10,12 @@ from a writer that truncated and has not written yet, say) keeps the last good
 value: it fails closed, never "no secret". A read that raced a writer is tried
 again at the next check; a refused version, once it changes again.
 
-A new version of the same file (an in-place rewrite, not a rename) that does not
-end with a newline and is younger than :data:`SETTLE` seconds is not taken yet
-either: it is most likely a write in progress cut mid-line (for the token file,
-``tok actions=status`` cut after ``tok`` would read as a full-access token). Once
-it is that old, it is taken. A file renamed over the old one is whole: taken at
-once.
+A new version that does not end with a newline and is younger than
+:data:`SETTLE` seconds is not taken yet either: it may be a write in progress cut
+mid-line (for the token file, ``tok actions=status`` cut after ``tok`` would read
+as a full-access token), in place or in a new file (an editor's backup-then-write,
+a file deleted and written again: a new inode says nothing). Once it is that old,
+it is taken; a version that ends with a newline is taken at once.
 """
 
 from __future__ import annotations
@@ -94,9 +94,8 @@ class WatchedFile(Generic[T]):
             return self.value
         if identity == self._identity or identity == self._refused:
             return self.value
-        renamed = identity[:2] != self._identity[:2]  # another inode: written whole
         try:
-            loaded = self._load(settled=renamed)
+            loaded = self._load()
         except self._error as exc:
             self._refuse(identity, exc)
             return self.value

@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+import trio
+
 from .errors import IllegalTransition, JobNotFound
 from .model import Job
 from .output import OutputStore, output_key
@@ -36,7 +38,9 @@ async def cancel_named_step(
     """Cancel step ``name`` of ``job`` (see :meth:`~.runner.Runner.cancel_step`)."""
     job_id = job.id
     if isinstance(run, RunningTask):
-        await run.loaded.wait()
+        await _loaded_or_done(run)
+        if not run.loaded.is_set():  # its steps could not be read: it is not running
+            raise IllegalTransition(job_id, "running", "a step cancelled")
         index = run.step_index(name)
         if index is None:
             raise JobNotFound(f"{job_id} step {name}")
@@ -55,14 +59,25 @@ async def cancel_named_step(
     if step.finished or job.finished:
         raise IllegalTransition(f"{job_id} step {name!r}", step.state.value, "cancelled")
     # The task waits: record the step cancelled (and its dependents skipped), in
-    # the store only if it still waits (else IllegalTransition: claimed meanwhile).
+    # the store only if it still waits (else IllegalTransition: claimed meanwhile,
+    # and the step's output, which is shared, now the running step's: left open).
     waiting = RunningTask(job, outputs.open(output_key(job_id, step.index)))
-    try:
-        waiting.load(steps)
-        await store.end_steps(job, cancelled_steps(waiting, step.index, clock()), waiting=True)
-    finally:
-        await waiting.output.close()
+    waiting.load(steps)
+    await store.end_steps(job, cancelled_steps(waiting, step.index, clock()), waiting=True)
+    await waiting.output.close()  # its followers end: it never runs
     return await store.get(job_id)
+
+
+async def _loaded_or_done(run: RunningTask) -> None:
+    """Until the task's steps are read, or it ended without them (a store error)."""
+    async with trio.open_nursery() as nursery:
+        for event in (run.loaded, run.done):
+
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
 
 
 async def step_to_read(

@@ -574,3 +574,83 @@ async def test_a_step_cancelled_as_its_waiting_task_is_claimed_never_runs(
     assert step.state.value == "cancelled", step
     assert step.termsig == "TERM" or step.reason == "cancelled before it started", step
     assert ended.state is S.FAILED
+
+
+async def test_a_cancel_that_finds_its_task_claimed_leaves_the_steps_output_open(
+    store: Store, broker: Any, make_runner: Any
+) -> None:
+    """The waiting path's cancel meets a task claimed meanwhile: the step's output
+    (shared by key) is the running step's now and stays open, so what the step
+    writes after the cancel is kept (a review found it dropped)."""
+    end_steps = store.end_steps
+    script = 'trap "echo got-term; exit 3" TERM; echo started; while :; do sleep 0.1; done'
+    async with make_runner(store, broker.path, max_running=1) as runner:
+
+        async def once_it_printed(ended_job: Job, ended: Any, *, waiting: bool = False) -> Any:
+            if waiting:  # held until the claimed step printed its first line
+                reader = await runner.read_output(ended_job.id, "stdout", follow=True, step="a")
+                async for item in reader:
+                    if isinstance(item, Chunk):
+                        break
+            return await end_steps(ended_job, ended, waiting=waiting)
+
+        store.end_steps = once_it_printed  # type: ignore[method-assign]
+        try:
+            blocker = await runner.submit(job("sleep", "30"))
+            await runner.wait(blocker.id, started=True)
+            task = await runner.submit(
+                parse_submit({"steps": [{"name": "a", "argv": ["sh", "-c", script]}]})
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(runner.cancel_step, task.id, "a")
+                await trio.testing.wait_all_tasks_blocked(0.05)  # it waits on the output
+                with trio.fail_after(30):
+                    await runner.cancel(blocker.id)  # the slot frees: the task is claimed
+                    ended = await runner.wait(task.id)
+        finally:
+            store.end_steps = end_steps  # type: ignore[method-assign]
+        reader = await runner.read_output(task.id, "stdout", step="a")
+        out = b"".join([item.data async for item in reader if isinstance(item, Chunk)])
+    (step,) = await store.steps(task.id)
+    assert (step.state.value, step.exitcode, step.dropped_bytes) == ("cancelled", 3, 0), step
+    assert ended.state is S.FAILED and b"started\ngot-term\n" in out, out
+
+
+async def test_a_step_cancel_does_not_wait_on_a_task_that_could_not_read_its_steps(
+    store: Store, broker: Any, make_runner: Any
+) -> None:
+    """The claimed task's steps could not be read (a store error): the cancel of
+    one of them is answered (409: the task is recorded running until the next
+    start), not left waiting for steps that never load."""
+    read_steps = store.steps
+    reading, gate = trio.Event(), trio.Event()
+
+    async def failing_first(job_id: str) -> Any:
+        if not reading.is_set():  # the runner's read after its claim
+            reading.set()
+            await gate.wait()
+            raise StoreUnavailable("cannot read the job store: disk I/O error")
+        return await read_steps(job_id)
+
+    store.steps = failing_first  # type: ignore[method-assign]
+    try:
+        async with make_runner(store, broker.path) as runner, trio.open_nursery() as nursery:
+            task = await runner.submit(parse_submit({"steps": [{"name": "a", "argv": ["true"]}]}))
+            await reading.wait()
+            refused: list[BaseException] = []
+            answered = trio.Event()
+
+            async def cancel() -> None:
+                with pytest.raises(IllegalTransition) as raised:
+                    await runner.cancel_step(task.id, "a")
+                refused.append(raised.value)
+                answered.set()
+
+            nursery.start_soon(cancel)
+            await trio.testing.wait_all_tasks_blocked(0.05)  # it waits on the task
+            gate.set()
+            with trio.fail_after(10):
+                await answered.wait()
+    finally:
+        store.steps = read_steps  # type: ignore[method-assign]
+    assert "running" in str(refused[0])
