@@ -135,6 +135,7 @@ class Execution:
         except JobError as exc:
             log.error("task %s: %s", run.job.id, exc)
             self._runs.pop(run.job.id, None)
+            run.loaded.set()  # perhaps without its steps: waiters go to the store
             run.done.set()
             await run.output.close()
             self._backoff()

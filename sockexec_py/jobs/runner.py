@@ -220,7 +220,7 @@ class Runner(Execution):
     async def steps(self, job_id: str) -> list[Step]:
         """A task's steps as they are now (running ones with live sizes)."""
         run = self._runs.get(job_id)
-        if isinstance(run, RunningTask) and run.loaded.is_set() and run.final is None:
+        if isinstance(run, RunningTask) and run.steps and run.final is None:
             return [run.current_step(step.index) for step in run.steps]
         return await self.store.steps(job_id)
 

@@ -69,6 +69,8 @@ class RunningTask(RunningJob):
         self.steps: list[Step] = []
         self.step_runs: dict[int, RunningJob] = {}
         self.dependents: list[list[int]] = []
+        #: Set once its steps were read, or could not be (``steps`` stays empty
+        #: then: a task always has one): who waits on it never waits for ever.
         self.loaded = trio.Event()
         self.changed = trio.Event()
         #: Wakes the scheduler of :func:`run_task` (a step cancelled while queued).

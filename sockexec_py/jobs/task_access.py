@@ -8,9 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-import trio
-
-from .errors import IllegalTransition, JobNotFound
+from .errors import IllegalTransition, JobNotFound, StoreUnavailable
 from .model import Job
 from .output import OutputStore, output_key
 from .session import RunningJob
@@ -38,8 +36,8 @@ async def cancel_named_step(
     """Cancel step ``name`` of ``job`` (see :meth:`~.runner.Runner.cancel_step`)."""
     job_id = job.id
     if isinstance(run, RunningTask):
-        await _loaded_or_done(run)
-        if not run.loaded.is_set():  # its steps could not be read: it is not running
+        await run.loaded.wait()
+        if not run.steps:  # they could not be read: it is not running
             raise IllegalTransition(job_id, "running", "a step cancelled")
         index = run.step_index(name)
         if index is None:
@@ -68,18 +66,6 @@ async def cancel_named_step(
     return await store.get(job_id)
 
 
-async def _loaded_or_done(run: RunningTask) -> None:
-    """Until the task's steps are read, or it ended without them (a store error)."""
-    async with trio.open_nursery() as nursery:
-        for event in (run.loaded, run.done):
-
-            async def wait(event: trio.Event = event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(wait)
-
-
 async def step_to_read(
     running: Callable[[], RunningJob | None],
     job_id: str,
@@ -94,6 +80,8 @@ async def step_to_read(
         run = running()
         if isinstance(run, RunningTask) and run.final is None:
             await run.loaded.wait()
+            if not run.steps:
+                raise StoreUnavailable(f"the steps of task {job_id} could not be read")
             index = run.step_index(name)
             if index is None:
                 raise JobNotFound(f"{job_id} step {name}")
