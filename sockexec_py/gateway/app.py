@@ -39,7 +39,8 @@ from .exec_lane import ExecLane
 from .jobs_api import JobsService
 from .metrics import GatewayMetrics
 from .models import EXEC_WS_PATH, EncodingQuery, ExecRequest, ExecResult, Health
-from .monitor import MONITOR_PATH, MonitorEndpoint
+from .monitor import MonitorEndpoint
+from .monitor_query import MONITOR_PATH
 from .monitor_wire import WireMonitors
 from .request import (
     ExecCall,

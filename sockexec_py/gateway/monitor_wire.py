@@ -35,12 +35,12 @@ from .auth import Principal
 from .monitor import (
     OVERFLOW_CLOSE,
     MonitorEndpoint,
-    MonitorQuery,
     batches,
     cancel_when,
     error_message,
     overflow_message,
 )
+from .monitor_query import MonitorQuery
 from .request import HTTPError
 from .ws_handshake import accepted, read_head, refuse, upgrade_key
 
