@@ -41,7 +41,7 @@ from .request import SubmitRequest
 from .session import RunningJob, terminate_session
 from .steps import Step
 from .store import Store
-from .task import RunningTask, cancel_task
+from .task import RunningTask
 
 __all__ = ["Runner", "RunnerConfig", "terminate_session"]
 
@@ -184,7 +184,7 @@ class Runner(Execution):
         for _attempt in range(5):
             run = self._runs.get(job_id)
             if isinstance(run, RunningTask):
-                await cancel_task(run, self.config.kill_grace)
+                await task_access.cancel_task(run, self.config.kill_grace)
                 await run.done.wait()
                 if run.final is not None:
                     return run.final

@@ -28,7 +28,7 @@ from .errors import IllegalTransition, StoreUnavailable
 from .model import Job, JobState, broken_session_reason, final_state
 from .output import OutputStore, RunOutput, output_key
 from .progress import Progress
-from .session import RunningJob, one_line, run_session, terminate_session
+from .session import RunningJob, one_line, run_session
 from .steps import (
     Step,
     StepState,
@@ -39,7 +39,7 @@ from .steps import (
 )
 from .store import Store
 
-__all__ = ["RunningTask", "TaskConfig", "cancel_step", "cancel_task", "cancelled_steps", "run_task"]
+__all__ = ["CANCELLED_STEP_REASON", "RunningTask", "TaskConfig", "record_step_end", "run_task"]
 
 log = logging.getLogger("sockexec_py.jobs")
 T = TypeVar("T")
@@ -145,40 +145,6 @@ class RunningTask(RunningJob):
 StepSaver = Callable[[RunningTask, RunningJob, int], Awaitable[object]]
 
 
-async def cancel_step(
-    task: RunningTask, store: Store, index: int, grace: float, clock: Callable[[], float]
-) -> None:
-    """Stop one step: a queued one never runs, a running one is terminated through
-    the broker (its dependents are skipped when its end is recorded)."""
-    if task.steps[index].state is StepState.QUEUED:
-        ended = cancelled_steps(task, index, clock())
-        await _record_step_end(task, store, ended)
-        task.wake()
-        task.notify()
-        return
-    run = task.step_runs.get(index)
-    if run is not None:
-        await terminate_session(run, grace)
-
-
-def cancelled_steps(task: RunningTask, index: int, now: float) -> list[Step]:
-    """Mark queued step ``index`` cancelled and its dependents skipped (in
-    memory); returns them, to be recorded."""
-    task.steps[index] = replace(
-        task.steps[index], state=StepState.CANCELLED, ended_at=now, reason=CANCELLED_STEP_REASON
-    )
-    return [task.steps[index], *task.skip_after(index, now)]
-
-
-async def cancel_task(task: RunningTask, grace: float) -> None:
-    """Cancel the whole task: no step starts any more, running ones are terminated."""
-    task.cancel_requested = True
-    task.wake()
-    async with trio.open_nursery() as nursery:
-        for run in list(task.step_runs.values()):
-            nursery.start_soon(terminate_session, run, grace)
-
-
 async def run_task(
     task: RunningTask,
     store: Store,
@@ -264,7 +230,7 @@ async def run_task(
     return task_end(task.steps, cancel_requested=task.cancel_requested)
 
 
-async def _record_step_end(task: RunningTask, store: Store, ended: list[Step]) -> None:
+async def record_step_end(task: RunningTask, store: Store, ended: list[Step]) -> None:
     """Record a step's end (and its skipped dependents) now, or keep it for the
     scheduler when the store refuses it or earlier ends still wait (their order)."""
     if not task.unrecorded:
@@ -403,7 +369,7 @@ async def _run_step(
             task.steps[index] = ended
             skipped = task.skip_after(index, now) if state is not JobState.SUCCEEDED else []
             if state is not JobState.LOST:
-                await _record_step_end(task, store, [ended, *skipped])
+                await record_step_end(task, store, [ended, *skipped])
             await run.output.close()
             del task.step_runs[index]
             run.done.set()

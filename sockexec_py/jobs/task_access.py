@@ -1,22 +1,25 @@
-"""What the jobs API asks of a task's steps beyond the runner's own work: cancel
-one by name, find the one whose output is read (waiting for it to start when
-followed). Works on a running task (its :class:`~.task.RunningTask`) or on one
-that waits or has ended (the store)."""
+"""What the jobs API asks of a task beyond the runner's own work: cancel it, or
+one of its steps (by name), and find the step whose output is read (waiting for
+it to start when followed). Works on a running task (its
+:class:`~.task.RunningTask`) or on one that waits or has ended (the store)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
+
+import trio
 
 from .errors import IllegalTransition, JobNotFound, StoreUnavailable
 from .model import Job
 from .output import OutputStore, output_key
-from .session import RunningJob
-from .steps import StepState
+from .session import RunningJob, terminate_session
+from .steps import Step, StepState
 from .store import Store
-from .task import RunningTask, cancel_step, cancelled_steps
+from .task import CANCELLED_STEP_REASON, RunningTask, record_step_end
 
-__all__ = ["cancel_named_step", "step_to_read"]
+__all__ = ["cancel_named_step", "cancel_step", "cancel_task", "cancelled_steps", "step_to_read"]
 
 
 class _Jobs(Protocol):
@@ -64,6 +67,40 @@ async def cancel_named_step(
     await store.end_steps(job, cancelled_steps(waiting, step.index, clock()), waiting=True)
     await waiting.output.close()  # its followers end: it never runs
     return await store.get(job_id)
+
+
+async def cancel_step(
+    task: RunningTask, store: Store, index: int, grace: float, clock: Callable[[], float]
+) -> None:
+    """Stop one step: a queued one never runs, a running one is terminated through
+    the broker (its dependents are skipped when its end is recorded)."""
+    if task.steps[index].state is StepState.QUEUED:
+        ended = cancelled_steps(task, index, clock())
+        await record_step_end(task, store, ended)
+        task.wake()
+        task.notify()
+        return
+    run = task.step_runs.get(index)
+    if run is not None:
+        await terminate_session(run, grace)
+
+
+def cancelled_steps(task: RunningTask, index: int, now: float) -> list[Step]:
+    """Mark queued step ``index`` cancelled and its dependents skipped (in
+    memory); returns them, to be recorded."""
+    task.steps[index] = replace(
+        task.steps[index], state=StepState.CANCELLED, ended_at=now, reason=CANCELLED_STEP_REASON
+    )
+    return [task.steps[index], *task.skip_after(index, now)]
+
+
+async def cancel_task(task: RunningTask, grace: float) -> None:
+    """Cancel the whole task: no step starts any more, running ones are terminated."""
+    task.cancel_requested = True
+    task.wake()
+    async with trio.open_nursery() as nursery:
+        for run in list(task.step_runs.values()):
+            nursery.start_soon(terminate_session, run, grace)
 
 
 async def step_to_read(
